@@ -1,0 +1,31 @@
+"""cupynn: dense neural networks and their gradients on many inputs at once.
+
+Fused CUDA kernels through CuPy on NVIDIA GPUs, and a NumPy backend that
+computes the same function on any machine.
+
+>>> import numpy as np, cupynn
+>>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cpu", rng=0)
+>>> x = np.linspace(-1, 1, 10_000).reshape(-1, 1)
+>>> value, grads = cupynn.value_and_grad(model, x, "sum_squares")
+"""
+
+from ._devices import cuda_available
+from ._validate import DeviceMismatchError
+from .activations import ACTIVATIONS
+from .functional import value_and_grad
+from .io import load
+from .layers import MLP, Chain, Dense
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "Chain",
+    "Dense",
+    "DeviceMismatchError",
+    "MLP",
+    "cuda_available",
+    "load",
+    "value_and_grad",
+    "__version__",
+]

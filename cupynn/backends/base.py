@@ -1,0 +1,116 @@
+"""What every backend implements, and the plain data passed to it.
+
+The functional layer (``cupynn/functional.py``) validates shapes, dtypes and
+devices once, then calls exactly one backend. A backend receives only
+well-formed inputs: ``x`` of the network's dtype, shape ``(batch, in)``
+(batch may be 0), on the backend's device; parameters as ``(W, b)`` pairs
+with ``W`` C-contiguous ``(out, in)`` and ``b`` C-contiguous ``(out,)`` or
+``None``. ``x`` may be non-contiguous (a transposed or sliced view).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Params = Sequence[tuple[Any, Any]]  # [(W, b or None), ...], one pair per layer
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shape and activation of one dense layer: ``y = act(x @ W.T + b)``."""
+
+    in_features: int
+    out_features: int
+    activation: str
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A chain of dense layers with one dtype and one float32 precision mode."""
+
+    layers: tuple[LayerSpec, ...]
+    dtype: np.dtype
+    precision: str = "strict"  # "strict" | "tf32" | "3xtf32" (float32 only)
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The scalar function of the network's output.
+
+    ``kind`` is ``"sum_squares"`` (``sum((y - t)**2)``), ``"mse"``
+    (``sum((y - t)**2) / y.size``, and 0 for an empty batch) or
+    ``"callable"`` (``fn(y) -> (value, dL/dy)`` on the backend's arrays).
+    ``target`` is ``None`` (meaning 0) or an array shaped like ``y``.
+    """
+
+    kind: str
+    target: Any = None
+    fn: Callable[[Any], tuple[Any, Any]] | None = None
+
+
+class Backend(ABC):
+    """One array library and the kernels behind it."""
+
+    name: str  # "numpy" | "cuda"
+    device: str  # "cpu" | "cuda"
+    xp: Any  # the array module: numpy or cupy
+
+    # -- one layer at a time (the functional API) ------------------------
+    @abstractmethod
+    def dense_forward(self, x, W, b, activation: str, *, precision: str = "strict"):
+        """``act(x @ W.T + b)`` as a new array of shape ``(batch, out)``."""
+
+    @abstractmethod
+    def dense_forward_train(self, x, W, b, activation: str, *, precision: str = "strict"):
+        """Like :meth:`dense_forward`, and also return what backward needs.
+
+        Returns ``(y, saved)``; ``saved`` is opaque to callers and is passed
+        back to :meth:`dense_backward` with the same ``x``.
+        """
+
+    @abstractmethod
+    def dense_backward(self, g, x, saved, W, activation: str, *, has_bias: bool,
+                       need_dx: bool, precision: str = "strict"):
+        """Given ``g = dL/dy``, return ``(dx or None, dW, db or None)``."""
+
+    # -- a whole chain of layers (may fuse across layers) ------------------
+    @abstractmethod
+    def network_forward(self, net: NetSpec, params: Params, x):
+        """The chain's output for a batch ``x``."""
+
+    @abstractmethod
+    def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
+                               need_dx: bool = False):
+        """Return ``(value, grads, dx)``.
+
+        ``value`` is a 0-d array of the network's dtype on the backend's
+        device; ``grads`` is a list of ``(dW, db or None)`` pairs, new arrays
+        shaped like the parameters; ``dx`` is ``dL/dx`` or ``None``.
+        """
+
+    # -- arrays -------------------------------------------------------------
+    @abstractmethod
+    def owns(self, array) -> bool:
+        """True if ``array`` is an array of this backend's kind and device."""
+
+    @abstractmethod
+    def asarray_from_host(self, array: np.ndarray):
+        """Copy a NumPy array onto this backend's device."""
+
+    @abstractmethod
+    def to_host(self, array) -> np.ndarray:
+        """Copy an array of this backend to a NumPy array."""

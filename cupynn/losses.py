@@ -1,0 +1,75 @@
+"""Scalar losses of a network's output ``y``: value and ``dL/dy``.
+
+Plain array code shared by every backend through the array's own module
+(NumPy or CuPy), the Chainer way. Backends may fuse these into their last
+layer; this module is the definition they are tested against.
+
+``sum_squares``: ``L = sum((y - t)**2)``, ``dL/dy = 2 (y - t)``
+(the seed thread's ``sum(abs2, m(x))`` when ``t`` is ``None``).
+
+``mse``: ``L = sum((y - t)**2) / y.size``, ``dL/dy = 2 (y - t) / y.size``;
+an empty batch gives ``L = 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .backends.base import LossSpec
+
+__all__ = ["BUILTIN_LOSSES", "make_loss", "loss_forward", "loss_backward", "loss_scale"]
+
+BUILTIN_LOSSES = ("sum_squares", "mse")
+
+
+def _xp(a):
+    mod = type(a).__module__
+    if mod.startswith("cupy"):
+        import cupy
+
+        return cupy
+    import numpy
+
+    return numpy
+
+
+def make_loss(loss: str | Callable, target=None) -> LossSpec:
+    """Turn the user's ``loss`` argument into a :class:`LossSpec`."""
+    if callable(loss):
+        if target is not None:
+            raise ValueError("target= is for the built-in losses; a callable loss closes over its own")
+        return LossSpec("callable", None, loss)
+    if isinstance(loss, str):
+        if loss not in BUILTIN_LOSSES:
+            raise ValueError(
+                f"unknown loss {loss!r}: use one of {BUILTIN_LOSSES} or a callable "
+                "loss(y) -> (value, dL/dy)"
+            )
+        return LossSpec(loss, target, None)
+    raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}")
+
+
+def loss_scale(kind: str, size: int) -> float:
+    """The factor in front of ``sum((y - t)**2)``: 1, or ``1/size`` for mse."""
+    if kind == "mse":
+        return 1.0 / size if size else 0.0
+    return 1.0
+
+
+def _residual(y, target):
+    return y if target is None else y - target
+
+
+def loss_forward(y, loss: str, target=None):
+    """The loss value as a 0-d array of ``y``'s dtype, on ``y``'s device."""
+    xp = _xp(y)
+    r = _residual(y, target)
+    flat = r.reshape(-1)
+    value = xp.dot(flat, flat) if flat.size else xp.zeros((), dtype=y.dtype)
+    return xp.asarray(value * y.dtype.type(loss_scale(loss, y.size)), dtype=y.dtype)
+
+
+def loss_backward(y, loss: str, target=None):
+    """``dL/dy``, a new array shaped like ``y``."""
+    r = _residual(y, target)
+    return r * y.dtype.type(2.0 * loss_scale(loss, y.size))
