@@ -1,0 +1,387 @@
+"""Compile every CUDA kernel instantiation through NVRTC, without a GPU or a driver.
+
+    python -m cupynn.compile_check [--arch sm_80 --arch sm_90] [--jobs N] [--json FILE]
+
+For each (source file, name expressions) of ``cupynn._loader.all_instantiations()`` and
+each architecture, the same source text, name expressions and options
+(``cupynn._loader.compile_options(arch)``) that the loader hands to cupy.RawModule are
+compiled by NVRTC to SASS (cubin) with ``--ptxas-options=-v``; ptxas' report gives every
+kernel's registers, static shared memory, stack frame and spill bytes.  The check fails
+(exit status 1) when a compilation fails, when a requested kernel is missing from the
+report, or when a *hot* kernel spills.  Hot kernels: ``_loader.hot_kernels()`` (a set of
+name expressions) when the loader defines it, otherwise every kernel.
+
+NVRTC comes from pip's nvidia-cuda-nvrtc-cu12 (or any CUDA toolkit) through
+``cupy_backends.cuda.libs.nvrtc``; no driver is needed.  Results are cached by content hash
+under the emulator cache directory ($CUPYNN_EMU_CACHE or ~/.cache/cupynn-emu); pass
+--no-cache to recompile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+SASS_ARCHS = ("sm_90",)  # compiled to SASS (ptxas report, spill check); others to PTX only
+CHUNK = 16  # name expressions per NVRTC program (NVRTC time grows faster than linearly)
+
+
+class NvrtcUnavailable(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# Loading NVRTC
+# ---------------------------------------------------------------------------------------
+def _preload_pip_nvrtc() -> list[str]:
+    """dlopen libnvrtc from pip's nvidia-cuda-nvrtc-cu1x wheel (global symbols), if present."""
+    import ctypes
+
+    loaded = []
+    for entry in sys.path:
+        for lib in sorted(glob.glob(os.path.join(entry, "nvidia", "cu*nvrtc*", "lib",
+                                                 "libnvrtc.so*")) +
+                          sorted(glob.glob(os.path.join(entry, "nvidia", "cuda_nvrtc", "lib",
+                                                        "libnvrtc.so*")))):
+            if "builtins" in lib or "alt" in lib:
+                continue
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                loaded.append(lib)
+            except OSError:
+                pass
+    return loaded
+
+
+def load_nvrtc():
+    """The cupy_backends NVRTC binding, working; raises NvrtcUnavailable with the reason."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as exc:
+        raise NvrtcUnavailable(f"cannot import cupy_backends.cuda.libs.nvrtc ({exc}); "
+                               "pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12") from exc
+    try:
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception as first:
+        # CuPy finds pip's wheel through cuda-pathfinder; older CuPy may need it preloaded.
+        if _preload_pip_nvrtc():
+            try:
+                nvrtc.getVersion()
+                return nvrtc
+            except Exception:
+                pass
+        raise NvrtcUnavailable(f"NVRTC cannot be loaded ({first}); pip install "
+                               "nvidia-cuda-nvrtc-cu12 (or set CUDA_PATH)") from first
+
+
+# ---------------------------------------------------------------------------------------
+# ptxas report
+# ---------------------------------------------------------------------------------------
+@dataclass
+class KernelStats:
+    source: str
+    name: str          # name expression
+    arch: str
+    lowered: str = ""
+    registers: int = -1
+    smem: int = -1     # static shared memory bytes
+    stack: int = -1    # stack frame bytes
+    spill_stores: int = -1
+    spill_loads: int = -1
+    hot: bool = True
+    problem: str = ""
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_PROPS = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> dict[str, dict]:
+    """mangled name -> {registers, smem, stack, spill_stores, spill_loads} from ptxas -v."""
+    out: dict[str, dict] = {}
+    entry = None
+    props_for = None
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            entry = m.group(1)
+            out.setdefault(entry, {})
+            props_for = None
+            continue
+        m = _PROPS.search(line)
+        if m:
+            props_for = m.group(1)
+            continue
+        m = _FRAME.search(line)
+        if m and props_for is not None:
+            d = out.setdefault(props_for, {})
+            d["stack"], d["spill_stores"], d["spill_loads"] = map(int, m.groups())
+            props_for = None
+            continue
+        m = _USED.search(line)
+        if m and entry is not None:
+            d = out[entry]
+            d["registers"] = int(m.group(1))
+            s = _SMEM.search(line)
+            d["smem"] = int(s.group(1)) if s else 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Compiling
+# ---------------------------------------------------------------------------------------
+def ptx_only_options(options: tuple[str, ...]) -> tuple[str, ...]:
+    """The same options with -arch=sm_XY turned into -arch=compute_XY (NVRTC then stops at PTX)."""
+    return tuple(re.sub(r"^(-arch=|--gpu-architecture=)sm_", r"\1compute_", o) for o in options)
+
+
+def compile_chunk(source_name: str, code: str, names: tuple[str, ...], arch: str,
+                  options: tuple[str, ...], sass: bool = True) -> dict:
+    """One NVRTC program: returns {"ok", "log", "lowered": {name: mangled}, "cubin_size"}."""
+    nvrtc = load_nvrtc()
+    prog = nvrtc.createProgram(code, source_name, [], [])
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        if not sass:
+            try:
+                nvrtc.compileProgram(prog, list(ptx_only_options(options)))
+            except Exception as exc:
+                return {"ok": False, "log": f"{exc}\n{nvrtc.getProgramLog(prog)}", "lowered": {},
+                        "cubin_size": 0, "sass": False}
+            lowered = {n: nvrtc.getLoweredName(prog, n) for n in names}
+            ptx = nvrtc.getPTX(prog)
+            ptx = ptx.encode() if isinstance(ptx, str) else ptx
+            missing = [n for n, m in lowered.items() if m.encode() not in ptx]
+            return {"ok": not missing, "log": nvrtc.getProgramLog(prog) + (
+                f"\nkernels missing from the PTX: {missing}" if missing else ""),
+                "lowered": lowered, "cubin_size": 0, "sass": False}
+        opts = list(options) + ["--ptxas-options=-v"]
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except Exception as exc:
+            return {"ok": False, "log": f"{exc}\n{nvrtc.getProgramLog(prog)}", "lowered": {},
+                    "cubin_size": 0}
+        log = nvrtc.getProgramLog(prog)
+        lowered = {n: nvrtc.getLoweredName(prog, n) for n in names}
+        cubin = nvrtc.getCUBIN(prog)
+        missing = [n for n, m in lowered.items() if m.encode() not in cubin]
+        if missing:
+            return {"ok": False, "log": log + f"\nkernels missing from the cubin: {missing}",
+                    "lowered": lowered, "cubin_size": len(cubin)}
+        return {"ok": True, "log": log, "lowered": lowered, "cubin_size": len(cubin)}
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def _hot_predicate(loader):
+    hot = getattr(loader, "hot_kernels", None)
+    if callable(hot):
+        names = set(hot())
+        return lambda n: n in names
+    return lambda n: True
+
+
+def run_check(instantiations, options_for_arch, archs=DEFAULT_ARCHS, *, read_source,
+              is_hot=lambda n: True, jobs=None, sass_archs=SASS_ARCHS, progress=True,
+              log=print) -> tuple[list[KernelStats], list[str]]:
+    """Compile everything; return (stats rows, failure messages)."""
+    tasks = []
+    for source, names in instantiations:
+        code = read_source(source)
+        names = tuple(dict.fromkeys(names))
+        for arch in archs:
+            for i in range(0, len(names), CHUNK):
+                tasks.append((source, code, names[i:i + CHUNK], arch, tuple(options_for_arch(arch)),
+                              arch in sass_archs))
+    tasks.sort(key=lambda t: not t[5])  # the slower SASS programs first
+    jobs = jobs or min(len(tasks), os.cpu_count() or 1) or 1
+    rows: list[KernelStats] = []
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    results: list = [None] * len(tasks)
+
+    def done(i, res, started):
+        results[i] = res
+        k = sum(r is not None for r in results)
+        t = tasks[i]
+        if progress:
+            log(f"  [{k}/{len(tasks)}] {t[0]} {t[3]}{'' if t[5] else ' (ptx)'}: {len(t[2])} "
+                f"kernels from {t[2][0]!r} {'ok' if res['ok'] else 'FAILED'} "
+                f"({time.perf_counter() - started:.1f} s elapsed)")
+
+    if jobs == 1:
+        for i, t in enumerate(tasks):
+            done(i, compile_chunk(*t), t0)
+    else:
+        with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(compile_chunk, *t): i for i, t in enumerate(tasks)}
+            for fut in cf.as_completed(futures):
+                done(futures[fut], fut.result(), t0)
+    log(f"compiled {sum(len(t[2]) for t in tasks)} kernel instantiations in {len(tasks)} NVRTC "
+        f"programs ({jobs} jobs) in {time.perf_counter() - t0:.1f} s")
+    for (source, _code, names, arch, options, sass), res in zip(tasks, results):
+        if not res["ok"]:
+            failures.append(f"{source} [{arch}] {len(names)} kernels starting with {names[0]!r}: "
+                            f"NVRTC failed with options {list(options)}:\n{res['log']}")
+            continue
+        if not sass:
+            rows.extend(KernelStats(source, n, arch + " (ptx)", res["lowered"][n], hot=is_hot(n))
+                        for n in names)
+            continue
+        stats = parse_ptxas_log(res["log"])
+        for n in names:
+            row = KernelStats(source, n, arch, res["lowered"][n], hot=is_hot(n))
+            d = stats.get(row.lowered)
+            if not d or "registers" not in d:
+                row.problem = "no ptxas resource report"
+            else:
+                row.registers = d["registers"]
+                row.smem = d.get("smem", 0)
+                row.stack = d.get("stack", 0)
+                row.spill_stores = d.get("spill_stores", 0)
+                row.spill_loads = d.get("spill_loads", 0)
+                if row.hot and (row.spill_stores > 0 or row.spill_loads > 0):
+                    row.problem = "hot kernel spills registers"
+            if row.problem:
+                failures.append(f"{source} [{arch}] {n}: {row.problem}")
+            rows.append(row)
+    return rows, failures
+
+
+def format_table(rows: list[KernelStats]) -> str:
+    head = ("kernel", "arch", "regs", "smem", "stack", "spill st/ld", "")
+    def num(v):
+        return "-" if v < 0 else str(v)
+
+    body = [(f"{r.source}:{r.name}", r.arch, num(r.registers), num(r.smem), num(r.stack),
+             f"{num(r.spill_stores)}/{num(r.spill_loads)}", ("FAIL: " + r.problem) if r.problem else
+             ("" if r.hot else "(cold)")) for r in sorted(rows, key=lambda r: (r.source, r.name,
+                                                                             r.arch))]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) if i < 6 else c
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in [head, *body]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _cache_key(instantiations, options_for_arch, archs, read_source, nvrtc_version) -> str:
+    h = hashlib.sha256(f"v1 {nvrtc_version} {archs}".encode())
+    for source, names in instantiations:
+        h.update(source.encode() + b"\0" + read_source(source).encode() + b"\0")
+        h.update("\0".join(names).encode())
+    for arch in archs:
+        opts = options_for_arch(arch)
+        h.update(" ".join(opts).encode())
+        for opt in opts:  # the headers that -I directories supply
+            if opt.startswith("-I") and os.path.isdir(opt[2:]):
+                for p in sorted(Path(opt[2:]).glob("*.cu*")):
+                    h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cupynn.compile_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", action="append", help="sm_XY (repeatable; default sm_80 sm_90)")
+    ap.add_argument("--sass", action="append", help="archs compiled to SASS with the ptxas "
+                    "report and spill check (repeatable; default sm_90; 'all' for every --arch)")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel NVRTC processes")
+    ap.add_argument("--json", help="write the table as JSON to this file")
+    ap.add_argument("--no-cache", action="store_true", help="recompile even if cached")
+    ap.add_argument("--source", help="check this .cu file instead of the loader's list "
+                    "(with --name, repeatable; options: the loader's)")
+    ap.add_argument("--name", action="append", default=[], help="name expression for --source")
+    ap.add_argument("--option", action="append", default=[], help="extra NVRTC option")
+    ap.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    args = ap.parse_args(argv)
+    archs = tuple(args.arch or DEFAULT_ARCHS)
+    sass_archs = tuple(args.sass or SASS_ARCHS)
+    if "all" in sass_archs:
+        sass_archs = archs
+
+    try:
+        nvrtc = load_nvrtc()
+    except NvrtcUnavailable as exc:
+        print(f"compile check: {exc}", file=sys.stderr)
+        return 1
+    from cupynn import _loader
+
+    if args.source:
+        src = Path(args.source).resolve()
+        instantiations = [(str(src), tuple(args.name))]
+
+        def read_source(s):
+            return Path(s).read_text()
+
+        def is_hot(n):
+            return True
+    else:
+        instantiations = [(s, tuple(n)) for s, n in _loader.all_instantiations()]
+
+        def read_source(s):
+            return (Path(_loader.KERNEL_DIR) / s).read_text()
+        is_hot = _hot_predicate(_loader)
+
+    def options_for_arch(arch):
+        return tuple(_loader.compile_options(arch)) + tuple(args.option)
+
+    version = ".".join(map(str, nvrtc.getVersion()))
+    key = _cache_key(instantiations, options_for_arch, archs + ("sass",) + sass_archs,
+                     read_source, version)
+    cache_file = None
+    if not args.no_cache:
+        root = os.environ.get("CUPYNN_EMU_CACHE") or os.path.join(Path.home(), ".cache",
+                                                                  "cupynn-emu")
+        cache_file = Path(root) / f"compile-check-{key}.json"
+    if cache_file is not None and cache_file.exists():
+        data = json.loads(cache_file.read_text())
+        rows = [KernelStats(**r) for r in data["rows"]]
+        failures = data["failures"]
+        print(f"(cached result {cache_file.name}; --no-cache to recompile)")
+    else:
+        print(f"NVRTC {version}; archs {', '.join(archs)} (SASS + ptxas report: "
+              f"{', '.join(a for a in archs if a in sass_archs) or 'none'}); options "
+              f"{list(options_for_arch(archs[0]))} + --ptxas-options=-v")
+        rows, failures = run_check(instantiations, options_for_arch, archs,
+                                   read_source=read_source, is_hot=is_hot, jobs=args.jobs,
+                                   sass_archs=sass_archs, progress=not args.quiet)
+        if cache_file is not None and not failures:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps({"rows": [asdict(r) for r in rows],
+                                              "failures": failures}))
+    if not args.quiet:
+        print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    n_kernels = len({(r.source, r.name) for r in rows})
+    worst = max(rows, key=lambda r: r.registers, default=None)
+    print(f"{n_kernels} kernels x {len(archs)} archs; max registers "
+          f"{worst.registers if worst else '-'} ({worst.name if worst else '-'}, "
+          f"{worst.arch if worst else '-'})")
+    if failures:
+        print(f"\nFAILED: {len(failures)} problem(s):", file=sys.stderr)
+        for f in failures:
+            print("  " + f, file=sys.stderr)
+        return 1
+    print("compile check passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+// mma.cuh -- warp-level tensor-core wrappers (mma.sync) and their fragment layouts.
+//
+// Two implementations of each wrapper, selected by CUPYNN_EMULATE:
+//   * GPU (NVRTC, sm_80+): one inline-PTX instruction each.
+//   * Emulator (g++ -DCUPYNN_EMULATE): plain C++ built only from __shfl_sync, using the SAME
+//     per-lane fragment layout.  Every lane gathers the operand elements it needs from the
+//     lanes that own them, so a kernel that puts a value in the wrong lane computes the wrong
+//     product on the CPU exactly as it does on the GPU.  The emulated branch is pure kernel
+//     dialect (notes/CONTRACTS.md), so it also compiles under NVRTC: define
+//     CUPYNN_MMA_REFERENCE before including this header to run it on a GPU and compare it
+//     with the hardware instruction (tests/test_emulator_mma.py does this where a GPU exists).
+//
+// All wrappers must be called by the 32 lanes of a warp together (converged, full mask).
+// "lane" below is the lane id 0..31 of the calling thread (linear thread id % 32).
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m8n8k4 with .f64" and
+// "Matrix Fragments for mma.m16n8k8", .tf32), with g = lane >> 2 ("groupID") and
+// t = lane & 3 ("threadID_in_group"):
+//
+//   m8n8k4 f64      D(8x8) = A(8x4, row-major) * B(4x8, col-major) + C(8x8)
+//     A: a          -> A[g][t]
+//     B: b          -> B[t][g]                      (k = t, n = g)
+//     C/D: c[i]     -> C[g][2t + i],  i = 0, 1
+//
+//   m16n8k8 tf32    D(16x8) = A(16x8, row) * B(8x8, col) + C(16x8), f32 accumulate
+//     A: a[i]       -> A[g + 8*(i & 1)][t + 4*(i >> 1)],  i = 0..3
+//                      (a0: (g, t), a1: (g+8, t), a2: (g, t+4), a3: (g+8, t+4))
+//     B: b[i]       -> B[t + 4*i][g],  i = 0, 1
+//     C/D: c[i]     -> C[g + 8*(i >> 1)][2t + (i & 1)],  i = 0..3
+//                      (c0: (g, 2t), c1: (g, 2t+1), c2: (g+8, 2t), c3: (g+8, 2t+1))
+//
+// The helpers mma_*_row/col(lane[, i]) below return exactly these indices; kernels and tests
+// use them instead of repeating the formulas.
+//
+// TF32: the tensor core reads only the top 19 bits (sign, 8 exponent, 10 mantissa) of each
+// .tf32 operand register and ignores the low 13 bits (truncation).  Round explicitly with
+// f32_to_tf32 (cvt.rna: round to nearest, ties away from zero) before the mma for "tf32"
+// mode; split_tf32 gives hi + lo for "3xtf32" (a*b ~ a_hi*b_hi + a_hi*b_lo + a_lo*b_hi).
+#pragma once
+
+namespace cupynn {
+
+// ---- lane -> (row, col) of every fragment element -------------------------------------
+__device__ __forceinline__ int mma_f64_a_row(int lane) { return lane >> 2; }
+__device__ __forceinline__ int mma_f64_a_col(int lane) { return lane & 3; }
+__device__ __forceinline__ int mma_f64_b_row(int lane) { return lane & 3; }   // k
+__device__ __forceinline__ int mma_f64_b_col(int lane) { return lane >> 2; }  // n
+__device__ __forceinline__ int mma_f64_c_row(int lane, int i) { (void)i; return lane >> 2; }
+__device__ __forceinline__ int mma_f64_c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+__device__ __forceinline__ int mma_tf32_a_row(int lane, int i) { return (lane >> 2) + 8 * (i & 1); }
+__device__ __forceinline__ int mma_tf32_a_col(int lane, int i) { return (lane & 3) + 4 * (i >> 1); }
+__device__ __forceinline__ int mma_tf32_b_row(int lane, int i) { return (lane & 3) + 4 * i; }  // k
+__device__ __forceinline__ int mma_tf32_b_col(int lane, int i) { (void)i; return lane >> 2; }  // n
+__device__ __forceinline__ int mma_tf32_c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+__device__ __forceinline__ int mma_tf32_c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+#if defined(CUPYNN_EMULATE) || defined(CUPYNN_MMA_REFERENCE)
+// ---- reference implementation: shuffles only -------------------------------------------
+
+__device__ __forceinline__ int mma_ref_lane_id() {
+    return (int)((threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) & 31u);
+}
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, round half away from zero (adding half an ulp of
+// tf32 to the magnitude bits and truncating does exactly that; a carry into the exponent
+// rounds up to the next binade or to infinity, as the hardware does).  NaN -> canonical NaN.
+__device__ __forceinline__ unsigned f32_to_tf32(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) {
+        return (u & 0x007fffffu) ? 0x7fffffffu : u;  // NaN : +-inf
+    }
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
+__device__ __forceinline__ float mma_ref_tf32_value(unsigned r) {
+    return __uint_as_float(r & 0xffffe000u);  // the tensor core ignores the low 13 bits
+}
+
+// D = A * B + C for one 8x8x4 f64 tile; products accumulated with fma in k order.
+__device__ __forceinline__ void mma_m8n8k4_f64(double (&d)[2], double a, double b,
+                                               const double (&c)[2]) {
+    const int lane = mma_ref_lane_id();
+    const int g = lane >> 2, t = lane & 3;
+    double acc0 = c[0], acc1 = c[1];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const double a_gk = __shfl_sync(0xffffffffu, a, g * 4 + k);            // A[g][k]
+        const double b_k0 = __shfl_sync(0xffffffffu, b, (2 * t) * 4 + k);      // B[k][2t]
+        const double b_k1 = __shfl_sync(0xffffffffu, b, (2 * t + 1) * 4 + k);  // B[k][2t+1]
+        acc0 = fma(a_gk, b_k0, acc0);
+        acc1 = fma(a_gk, b_k1, acc1);
+    }
+    d[0] = acc0;
+    d[1] = acc1;
+}
+
+// D = A * B + C for one 16x8x8 tf32 tile with f32 accumulation.  The products of two tf32
+// values are exact in float; they are summed in double and rounded once (the hardware's
+// internal accumulation order is unspecified, so results agree to ~1 ulp of float).
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned (&a)[4],
+                                                 const unsigned (&b)[2], const float (&c)[4]) {
+    const int lane = mma_ref_lane_id();
+    const int g = lane >> 2, t = lane & 3;
+    double acc[4] = {c[0], c[1], c[2], c[3]};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // k = j (registers a0/a1, b0) and k = j + 4 (a2/a3, b1)
+        const int src_a = g * 4 + j;
+        const float a_g_j = mma_ref_tf32_value(__shfl_sync(0xffffffffu, a[0], src_a));
+        const float a_g8_j = mma_ref_tf32_value(__shfl_sync(0xffffffffu, a[1], src_a));
+        const float a_g_j4 = mma_ref_tf32_value(__shfl_sync(0xffffffffu, a[2], src_a));
+        const float a_g8_j4 = mma_ref_tf32_value(__shfl_sync(0xffffffffu, a[3], src_a));
+        const int src_b0 = (2 * t) * 4 + j, src_b1 = (2 * t + 1) * 4 + j;
+        const float b_j_n0 = mma_ref_tf32_value(__shfl_sync(0xffffffffu, b[0], src_b0));
+        const float b_j4_n0 = mma_ref_tf32_value(__shfl_sync(0xffffffffu, b[1], src_b0));
+        const float b_j_n1 = mma_ref_tf32_value(__shfl_sync(0xffffffffu, b[0], src_b1));
+        const float b_j4_n1 = mma_ref_tf32_value(__shfl_sync(0xffffffffu, b[1], src_b1));
+        acc[0] += (double)a_g_j * b_j_n0 + (double)a_g_j4 * b_j4_n0;     // C[g][2t]
+        acc[1] += (double)a_g_j * b_j_n1 + (double)a_g_j4 * b_j4_n1;     // C[g][2t+1]
+        acc[2] += (double)a_g8_j * b_j_n0 + (double)a_g8_j4 * b_j4_n0;   // C[g+8][2t]
+        acc[3] += (double)a_g8_j * b_j_n1 + (double)a_g8_j4 * b_j4_n1;   // C[g+8][2t+1]
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] = (float)acc[i];
+}
+
+#else
+// ---- GPU: the tensor-core instructions ---------------------------------------------------
+
+__device__ __forceinline__ unsigned f32_to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_m8n8k4_f64(double (&d)[2], double a, double b,
+                                               const double (&c)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%4, %5};\n"
+        : "=d"(d[0]), "=d"(d[1])
+        : "d"(a), "d"(b), "d"(c[0]), "d"(c[1]));
+}
+
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned (&a)[4],
+                                                 const unsigned (&b)[2], const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+#endif
+
+// x ~ hi + lo with both parts tf32 (for 3xtf32: A*B ~ Ahi*Bhi + Ahi*Blo + Alo*Bhi).
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+    hi = f32_to_tf32(x);
+    lo = f32_to_tf32(x - __uint_as_float(hi));
+}
+
+}  // namespace cupynn
