@@ -1,0 +1,88 @@
+// activations.cuh -- device forward and derivative of every activation.
+//
+// The ids and formulas are those of cupynn/activations.py (the reference); NaN
+// behaves the same way: relu(NaN) = NaN because `z < 0` is false for NaN, and the
+// derivatives taken from the output use the same comparisons as NumPy.
+#pragma once
+#include "common.cuh"
+
+namespace cupynn {
+
+enum : int {
+    ACT_IDENTITY = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2, ACT_TANH = 3, ACT_SIGMOID = 4,
+    ACT_SOFTPLUS = 5, ACT_SILU = 6, ACT_GELU = 7, ACT_GELU_ERF = 8, ACT_ELU = 9,
+    ACT_NONE = -1  // "no previous layer" in the recompute templates
+};
+
+// True when f' is computed from the output y (ids 0-4), false when from z (5-9).
+template <int ACT> struct ActFromOutput { static constexpr bool value = ACT <= ACT_SIGMOID; };
+
+template <typename T> __device__ __forceinline__ T sigmoid_ref(T z) {
+    T e = m_exp(-m_fabs(z));  // exp of a non-positive argument only
+    return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+// y = f(z)
+template <int ACT, typename T> __device__ __forceinline__ T act_forward(T z) {
+    if constexpr (ACT == ACT_IDENTITY) {
+        return z;
+    } else if constexpr (ACT == ACT_RELU) {
+        return z < T(0) ? T(0) : z;
+    } else if constexpr (ACT == ACT_LEAKY_RELU) {
+        return z < T(0) ? z * T(0.01) : z;
+    } else if constexpr (ACT == ACT_TANH) {
+        return m_tanh(z);
+    } else if constexpr (ACT == ACT_SIGMOID) {
+        return sigmoid_ref(z);
+    } else if constexpr (ACT == ACT_SOFTPLUS) {
+        // NumPy: log1p(exp(-|z|)) + maximum(z, 0); NaN stays NaN through log1p.
+        return m_log1p(m_exp(-m_fabs(z))) + (z > T(0) ? z : T(0));
+    } else if constexpr (ACT == ACT_SILU) {
+        return z * sigmoid_ref(z);
+    } else if constexpr (ACT == ACT_GELU) {
+        T u = T(0.7978845608028654) * (z + T(0.044715) * z * z * z);
+        return T(0.5) * z * (T(1) + m_tanh(u));
+    } else if constexpr (ACT == ACT_GELU_ERF) {
+        return T(0.5) * z * (T(1) + m_erf(z * T(0.7071067811865475)));
+    } else {  // ACT_ELU: expm1(NaN) = NaN, as NumPy's expm1(minimum(NaN, 0))
+        return z > T(0) ? z : m_expm1(z);
+    }
+}
+
+// f' evaluated from v: v is y for ids 0-4, z for ids 5-9.
+template <int ACT, typename T> __device__ __forceinline__ T act_derivative(T v) {
+    if constexpr (ACT == ACT_IDENTITY) {
+        return T(1);
+    } else if constexpr (ACT == ACT_RELU) {
+        return v > T(0) ? T(1) : T(0);
+    } else if constexpr (ACT == ACT_LEAKY_RELU) {
+        return v > T(0) ? T(1) : T(0.01);
+    } else if constexpr (ACT == ACT_TANH) {
+        return T(1) - v * v;
+    } else if constexpr (ACT == ACT_SIGMOID) {
+        return v * (T(1) - v);
+    } else if constexpr (ACT == ACT_SOFTPLUS) {
+        return sigmoid_ref(v);
+    } else if constexpr (ACT == ACT_SILU) {
+        T s = sigmoid_ref(v);
+        return s * (T(1) + v * (T(1) - s));
+    } else if constexpr (ACT == ACT_GELU) {
+        T u = T(0.7978845608028654) * (v + T(0.044715) * v * v * v);
+        T th = m_tanh(u);
+        T du = T(0.7978845608028654) * (T(1) + T(0.134145) * v * v);
+        return T(0.5) * (T(1) + th) + T(0.5) * v * (T(1) - th * th) * du;
+    } else if constexpr (ACT == ACT_GELU_ERF) {
+        T cdf = T(0.5) * (T(1) + m_erf(v * T(0.7071067811865475)));
+        T pdf = m_exp(T(-0.5) * v * v) * T(0.3989422804014327);
+        return cdf + v * pdf;
+    } else {  // ACT_ELU
+        return v > T(0) ? T(1) : m_exp(v);
+    }
+}
+
+// The value a layer saves for its backward: y for ids 0-4, z for 5-9.
+template <int ACT, typename T> __device__ __forceinline__ T act_saved(T z, T y) {
+    if constexpr (ActFromOutput<ACT>::value) { return y; } else { return z; }
+}
+
+}  // namespace cupynn

@@ -1,0 +1,316 @@
+// gemm.cuh -- the block-tiled GEMM main loop shared by every dense kernel.
+//
+//   C[r, c] = sum_{k in [k_begin, k_end)} A(r, k) * B(k, c)     for one BM x BN tile
+//
+// A and B are *loaders*: small structs with `T operator()(i64 row, i64 col)` that
+// compute an operand element on the fly (a strided load, the upstream gradient times
+// act'(.), an input recomputed from a tiny previous layer, a column of ones...).
+// That is how the fusions of DESIGN.md §3-4 enter the GEMM: in the operand loads.
+// Loaders are only called in bounds; out-of-range elements are stored as 0 in shared
+// memory (both operands are zero past k_end, so padding never meets a NaN).
+//
+// Each loader says which of its two indices is contiguous in memory (C_FAST: the
+// second), and the tile loads map consecutive threads to that index (coalescing).
+//
+// Math modes: MATH_FMA (register-blocked FMA, TM x TN per thread, strided so that a
+// warp's shared-memory reads are conflict-free and its stores coalesce), MATH_DMMA
+// (float64 mma.sync m8n8k4), MATH_TF32 / MATH_3XTF32 (mma.sync m16n8k8.tf32; 3xtf32
+// splits each operand into hi + lo and adds lo*hi + hi*lo + hi*hi).  Every mode holds
+// BM*BN/256 accumulators per thread; `visit` hands each to the caller's epilogue
+// with its tile-local (row, col).
+#pragma once
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace cupynn {
+
+constexpr int GEMM_THREADS = 256;
+
+// Tile ids, shared with cuda_backend._TILES.  Fields: block tile BM x BN, K step BK,
+// FMA thread tile TM x TN, MMA warp grid WM x WN (0: no MMA for this tile).
+template <int TILE> struct TileShape;
+template <> struct TileShape<0> {  // GEMV (N = 1): one output row per thread
+    static constexpr int BM = 256, BN = 1, BK = 8, TM = 1, TN = 1, WM = 0, WN = 0; };
+template <> struct TileShape<1> {  // N <= 8
+    static constexpr int BM = 128, BN = 8, BK = 16, TM = 4, TN = 1, WM = 8, WN = 1; };
+template <> struct TileShape<2> {  // N <= 32 (the seed's 1000 -> 20)
+    static constexpr int BM = 128, BN = 32, BK = 16, TM = 8, TN = 2, WM = 4, WN = 2; };
+template <> struct TileShape<3> {  // general, moderate sizes
+    static constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4, WM = 2, WN = 4; };
+template <> struct TileShape<4> {  // large GEMMs (the wide workload); BK 16 for float
+    static constexpr int BM = 128, BN = 128, BK = 8, TM = 8, TN = 8, WM = 2, WN = 4; };
+template <> struct TileShape<5> {  // the fused chain backward: K = a narrow layer's width
+    static constexpr int BM = 64, BN = 64, BK = 8, TM = 4, TN = 4, WM = 2, WN = 4; };
+
+template <typename T, int TILE, int MATH> struct Gemm {
+    using S = TileShape<TILE>;
+    static constexpr int BM = S::BM, BN = S::BN, TM = S::TM, TN = S::TN;
+    // FMA float on the big tile: a 16-deep K step (half the barriers; 35 KB for two
+    // stages).  The tensor-core modes keep 8: their fragments need the registers.
+    static constexpr int BK = (TILE == 4 && sizeof(T) == 4 && MATH == MATH_FMA) ? 16 : S::BK;
+    static constexpr int TX = BN / TN, TY = BM / TM;  // FMA thread grid
+    static constexpr int NACC = TM * TN;               // = BM * BN / 256 in every mode
+    static constexpr bool MMA = (MATH != MATH_FMA) && (S::WM > 0);
+    static constexpr int WM = S::WM > 0 ? S::WM : 1, WN = S::WN > 0 ? S::WN : 1;
+    static constexpr int WTM = BM / WM, WTN = BN / WN;  // warp tile
+    static constexpr int MROWS = (MATH == MATH_DMMA) ? 8 : 16;  // mma rows
+    static constexpr int MI = WTM / MROWS, NI = WTN / 8;
+    // Row padding of the shared tiles: keeps every row 16-byte aligned (vector reads)
+    // and makes the mma fragment reads conflict-free (row stride = 8 banks mod 32).
+    static constexpr int PAD = (sizeof(T) == 8) ? 4 : 8;
+    // FMA: a thread's TM rows are groups of VM consecutive rows (one vector read from
+    // shared memory each), the groups TY * VM apart; likewise TN columns in VN groups.
+    static constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte read
+    static constexpr int VM = (TM % VEC == 0) ? VEC : 1, VN = (TN % VEC == 0) ? VEC : 1;
+    static_assert(VM == 1 || ((BM + PAD) * sizeof(T)) % 16 == 0, "A rows 16-byte aligned");
+    static_assert(VN == 1 || (((BN + PAD) * sizeof(T)) % 16 == 0 &&
+                              (2 * BK * (BM + PAD) * sizeof(T)) % 16 == 0),
+                  "B rows 16-byte aligned");
+    static_assert(TX * TY == GEMM_THREADS, "FMA thread grid must be 256 threads");
+    static_assert(!MMA || WM * WN * 32 == GEMM_THREADS, "MMA warp grid must be 8 warps");
+    static_assert(!MMA || (MI * MROWS == WTM && NI * 8 == WTN), "warp tile / mma shape");
+    static_assert(!MMA || (BK % (MATH == MATH_DMMA ? 4 : 8) == 0), "BK / mma k");
+    static_assert(!(MATH == MATH_DMMA) || sizeof(T) == 8, "DMMA is float64 only");
+    static_assert(!(MATH == MATH_TF32 || MATH == MATH_3XTF32) || sizeof(T) == 4,
+                  "tf32 modes are float32 only");
+
+    // Two stages: the next K-slice is loaded (global -> registers) while the current
+    // one is multiplied, then stored into the other stage: one barrier per K-step.
+    // 16-byte aligned: the FMA path reads 16-byte vectors (a misaligned vector load
+    // faults on the GPU and goes unnoticed on the CPU emulator).
+    struct __align__(16) Smem {
+        T a[2][BK][BM + PAD];  // A tile, k-major: a[stage][k][row]
+        T b[2][BK][BN + PAD];  // B tile, k-major: b[stage][k][col]
+    };
+    static constexpr int NA = (BM * BK + GEMM_THREADS - 1) / GEMM_THREADS;  // per thread
+    static constexpr int NB = (BK * BN + GEMM_THREADS - 1) / GEMM_THREADS;
+
+    struct __align__(16) Vec { T v[VEC]; };
+
+    T acc[NACC];
+
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) acc[i] = T(0);
+    }
+
+    // Tile-local row of the FMA accumulator row i (and column of j) for this thread.
+    static __device__ __forceinline__ int fma_row(int ty, int i) {
+        return (i / VM) * (TY * VM) + ty * VM + (i % VM);
+    }
+    static __device__ __forceinline__ int fma_col(int tx, int j) {
+        return (j / VN) * (TX * VN) + tx * VN + (j % VN);
+    }
+
+    template <class LA, class LB>
+    __device__ __forceinline__ void fetch(const LA& la, const LB& lb, i64 R, i64 C, i64 r0, i64 c0,
+                                          i64 kt, i64 k_end, T (&ra)[NA], T (&rb)[NB]) const {
+        const int tid = threadIdx.x;
+#pragma unroll
+        for (int q = 0; q < NA; ++q) {
+            const int e = tid + q * GEMM_THREADS;
+            int rr, kk;
+            if (LA::C_FAST) { kk = e % BK; rr = e / BK; } else { rr = e % BM; kk = e / BM; }
+            const i64 r = r0 + rr, k = kt + kk;
+            ra[q] = (e < BM * BK && r < R && k < k_end) ? la(r, k) : T(0);
+        }
+#pragma unroll
+        for (int q = 0; q < NB; ++q) {
+            const int e = tid + q * GEMM_THREADS;
+            int cc, kk;
+            if (LB::C_FAST) { cc = e % BN; kk = e / BN; } else { kk = e % BK; cc = e / BK; }
+            const i64 c = c0 + cc, k = kt + kk;
+            rb[q] = (e < BK * BN && c < C && k < k_end) ? lb(k, c) : T(0);
+        }
+    }
+
+    template <class LA, class LB>
+    __device__ __forceinline__ void stash(Smem& sm, int stage, const T (&ra)[NA],
+                                          const T (&rb)[NB]) const {
+        const int tid = threadIdx.x;
+#pragma unroll
+        for (int q = 0; q < NA; ++q) {
+            const int e = tid + q * GEMM_THREADS;
+            int rr, kk;
+            if (LA::C_FAST) { kk = e % BK; rr = e / BK; } else { rr = e % BM; kk = e / BM; }
+            if (e < BM * BK) sm.a[stage][kk][rr] = ra[q];
+        }
+#pragma unroll
+        for (int q = 0; q < NB; ++q) {
+            const int e = tid + q * GEMM_THREADS;
+            int cc, kk;
+            if (LB::C_FAST) { cc = e % BN; kk = e / BN; } else { kk = e % BK; cc = e / BK; }
+            if (e < BK * BN) sm.b[stage][kk][cc] = rb[q];
+        }
+    }
+
+    // Accumulate rows [r0, r0+BM) x cols [c0, c0+BN) of A*B over k in [k_begin, k_end).
+    // Rows >= R and cols >= C are computed from zeros and never visited.  Ends with a
+    // barrier, so the caller may reuse the shared memory right after.
+    template <class LA, class LB>
+    __device__ __forceinline__ void run(Smem& sm, const LA& la, const LB& lb, i64 R, i64 C,
+                                        i64 r0, i64 c0, i64 k_begin, i64 k_end) {
+        if (k_begin >= k_end) return;
+        T ra[NA], rb[NB];
+        fetch(la, lb, R, C, r0, c0, k_begin, k_end, ra, rb);
+        stash<LA, LB>(sm, 0, ra, rb);
+        __syncthreads();
+        int stage = 0;
+        for (i64 kt = k_begin; kt < k_end; kt += BK) {
+            const bool more = kt + BK < k_end;
+            if (more) fetch(la, lb, R, C, r0, c0, kt + BK, k_end, ra, rb);
+            compute(sm, stage);
+            if (more) stash<LA, LB>(sm, stage ^ 1, ra, rb);
+            __syncthreads();
+            stage ^= 1;
+        }
+    }
+
+    __device__ __forceinline__ void compute(const Smem& sm, int stage) {
+        if constexpr (!MMA) {
+            const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+#pragma unroll
+            for (int kk = 0; kk < BK; ++kk) {
+                T a[TM], b[TN];
+                if constexpr (VM > 1) {
+#pragma unroll
+                    for (int i = 0; i < TM; i += VM) {
+                        const Vec v = *reinterpret_cast<const Vec*>(&sm.a[stage][kk][fma_row(ty, i)]);
+#pragma unroll
+                        for (int u = 0; u < VM; ++u) a[i + u] = v.v[u];
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < TM; ++i) a[i] = sm.a[stage][kk][fma_row(ty, i)];
+                }
+                if constexpr (VN > 1) {
+#pragma unroll
+                    for (int j = 0; j < TN; j += VN) {
+                        const Vec v = *reinterpret_cast<const Vec*>(&sm.b[stage][kk][fma_col(tx, j)]);
+#pragma unroll
+                        for (int u = 0; u < VN; ++u) b[j + u] = v.v[u];
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) b[j] = sm.b[stage][kk][fma_col(tx, j)];
+                }
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i * TN + j] = m_fma(a[i], b[j], acc[i * TN + j]);
+            }
+        } else {
+            compute_mma(sm, stage);
+        }
+    }
+
+    __device__ __forceinline__ void compute_mma(const Smem& sm, int stage) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int wr = (warp % WM) * WTM, wc = (warp / WM) * WTN;
+        const int g = lane >> 2, t = lane & 3;
+        if constexpr (MATH == MATH_DMMA) {
+#pragma unroll
+            for (int kk = 0; kk < BK; kk += 4) {
+                double a[MI], b[NI];
+                // A fragment (8x4, row): lane holds A(g, t); B (4x8, col): B(t, g).
+#pragma unroll
+                for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + g];
+#pragma unroll
+                for (int j = 0; j < NI; ++j) b[j] = sm.b[stage][kk + t][wc + j * 8 + g];
+#pragma unroll
+                for (int i = 0; i < MI; ++i)
+#pragma unroll
+                    for (int j = 0; j < NI; ++j) {
+                        double* c = &acc[(i * NI + j) * 2];
+                        double d[2];
+                        const double cin[2] = {c[0], c[1]};
+                        mma_m8n8k4_f64(d, a[i], b[j], cin);
+                        c[0] = d[0];
+                        c[1] = d[1];
+                    }
+            }
+        } else {  // tf32 / 3xtf32, m16n8k8
+#pragma unroll
+            for (int kk = 0; kk < BK; kk += 8) {
+                unsigned ah[MI][4], al[MI][4], bh[NI][2], bl[NI][2];
+#pragma unroll
+                for (int i = 0; i < MI; ++i) {
+                    // A fragment (16x8, row): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
+                    const float v[4] = {sm.a[stage][kk + t][wr + i * 16 + g], sm.a[stage][kk + t][wr + i * 16 + g + 8],
+                                        sm.a[stage][kk + t + 4][wr + i * 16 + g],
+                                        sm.a[stage][kk + t + 4][wr + i * 16 + g + 8]};
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        if constexpr (MATH == MATH_3XTF32) split_tf32(v[q], ah[i][q], al[i][q]);
+                        else ah[i][q] = f32_to_tf32(v[q]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < NI; ++j) {
+                    // B fragment (8x8, col): b0 (k = t, n = g), b1 (k = t+4, n = g)
+                    const float v[2] = {sm.b[stage][kk + t][wc + j * 8 + g], sm.b[stage][kk + t + 4][wc + j * 8 + g]};
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                        if constexpr (MATH == MATH_3XTF32) split_tf32(v[q], bh[j][q], bl[j][q]);
+                        else bh[j][q] = f32_to_tf32(v[q]);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < MI; ++i)
+#pragma unroll
+                    for (int j = 0; j < NI; ++j) {
+                        float* c = &acc[(i * NI + j) * 4];
+                        float d[4];
+                        float cin[4] = {c[0], c[1], c[2], c[3]};
+                        if constexpr (MATH == MATH_3XTF32) {
+                            // small terms first: lo*hi + hi*lo, then hi*hi
+                            mma_m16n8k8_tf32(d, al[i], bh[j], cin);
+                            cin[0] = d[0]; cin[1] = d[1]; cin[2] = d[2]; cin[3] = d[3];
+                            mma_m16n8k8_tf32(d, ah[i], bl[j], cin);
+                            cin[0] = d[0]; cin[1] = d[1]; cin[2] = d[2]; cin[3] = d[3];
+                        }
+                        mma_m16n8k8_tf32(d, ah[i], bh[j], cin);
+                        c[0] = d[0]; c[1] = d[1]; c[2] = d[2]; c[3] = d[3];
+                    }
+            }
+        }
+    }
+
+    // Call f(row, col, value) for every accumulator this thread holds (tile-local
+    // coordinates; the caller checks them against the problem bounds).
+    template <class F> __device__ __forceinline__ void visit(F&& f) const {
+        if constexpr (!MMA) {
+            const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) f(fma_row(ty, i), fma_col(tx, j), acc[i * TN + j]);
+        } else {
+            const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+            const int wr = (warp % WM) * WTM, wc = (warp / WM) * WTN;
+            const int g = lane >> 2, t = lane & 3;
+            if constexpr (MATH == MATH_DMMA) {
+                // C fragment (8x8): lane holds C(g, 2t) and C(g, 2t+1)
+#pragma unroll
+                for (int i = 0; i < MI; ++i)
+#pragma unroll
+                    for (int j = 0; j < NI; ++j)
+#pragma unroll
+                        for (int q = 0; q < 2; ++q)
+                            f(wr + i * 8 + g, wc + j * 8 + 2 * t + q, acc[(i * NI + j) * 2 + q]);
+            } else {
+                // C fragment (16x8): c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)
+#pragma unroll
+                for (int i = 0; i < MI; ++i)
+#pragma unroll
+                    for (int j = 0; j < NI; ++j)
+#pragma unroll
+                        for (int q = 0; q < 4; ++q)
+                            f(wr + i * 16 + g + 8 * (q >> 1), wc + j * 8 + 2 * t + (q & 1),
+                              acc[(i * NI + j) * 4 + q]);
+            }
+        }
+    }
+};
+
+}  // namespace cupynn
