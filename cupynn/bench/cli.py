@@ -1,0 +1,218 @@
+"""``python -m cupynn bench``: the command line.
+
+Examples::
+
+    python -m cupynn bench seed                       # seed workload, best device
+    python -m cupynn bench seed narrow --device cpu --dtype float32
+    python -m cupynn bench seed seed-1m narrow wide --device cuda --peers all \\
+        --json bench.json --plot bench.png --markdown bench.md
+    python -m cupynn bench --sizes 8,256,256,1 --activation tanh --batch 65536
+    python -m cupynn bench --quick --json out.json --plot out.png   # CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import report
+from .impls import IMPLEMENTATIONS, select
+from .reference import ACTIVATION_NAMES
+from .runner import Settings, run_cases
+from .workloads import DEFAULT_DTYPES, WORKLOADS, custom_workload, get_workload
+
+__all__ = ["main", "build_parser"]
+
+DTYPES = ("float64", "float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cupynn bench",
+        description="Time cupynn and its peers (forward, gradient, gradient/forward ratio) on "
+                    "public workloads, after checking each against a float64 reference.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="workloads: " + "; ".join(f"{k} = {w.describe()}" for k, w in WORKLOADS.items())
+               + ".\nimplementations: " + ", ".join(IMPLEMENTATIONS)
+               + " (default: all but torch.compile; 'all' adds it).",
+    )
+    p.add_argument("workloads", nargs="*", metavar="WORKLOAD",
+                   help=f"one or more of {', '.join(WORKLOADS)} (default: seed; with --quick "
+                        "all; none with --sizes)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when a GPU is usable (default)")
+    p.add_argument("--dtype", action="append", default=None,
+                   help="float64, float32 or both (comma list or repeated); "
+                        "default per workload: seed both, narrow/wide float32")
+    p.add_argument("--batch", type=int, default=None, help="override every workload's batch")
+    p.add_argument("--sizes", default=None,
+                   help="your own network, widths input first, e.g. 8,256,256,1")
+    p.add_argument("--activation", default="relu", choices=ACTIVATION_NAMES,
+                   help="hidden activation for --sizes (default relu)")
+    p.add_argument("--peers", default=None,
+                   help="comma list of implementations, 'default' or 'all'")
+    p.add_argument("--json", metavar="PATH", help="write results, machine and versions as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
+    p.add_argument("--plot", metavar="PATH", help="write PNG charts (needs matplotlib)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="total seconds of timing loops, shared among all measurements "
+                        "(default 60 on CUDA, 120 on the CPU, 3 with --quick); compile times "
+                        "and checks come on top")
+    p.add_argument("--max-per-measurement", type=float, default=None,
+                   help="cap on one measurement's timing loop in seconds "
+                        "(default 0.5 on CUDA, 1.0 on the CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced sizes and budgets: a smoke test that runs in seconds")
+    p.add_argument("--no-thread", action="store_true",
+                   help="skip the seed thread's per-sample pattern (run with 'seed')")
+    p.add_argument("--thread-samples", type=int, default=None,
+                   help="at most this many single-sample calls (the rest is extrapolated)")
+    p.add_argument("--thread-budget-s", type=float, default=None,
+                   help="seconds per per-sample loop (default 2; --quick 0.05)")
+    p.add_argument("--no-roofline", action="store_true", help="skip measuring the ceilings")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: one cupyx.profiler.profile() range (cudaProfilerStart/Stop) "
+                        "around each implementation's two timed loops, and an NVTX range per "
+                        "loop; warm-ups and checks stay outside (for nsys "
+                        "--capture-range=cudaProfilerApi / ncu --profile-from-start off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for parameters and inputs")
+    p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _dtypes(spec: list[str] | None, workload_name: str) -> tuple[str, ...]:
+    if not spec:
+        return DEFAULT_DTYPES.get(workload_name, ("float64",))
+    names = [d.strip() for s in spec for d in s.split(",") if d.strip()]
+    out = []
+    for d in names:
+        for dd in (DTYPES if d == "both" else (d,)):
+            if dd not in DTYPES:
+                raise SystemExit(f"--dtype: {dd!r} is not one of float64, float32, both")
+            if dd not in out:
+                out.append(dd)
+    return tuple(out)
+
+
+def _resolve_device(device: str) -> str:
+    from cupynn._devices import cuda_unavailable_reason, resolve_device
+
+    resolved = resolve_device(device)
+    if device == "cuda" and resolved == "cuda" and cuda_unavailable_reason():
+        raise SystemExit(f"--device cuda: {cuda_unavailable_reason()}")
+    return resolved
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    device = _resolve_device(args.device)
+    try:
+        impls = select(args.peers)
+    except ValueError as e:
+        raise SystemExit(f"--peers: {e}") from None
+
+    default = list(WORKLOADS) if args.quick else ["seed"]
+    names = list(args.workloads) or ([] if args.sizes else default)
+    try:
+        workloads = [get_workload(n, quick=args.quick, batch=args.batch) for n in names]
+        if args.sizes:
+            sizes = tuple(int(s) for s in args.sizes.replace("→", ",").split(","))
+            batch = args.batch or (512 if args.quick else 10_000)
+            workloads.append(custom_workload(sizes, args.activation, batch))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    cases = [(w, dt) for w in workloads for dt in _dtypes(args.dtype, w.name)]
+    dtypes_used = sorted({dt for _, dt in cases})
+
+    settings = Settings(
+        device=device, cases=cases, impls=impls,
+        budget_s=args.budget_s if args.budget_s is not None else (
+            3.0 if args.quick else 60.0 if device == "cuda" else 120.0),
+        cap_s=args.max_per_measurement or (
+            0.05 if args.quick else 0.5 if device == "cuda" else 1.0),
+        floor_s=0.005 if args.quick else 0.05,
+        profile=args.profile, seed=args.seed, progress=not args.no_progress,
+    )
+    if args.profile and device != "cuda":
+        print("note: --profile only marks CUDA runs; on the CPU it does nothing", file=sys.stderr)
+
+    ceilings = None
+    if not args.no_roofline:
+        from .roofline import measure_ceilings
+
+        if settings.progress:
+            print("measuring the device's copy bandwidth and matrix rates ...", file=sys.stderr)
+        ceilings = measure_ceilings(device, dtypes_used, quick=args.quick)
+
+    results = run_cases(settings)
+    report.finalize(results, ceilings)
+
+    thread = []
+    seed = next((w for w in workloads if w.name == "seed"), None)
+    if seed is not None and not args.no_thread:
+        from .thread import run_thread
+
+        batched = {r["impl"]: (r["forward"]["median_s"], r["gradient"]["median_s"])
+                   for r in results
+                   if r["workload"] == "seed" and r["dtype"] == "float64" and r["status"] == "ok"
+                   and r.get("forward") and r.get("gradient")}
+        per_sample_impls = [i for i in impls if not i.on_request_only and i.name != "cupynn-graph"]
+        thread = run_thread(
+            seed, device, per_sample_impls,
+            budget_s=args.thread_budget_s or (0.05 if args.quick else 2.0),
+            batched_budget_s=settings.cap_s,
+            samples=args.thread_samples or (200 if args.quick else None),
+            seed=args.seed, progress=settings.progress, batched=batched)
+
+    # Versions are read after the implementations have imported their libraries.
+    doc = {
+        "schema": "cupynn-bench/1",
+        "command": "python -m cupynn bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": report.machine_info(device),
+        "settings": {"device": device, "quick": args.quick, "budget_s": settings.budget_s,
+                     "cap_s": settings.cap_s, "peers": [i.name for i in impls],
+                     "seed": args.seed, "profile": args.profile},
+        "ceilings": ceilings.to_dict() if ceilings else None,
+        "results": results,
+        "thread": thread,
+        "wall_s": None,
+    }
+    print(report.terminal_table(results))
+    if thread:
+        print("\nseed thread (float64): one call per input, gradients accumulated, "
+              "vs one batched call")
+        print(report.thread_table(thread))
+    if ceilings:
+        rates = ", ".join(f"{k} {v / 1e9:.3g} GFLOP/s"
+                          for k, v in ceilings.matmul_flops_per_s.items())
+        print(f"\nceilings ({device}): copy {ceilings.copy_bytes_per_s / 1e9:.3g} GB/s, "
+              f"matmul {rates}")
+    doc["wall_s"] = time.perf_counter() - t_start
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(doc))
+    if args.plot:
+        try:
+            from .plot import write_png
+
+            write_png(doc, args.plot)
+        except ImportError as e:
+            print(f"--plot: matplotlib is not importable ({e}); no chart written",
+                  file=sys.stderr)
+    print(f"\n{len(results)} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
+    bad = [r for r in results + thread if r.get("impl", "").startswith("cupynn")
+           and r["status"] in ("wrong", "error")]
+    for r in bad:
+        print(f"cupynn FAILED: {r['impl']} {r.get('workload')} {r.get('dtype')}: {r['reason']}",
+              file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Unit tests of the benchmark package's pieces (no timing is asserted)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from cupynn.bench import reference, report, timing
+from cupynn.bench.impls import IMPLEMENTATIONS, Implementation, Runner, select
+from cupynn.bench.runner import Settings, compute_reference, make_problem, run_one, tolerance
+from cupynn.bench.workloads import WORKLOADS, custom_workload, get_workload
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "tanh", "sigmoid"])
+def test_plain_network_gradient_matches_finite_differences(act):
+    rng = np.random.default_rng(7)
+    w = custom_workload((3, 7, 5, 2), act, 11)
+    params = w.make_params(rng)
+    acts = [a for *_, a in w.layers]
+    x = rng.standard_normal((11, 3))
+    _, grads = reference.value_and_grad(np, params, acts, x)
+    dirs = [(rng.standard_normal(W.shape), rng.standard_normal(b.shape)) for W, b in params]
+    h = 1e-6
+
+    def f(t):
+        p = [(W + t * dW, b + t * db) for (W, b), (dW, db) in zip(params, dirs)]
+        return float(reference.forward_loss(np, p, acts, x))
+
+    numeric = (f(h) - f(-h)) / (2 * h)
+    analytic = sum(float((gW * dW).sum() + (gb * db).sum())
+                   for (gW, gb), (dW, db) in zip(grads, dirs))
+    assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic))
+
+
+def test_workload_counts():
+    seed = WORKLOADS["seed"]
+    assert seed.describe() == "1→1000→20→1 identity, batch 10,000"
+    assert seed.flops("forward") == 2 * 10_000 * (1 * 1000 + 1000 * 20 + 20 * 1)
+    # gradient: forward + dW of every layer + dx of every layer but the first
+    assert seed.flops("gradient") == seed.flops("forward") * 2 + 2 * 10_000 * (20_000 + 20)
+    assert seed.n_params() == 1000 + 1000 + 20_000 + 20 + 20 + 1
+    assert seed.min_bytes("gradient", 8) == 10_000 * 8 + 2 * seed.n_params() * 8
+    assert get_workload("wide", quick=True).batch < WORKLOADS["wide"].batch
+    assert get_workload("narrow", batch=100).batch == 100
+    with pytest.raises(ValueError, match="unknown workload"):
+        get_workload("huge")
+
+
+def test_problem_inputs_are_fresh_and_not_zero():
+    p = make_problem(WORKLOADS["seed"].with_batch(100), "float32", "cpu", 0, n_inputs=3)
+    assert len(p.inputs) == 3 and all(x.dtype == np.float32 for x in p.inputs)
+    assert np.all(p.inputs[0][:, 0] == np.linspace(-1, 1, 100).astype(np.float32))
+    assert not np.array_equal(p.inputs[1], p.inputs[2])
+    assert all(np.count_nonzero(W) == W.size for W, _ in p.params)
+
+
+def test_relative_error_flags_nan_and_shape():
+    ref = (2.0, [(np.ones((2, 3)), np.ones(2))])
+    assert reference.relative_error(ref, ref) == 0.0
+    bad = (2.0, [(np.full((2, 3), np.nan), np.ones(2))])
+    assert reference.relative_error(bad, ref) == float("inf")
+    assert reference.relative_error((2.0, [(np.ones((3, 2)), np.ones(2))]), ref) == float("inf")
+    assert tolerance("float64") < tolerance("float32") < tolerance("float32", 1e-4)
+
+
+def test_measure_picks_a_count_from_the_budget():
+    s = timing.measure(lambda i: time.sleep(0.002), budget_s=0.05, min_runs=5)
+    assert s.n >= 5 and s.timer == "cpu"
+    assert 0.0015 < s.median_s < 0.05 and s.p10_s <= s.median_s <= s.p90_s
+    slow = timing.measure(lambda i: time.sleep(0.02), budget_s=0.001)
+    assert slow.n == 3
+    seen = []
+    timing.measure(lambda i: seen.append(i), n_inputs=3, budget_s=0.001, min_runs=6,
+                   max_runs=6)
+    assert set(seen) == {0, 1, 2}
+
+
+def test_time_budget_shares_and_clamps():
+    b = timing.TimeBudget(10.0, 4, floor_s=0.1, cap_s=1.0)
+    assert b.per_measurement() == 1.0
+    b = timing.TimeBudget(0.0, 4, floor_s=0.1, cap_s=1.0)
+    assert b.per_measurement() == 0.1
+
+
+def test_peer_selection():
+    default = {i.name for i in select(None)}
+    assert "torch-compile" not in default and {"cupynn", "numpy", "jax"} <= default
+    assert {i.name for i in select("all")} == set(IMPLEMENTATIONS)
+    assert [i.name for i in select("jax,cupynn")] == ["cupynn", "jax"]
+    with pytest.raises(ValueError, match="unknown implementation"):
+        select("tensorflow")
+    assert "cuda" in IMPLEMENTATIONS["cupy"].unavailable("cpu")
+
+
+class _OffByOnePercent(Implementation):
+    """The plain NumPy network with a gradient 1% too large: must be reported wrong."""
+
+    name, label = "broken", "broken"
+
+    def prepare(self, problem):
+        acts = problem.activations
+
+        def gradient(i):
+            loss, grads = reference.value_and_grad(np, problem.params, acts, problem.inputs[i])
+            return loss, [(1.01 * dW, db) for dW, db in grads]
+
+        return Runner(
+            forward=lambda i: reference.forward_loss(np, problem.params, acts, problem.inputs[i]),
+            gradient=gradient, fetch_forward=float,
+            fetch_gradient=lambda r: (float(r[0]), r[1]))
+
+
+def test_a_wrong_implementation_is_reported_and_not_timed():
+    w = WORKLOADS["seed"].with_batch(64)
+    problem = make_problem(w, "float64", "cpu", 0, n_inputs=1)
+    ref = compute_reference(problem)
+    settings = Settings(device="cpu", cases=[(w, "float64")], impls=[], progress=False)
+    budget = timing.TimeBudget(1.0, 2, floor_s=0.01, cap_s=0.05)
+    from cupynn.bench.runner import Progress
+
+    res = run_one(_OffByOnePercent(), problem, ref, settings, budget, Progress(2, False))
+    assert res["status"] == "wrong" and "reference" in res["reason"]
+    assert res["forward"] is None and res["gradient"] is None
+    good = run_one(IMPLEMENTATIONS["numpy"], problem, ref, settings, budget, Progress(2, False))
+    assert good["status"] == "ok" and good["check"]["gradient_rel_err"] < 1e-12
+
+
+def test_finalize_ratios_against_the_best_peer():
+    def res(impl, fwd, grad, is_cupynn=False):
+        return {"workload": "seed", "shape": "1→1000→20→1", "activation": "identity",
+                "batch": 10_000, "dtype": "float64", "impl": impl, "label": impl,
+                "is_cupynn": is_cupynn, "status": "ok", "reason": "", "loss": 1.0,
+                "forward": {"median_s": fwd, "spread": 0.0},
+                "gradient": {"median_s": grad, "spread": 0.0}}
+
+    from cupynn.bench.roofline import Ceilings
+
+    results = [res("cupynn", 1e-3, 1.5e-3, True), res("a", 2e-3, 8e-3), res("b", 4e-3, 6e-3)]
+    ceilings = Ceilings("cpu", 1e10, {"float64": 1e10})
+    report.finalize(results, ceilings)
+    c = results[0]
+    assert c["ratio"] == pytest.approx(1.5)
+    assert c["vs_best_peer"]["forward"] == pytest.approx(0.5)
+    assert c["vs_best_peer"]["gradient"] == pytest.approx(0.25)
+    floor = WORKLOADS["seed"].flops("gradient") / 1e10
+    assert c["pct_of_floor"]["gradient"] == pytest.approx(100 * floor / 1.5e-3)
+    table = report.terminal_table(results)
+    assert "0.25×" in table and "1.50" in table
