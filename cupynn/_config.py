@@ -1,0 +1,326 @@
+"""What this cupynn install runs on: ``cupynn.show_config()`` and ``python -m cupynn info``.
+
+Every probe is guarded: the report works without CuPy, without a driver and without a
+GPU, and says what is missing instead of raising. Nothing here compiles or launches a kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["collect", "show_config", "main"]
+
+# Every CuPy distribution that ships the ``cupy`` module: two of them in one environment
+# overwrite each other's files and break CuPy.
+_CUPY_DISTRIBUTIONS = (
+    "cupy",
+    "cupy-cuda11x",
+    "cupy-cuda12x",
+    "cupy-cuda13x",
+    "cupy-rocm-5-0",
+    "cupy-rocm-6-0",
+)
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_version(encoded: int) -> str:
+    """12080 -> '12.8' (the CUDA API's encoding: 1000 * major + 10 * minor)."""
+    return f"{encoded // 1000}.{(encoded % 1000) // 10}"
+
+
+def _cupynn_info() -> dict[str, Any]:
+    import cupynn
+
+    package_dir = Path(cupynn.__file__).resolve().parent
+    return {
+        "version": getattr(cupynn, "__version__", None) or _dist_version("cupynn"),
+        "location": str(package_dir),
+        # An installed wheel carries the kernels inside the package; a source checkout
+        # (editable install, or running from the repository) has them in ../kernels.
+        "install": "package" if (package_dir / "kernels").is_dir() else "source checkout",
+    }
+
+
+def _kernel_info() -> dict[str, Any]:
+    try:
+        from cupynn import _loader
+    except Exception as exc:
+        return {"dir": None, "error": f"cupynn._loader not importable ({_error(exc)})"}
+    kernel_dir = getattr(_loader, "KERNEL_DIR", None)
+    if kernel_dir is None:
+        return {"dir": None, "error": "cupynn._loader has no KERNEL_DIR"}
+    kernel_dir = Path(kernel_dir)
+    sources = sorted(p.name for p in kernel_dir.glob("*.cu")) if kernel_dir.is_dir() else []
+    info: dict[str, Any] = {
+        "dir": str(kernel_dir),
+        "exists": kernel_dir.is_dir(),
+        "sources": sources,
+    }
+    if not kernel_dir.is_dir():
+        info["error"] = "kernel directory does not exist"
+    return info
+
+
+def _kernel_cache_dir() -> dict[str, Any]:
+    # CuPy's rule (cupy.cuda.compiler.get_cache_dir): $CUPY_CACHE_DIR, else ~/.cupy/kernel_cache.
+    env = os.environ.get("CUPY_CACHE_DIR")
+    path = Path(env) if env else Path("~/.cupy/kernel_cache").expanduser()
+    return {"dir": str(path), "source": "CUPY_CACHE_DIR" if env else "default"}
+
+
+def _cupy_info() -> dict[str, Any]:
+    installed = {n: v for n in _CUPY_DISTRIBUTIONS if (v := _dist_version(n)) is not None}
+    info: dict[str, Any] = {"distributions": installed}
+    if len(installed) > 1:
+        info["warning"] = (
+            "several CuPy packages are installed ("
+            + ", ".join(sorted(installed))
+            + "); they overwrite each other: pip uninstall all of them, then install one"
+        )
+    try:
+        cupy = importlib.import_module("cupy")
+    except Exception as exc:
+        info["version"] = None
+        info["error"] = f"CuPy is not importable ({_error(exc)})"
+        return info
+    info["version"] = cupy.__version__
+    runtime = cupy.cuda.runtime
+
+    try:
+        info["cuda_runtime"] = _cuda_version(runtime.runtimeGetVersion())
+    except Exception as exc:
+        info["cuda_runtime"] = f"unavailable ({_error(exc)})"
+    try:
+        driver = runtime.driverGetVersion()
+        info["cuda_driver"] = _cuda_version(driver) if driver else "none (no NVIDIA driver found)"
+    except Exception as exc:
+        info["cuda_driver"] = f"unavailable ({_error(exc)})"
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        major, minor = nvrtc.getVersion()
+        info["nvrtc"] = f"{major}.{minor}"
+    except Exception as exc:
+        info["nvrtc"] = f"unavailable ({_error(exc)})"
+    info["nvrtc_path"] = _nvrtc_path()
+    info["cuda_headers"] = _cuda_header_dir()
+
+    devices: list[dict[str, Any]] = []
+    try:
+        count = runtime.getDeviceCount()
+    except Exception as exc:
+        no_driver = str(info.get("cuda_driver", "")).startswith("none")
+        info["devices_error"] = ("no NVIDIA driver: " if no_driver else "") + _error(exc)
+        count = 0
+    for index in range(count):
+        try:
+            props = runtime.getDeviceProperties(index)
+            name = props["name"]
+            devices.append(
+                {
+                    "index": index,
+                    "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "compute_capability": f"{props['major']}.{props['minor']}",
+                    "arch": f"sm_{props['major']}{props['minor']}",
+                    "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+                    "multiprocessors": props["multiProcessorCount"],
+                }
+            )
+        except Exception as exc:
+            devices.append({"index": index, "error": _error(exc)})
+    info["devices"] = devices
+    return info
+
+
+def _nvrtc_path() -> str | None:
+    """Which libnvrtc CuPy would load (site-packages wheel, conda or system CUDA)."""
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        return str(load_nvidia_dynamic_lib("nvrtc").abs_path)
+    except Exception:
+        return None
+
+
+def _cuda_header_dir() -> str | None:
+    """The CUDA runtime headers CuPy hands NVRTC (needed from CUDA 12.2 on)."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            return str(found)
+    except Exception:
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return str(Path(root) / "include")
+    return None
+
+
+def _nvtx_info() -> dict[str, Any]:
+    """Where cupynn's NVTX ranges go: the ``nvtx`` package, CuPy's binding, or nowhere."""
+    try:
+        from cupynn._nvtx import nvtx_backend
+
+        backend = nvtx_backend()
+    except Exception as exc:  # cupynn._nvtx missing or broken: probe like it would
+        backend = None
+        for module in ("nvtx", "cupy.cuda.nvtx"):
+            try:
+                importlib.import_module(module)
+                backend = module
+                break
+            except Exception:
+                continue
+        if backend is None:
+            return {"backend": "none", "error": f"cupynn._nvtx: {_error(exc)}"}
+    if backend == "nvtx":
+        return {"backend": f"nvtx package {_dist_version('nvtx') or ''}".rstrip()}
+    if backend == "cupy.cuda.nvtx":
+        return {"backend": "CuPy's binding (cupy.cuda.nvtx); pip install cupynn[profile] for nvtx"}
+    return {"backend": "none (install cupynn[profile], or CuPy, for NVTX ranges)"}
+
+
+def collect() -> dict[str, Any]:
+    """Everything :func:`show_config` prints, as a JSON-serialisable dict."""
+    report: dict[str, Any] = {
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": platform.platform(),
+    }
+    for key, probe in (
+        ("cupynn", _cupynn_info),
+        ("kernels", _kernel_info),
+        ("kernel_cache", _kernel_cache_dir),
+        ("cupy", _cupy_info),
+        ("nvtx", _nvtx_info),
+    ):
+        try:
+            report[key] = probe()
+        except Exception as exc:  # a probe must never take the whole report down
+            report[key] = {"error": _error(exc)}
+    try:
+        import numpy
+
+        report["numpy"] = numpy.__version__
+    except Exception as exc:
+        report["numpy"] = f"not importable ({_error(exc)})"
+    return report
+
+
+def _bracket(text: str | None) -> str:
+    return f" [{text}]" if text else ""
+
+
+def _format(report: dict[str, Any]) -> str:
+    def value(v: Any) -> str:
+        return "-" if v is None else str(v)
+
+    cupynn_info = report.get("cupynn", {})
+    kernels = report.get("kernels", {})
+    cache = report.get("kernel_cache", {})
+    cupy_info = report.get("cupy", {})
+    nvtx_info = report.get("nvtx", {})
+    rows: list[tuple[str, str]] = [
+        (
+            "cupynn",
+            f"{value(cupynn_info.get('version'))} ({value(cupynn_info.get('install'))}: "
+            f"{value(cupynn_info.get('location'))})"
+            if "error" not in cupynn_info
+            else cupynn_info["error"],
+        ),
+        ("python", value(report.get("python"))),
+        ("platform", value(report.get("platform"))),
+        ("numpy", value(report.get("numpy"))),
+    ]
+    if cupy_info.get("version") is None:
+        rows.append(("cupy", value(cupy_info.get("error", "not installed"))))
+    else:
+        dists = ", ".join(f"{k} {v}" for k, v in cupy_info.get("distributions", {}).items())
+        rows += [
+            ("cupy", f"{cupy_info['version']}" + (f" ({dists})" if dists else "")),
+            ("CUDA runtime", value(cupy_info.get("cuda_runtime"))),
+            ("CUDA driver", value(cupy_info.get("cuda_driver"))),
+            ("NVRTC", value(cupy_info.get("nvrtc"))),
+            ("NVRTC library", value(cupy_info.get("nvrtc_path"))),
+            ("CUDA headers", value(cupy_info.get("cuda_headers") or "not found")),
+        ]
+        devices = cupy_info.get("devices", [])
+        if not devices:
+            reason = cupy_info.get("devices_error", "CuPy sees no CUDA device")
+            rows.append(("GPU", f"none ({reason})"))
+        for d in devices:
+            label = f"GPU {d['index']}"
+            if "error" in d:
+                rows.append((label, d["error"]))
+            else:
+                rows.append(
+                    (
+                        label,
+                        f"{d['name']}, compute capability {d['compute_capability']} "
+                        f"({d['arch']}), {d['memory_gib']} GiB, {d['multiprocessors']} SMs",
+                    )
+                )
+    if "warning" in cupy_info:
+        rows.append(("WARNING", cupy_info["warning"]))
+    kernel_text = value(kernels.get("dir"))
+    if kernels.get("sources"):
+        kernel_text += f" ({len(kernels['sources'])} .cu files)"
+    if "error" in kernels:
+        kernel_text += f" [{kernels['error']}]"
+    rows += [
+        ("kernels", kernel_text),
+        ("kernel cache", f"{value(cache.get('dir'))} ({value(cache.get('source'))})"),
+        ("NVTX", value(nvtx_info.get("backend")) + _bracket(nvtx_info.get("error"))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}} : {v}" for k, v in rows)
+
+
+def show_config(file=None) -> None:
+    """Print versions, GPU, kernel and cache locations, and the NVTX backend.
+
+    Works on any machine: without CuPy or without a GPU the report says so.
+
+    >>> import cupynn
+    >>> cupynn.show_config()  # doctest: +SKIP
+    """
+    print(_format(collect()), file=file if file is not None else sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cupynn info [--json]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cupynn info",
+        description="Show cupynn's configuration: versions, GPU, kernel and cache locations.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if args.json:
+        print(json.dumps(collect(), indent=2, sort_keys=True))
+    else:
+        show_config()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

