@@ -29,9 +29,9 @@ from .base import Backend, LossSpec, NetSpec, Params
 
 # Rows per chunk are chosen so that one chunk of the widest layer takes about
 # this many bytes: large enough for BLAS efficiency, small enough for L2/L3.
-_CHUNK_BYTES = 1 << 22
-_MIN_CHUNK_ROWS = 32
-_MAX_CHUNK_ROWS = 4096
+_CHUNK_BYTES = 1 << 21
+_MIN_CHUNK_ROWS = 512
+_MAX_CHUNK_ROWS = 16384
 # Layers with at most this fan-in fold their bias into the GEMM (see _Workspace).
 _AUGMENT_MAX_FAN_IN = 16
 
@@ -49,13 +49,17 @@ def _activate_inplace(act, z, out):
             out[...] = z
     elif act.name == "tanh":
         np.tanh(z, out=out)
+    elif act.name == "relu":
+        np.maximum(z, z.dtype.type(0), out=out)  # propagates NaN, like the reference
     else:
         out[...] = act.forward(z)
 
 
 def _scale_by_derivative(act, g, saved):
     """``g *= act'(saved)`` in place (``saved`` is y or z as the activation needs)."""
-    if act.name != "identity":
+    if act.name == "relu":
+        np.multiply(g, saved > 0, out=g)  # relu' from y: 1 where y > 0, else 0 (NaN y -> 0)
+    elif act.name != "identity":
         g *= act.derivative(saved)
 
 
