@@ -9,10 +9,12 @@ computes the same function on any machine.
 >>> value, grads = cupynn.value_and_grad(model, x, "sum_squares")
 """
 
+from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
 from .functional import value_and_grad
+from .graph import compile
 from .io import load
 from .layers import MLP, Chain, Dense
 
@@ -24,8 +26,10 @@ __all__ = [
     "Dense",
     "DeviceMismatchError",
     "MLP",
+    "compile",
     "cuda_available",
     "load",
+    "show_config",
     "value_and_grad",
     "__version__",
 ]
