@@ -94,12 +94,29 @@ template <typename T, int TILE, int MATH> struct Gemm {
         for (int i = 0; i < NACC; ++i) acc[i] = T(0);
     }
 
-    // Tile-local row of the FMA accumulator row i (and column of j) for this thread.
-    static __device__ __forceinline__ int fma_row(int ty, int i) {
-        return (i / VM) * (TY * VM) + ty * VM + (i % VM);
+    // Tile-local index of fragment element i of thread t, along a dimension whose
+    // elements a thread holds in groups of V consecutive ones, the groups NT * V apart.
+    template <int V, int NT> static __device__ __forceinline__ int frag_index(int t, int i) {
+        return (i / V) * (NT * V) + t * V + (i % V);
     }
-    static __device__ __forceinline__ int fma_col(int tx, int j) {
-        return (j / VN) * (TX * VN) + tx * VN + (j % VN);
+    // Tile-local row of the FMA accumulator row i (and column of j) for this thread.
+    static __device__ __forceinline__ int fma_row(int ty, int i) { return frag_index<VM, TY>(ty, i); }
+    static __device__ __forceinline__ int fma_col(int tx, int j) { return frag_index<VN, TX>(tx, j); }
+
+    // dst[i] = line[frag_index<V, NT>(t, i)], with 16-byte vector reads when V > 1.
+    template <int N, int V, int NT>
+    static __device__ __forceinline__ void load_fragment(T (&dst)[N], const T* line, int t) {
+        if constexpr (V > 1) {
+#pragma unroll
+            for (int i = 0; i < N; i += V) {
+                const Vec v = *reinterpret_cast<const Vec*>(&line[frag_index<V, NT>(t, i)]);
+#pragma unroll
+                for (int u = 0; u < V; ++u) dst[i + u] = v.v[u];
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < N; ++i) dst[i] = line[frag_index<1, NT>(t, i)];
+        }
     }
 
     template <class LA, class LB>
@@ -172,28 +189,8 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
                 T a[TM], b[TN];
-                if constexpr (VM > 1) {
-#pragma unroll
-                    for (int i = 0; i < TM; i += VM) {
-                        const Vec v = *reinterpret_cast<const Vec*>(&sm.a[stage][kk][fma_row(ty, i)]);
-#pragma unroll
-                        for (int u = 0; u < VM; ++u) a[i + u] = v.v[u];
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < TM; ++i) a[i] = sm.a[stage][kk][fma_row(ty, i)];
-                }
-                if constexpr (VN > 1) {
-#pragma unroll
-                    for (int j = 0; j < TN; j += VN) {
-                        const Vec v = *reinterpret_cast<const Vec*>(&sm.b[stage][kk][fma_col(tx, j)]);
-#pragma unroll
-                        for (int u = 0; u < VN; ++u) b[j + u] = v.v[u];
-                    }
-                } else {
-#pragma unroll
-                    for (int j = 0; j < TN; ++j) b[j] = sm.b[stage][kk][fma_col(tx, j)];
-                }
+                load_fragment<TM, VM, TY>(a, sm.a[stage][kk], ty);
+                load_fragment<TN, VN, TX>(b, sm.b[stage][kk], tx);
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
