@@ -119,6 +119,13 @@ template <typename T, int TILE, int MATH> struct Gemm {
         }
     }
 
+    // Element e of an N0 x N1 operand tile as (i0, i1), consecutive e along the index
+    // that is contiguous in memory (the second when SECOND_FAST), so loads coalesce.
+    template <bool SECOND_FAST, int N0, int N1>
+    static __device__ __forceinline__ void tile_coord(int e, int& i0, int& i1) {
+        if constexpr (SECOND_FAST) { i1 = e % N1; i0 = e / N1; } else { i0 = e % N0; i1 = e / N0; }
+    }
+
     template <class LA, class LB>
     __device__ __forceinline__ void fetch(const LA& la, const LB& lb, i64 R, i64 C, i64 r0, i64 c0,
                                           i64 kt, i64 k_end, T (&ra)[NA], T (&rb)[NB]) const {
@@ -127,15 +134,15 @@ template <typename T, int TILE, int MATH> struct Gemm {
         for (int q = 0; q < NA; ++q) {
             const int e = tid + q * GEMM_THREADS;
             int rr, kk;
-            if (LA::C_FAST) { kk = e % BK; rr = e / BK; } else { rr = e % BM; kk = e / BM; }
+            tile_coord<LA::C_FAST, BM, BK>(e, rr, kk);
             const i64 r = r0 + rr, k = kt + kk;
             ra[q] = (e < BM * BK && r < R && k < k_end) ? la(r, k) : T(0);
         }
 #pragma unroll
         for (int q = 0; q < NB; ++q) {
             const int e = tid + q * GEMM_THREADS;
-            int cc, kk;
-            if (LB::C_FAST) { cc = e % BN; kk = e / BN; } else { kk = e % BK; cc = e / BK; }
+            int kk, cc;
+            tile_coord<LB::C_FAST, BK, BN>(e, kk, cc);
             const i64 c = c0 + cc, k = kt + kk;
             rb[q] = (e < BK * BN && c < C && k < k_end) ? lb(k, c) : T(0);
         }
@@ -149,14 +156,14 @@ template <typename T, int TILE, int MATH> struct Gemm {
         for (int q = 0; q < NA; ++q) {
             const int e = tid + q * GEMM_THREADS;
             int rr, kk;
-            if (LA::C_FAST) { kk = e % BK; rr = e / BK; } else { rr = e % BM; kk = e / BM; }
+            tile_coord<LA::C_FAST, BM, BK>(e, rr, kk);
             if (e < BM * BK) sm.a[stage][kk][rr] = ra[q];
         }
 #pragma unroll
         for (int q = 0; q < NB; ++q) {
             const int e = tid + q * GEMM_THREADS;
-            int cc, kk;
-            if (LB::C_FAST) { cc = e % BN; kk = e / BN; } else { kk = e % BK; cc = e / BK; }
+            int kk, cc;
+            tile_coord<LB::C_FAST, BK, BN>(e, kk, cc);
             if (e < BK * BN) sm.b[stage][kk][cc] = rb[q];
         }
     }
