@@ -22,6 +22,7 @@ from .test_kernels_emulated import (
     case_guard_bands,
     case_layer,
     case_network,
+    case_sanitizer_subset,
     case_special_values,
     check_close,
     host,
@@ -224,9 +225,4 @@ def test_gpu_launches_inside_nvtx_ranges(be, cp, rng):
 
 def test_gpu_sanitizer_subset(be, cp, rng, monkeypatch):
     """Small cases over every kernel kind, for compute-sanitizer memcheck / racecheck."""
-    monkeypatch.setattr(cb, "_MIN_ROWS_PER_SPLIT", 16)
-    case_network(be, cp, rng, [1, 70, 20, 1], "tanh", "float64", 300, target=True)
-    case_network(be, cp, rng, [5, 33, 3], ["elu", "sigmoid"], "float32", 130, need_dx=True,
-                 precision="3xtf32")
-    case_layer(be, cp, rng, "relu", "float32", 129, 17, 9)
-    case_guard_bands(be, cp, rng, "float64", 131, 9, 33)
+    case_sanitizer_subset(be, cp, rng, monkeypatch)

@@ -1,8 +1,8 @@
 """AddressSanitizer and ThreadSanitizer modes of the emulator catch planted bugs.
 
 The counterparts of compute-sanitizer memcheck (a one-element overrun of a global array or of
-dynamic shared memory) and racecheck (a missing __syncthreads / __syncwarp between a shared
-memory write and another thread's read).  The bug-free variants must pass clean.
+dynamic shared memory, a misaligned vector read) and racecheck (a missing __syncthreads /
+__syncwarp between a shared memory write and another thread's read).  The bug-free variants must pass clean.
 """
 
 from __future__ import annotations
@@ -42,6 +42,18 @@ def test_asan_catches_dynamic_shared_overrun():
     np.testing.assert_array_equal(y, np.arange(64, dtype=np.float32))
     with pytest.raises(emu.SanitizerError, match="heap-buffer-overflow"):
         f((1,), (64,), (y, np.int32(1)), shared_mem=64 * 4)
+
+
+def test_address_mode_catches_misaligned_vector_read():
+    """A 16-byte vector read 4 bytes off its alignment: works on x86, faults on the GPU."""
+    f = module("address").get_function("vector_read")
+    x = np.random.default_rng(3).standard_normal(4 * 64 + 4).astype(np.float32)
+    y = np.full(64, np.nan, np.float32)
+    f((1,), (64,), (x, y, np.int32(0)))  # aligned: clean
+    np.testing.assert_allclose(y, x[:256].reshape(64, 4).sum(1), rtol=1e-6)
+    with pytest.raises(emu.SanitizerError, match="misaligned address") as info:
+        f((1,), (64,), (x, y, np.int32(1)))
+    assert "16 byte alignment" in info.value.report
 
 
 @pytest.mark.parametrize("kernel,block", [("neighbour_sum", 256), ("warp_exchange", 32)])

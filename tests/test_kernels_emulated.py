@@ -168,41 +168,54 @@ def case_network(be, xp, rng, sizes, acts, dtype, M, *, precision="strict", loss
 class _Collector(cb._NameCollector):
     seen: set = set()
 
-    def __init__(self, code=None, options=(), name_expressions=(), **kw):
-        super().__init__(code, options, name_expressions, **kw)
-        _Collector.seen.update(name_expressions)
+    def get_function(self, name):  # (modules are cached by the loader; lookups are not)
+        _Collector.seen.add(name)
+        return super().get_function(name)
+
+
+def kernels_used(run) -> list[str]:
+    """The kernels ``run(backend)`` asks for, on a backend that launches nothing (so they
+    can be compiled into a few modules up front instead of one module each)."""
+    global _DRY_RUN
+    _Collector.seen = set()
+    _DRY_RUN = True
+    try:
+        run(cb.CudaBackend(xp=np, module_cls=_Collector))
+    finally:
+        _DRY_RUN = False
+    return sorted(_Collector.seen)
+
+
+def dry_call(fn, **kwargs):
+    """Call a test body on the dry backend: garbage outputs may fail it, but the kernel
+    names are recorded by then.  A ``monkeypatch`` argument is undone afterwards."""
+    try:
+        with np.errstate(all="ignore"):
+            fn(**kwargs)
+    except Exception:  # noqa: BLE001
+        pass
+    finally:
+        if "monkeypatch" in kwargs:
+            kwargs["monkeypatch"].undo()
 
 
 def _kernels_of_selected_tests(request) -> list[str]:
-    """Run this module's selected tests on a backend that launches nothing, to learn
-    which kernels they need (so they compile into a few modules, not one each)."""
-    global _DRY_RUN
-    _Collector.seen = set()
-    dry = cb.CudaBackend(xp=np, module_cls=_Collector)
-    _DRY_RUN = True
-    try:
+    """Which kernels this module's selected tests need."""
+    def run(dry):
         for item in request.session.items:
             if getattr(item, "module", None) is not request.module:
                 continue
             fn = getattr(item, "obj", None)
             params = dict(getattr(getattr(item, "callspec", None), "params", {}) or {})
-            mp = pytest.MonkeyPatch()
             kwargs = {}
             for arg in inspect.signature(fn).parameters:
-                kwargs[arg] = {"be": dry, "rng": np.random.default_rng(0),
-                               "monkeypatch": mp}.get(arg, params.get(arg))
-            if "be" not in kwargs:
-                continue
-            try:
-                with np.errstate(all="ignore"):
-                    fn(**kwargs)
-            except Exception:  # noqa: BLE001 - garbage outputs fail checks; names are in
-                pass
-            finally:
-                mp.undo()
-    finally:
-        _DRY_RUN = False
-    return sorted(_Collector.seen)
+                kwargs[arg] = {"be": dry, "rng": np.random.default_rng(0)}.get(arg, params.get(arg))
+                if arg == "monkeypatch":
+                    kwargs[arg] = pytest.MonkeyPatch()
+            if "be" in kwargs:
+                dry_call(fn, **kwargs)
+
+    return kernels_used(run)
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +389,24 @@ def case_guard_bands(be, xp, rng, dtype, M, K, N):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_guard_bands(be, rng, dtype):
     case_guard_bands(be, np, rng, dtype, 131, 9, 33)
+
+
+def case_sanitizer_subset(be, xp, rng, monkeypatch):
+    """Small cases that reach every kernel kind (forward + loss, dx, [dW | db] on every tile,
+    the chain, the reductions) and every math path (DMMA, 3xTF32, FMA with and without
+    vector fragment reads, float32 and float64): what compute-sanitizer checks on the GPU
+    and the emulator's address / thread modes check on the CPU."""
+    monkeypatch.setattr(cb, "_MIN_ROWS_PER_SPLIT", 16)
+    case_network(be, xp, rng, [1, 70, 20, 1], "tanh", "float64", 300, target=True)
+    case_network(be, xp, rng, [5, 33, 3], ["elu", "sigmoid"], "float32", 130, need_dx=True,
+                 precision="3xtf32")
+    case_layer(be, xp, rng, "relu", "float32", 129, 17, 9)
+    case_layer(be, xp, rng, "relu", "float32", 65, 17, 65)
+    case_guard_bands(be, xp, rng, "float64", 131, 9, 33)
+    monkeypatch.setattr(cb, "_BIG_TILE_MIN_BLOCKS", 1)
+    case_layer(be, xp, rng, "tanh", "float32", 129, 9, 130)
+    monkeypatch.setattr(cb, "_F64_MMA_ENV", "0")
+    case_layer(be, xp, rng, "elu", "float64", 129, 9, 130)
 
 
 def test_checks_say_what_to_change(be, rng):

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EMU_HEADER = HERE / "cuda_emu.h"
 EMU_RUNTIME = HERE / "cuda_emu_runtime.cpp"
-FORMAT_VERSION = "1"  # bump when the generated code changes meaning
+FORMAT_VERSION = "2"  # bump when the generated code changes meaning
 
 SANITIZERS = (None, "address", "thread")
 
@@ -46,8 +46,15 @@ def compiler_id() -> str:
 
 @functools.cache
 def sanitizer_runtime(sanitizer: str) -> str:
-    """Path of libasan.so / libtsan.so of the compiler (what LD_PRELOAD must load first)."""
-    lib = {"address": "libasan.so", "thread": "libtsan.so"}[sanitizer]
+    """Path of libasan.so / libtsan.so of the compiler (what LD_PRELOAD must load first).
+
+    The address mode also links UBSan's alignment check, so it needs libubsan.so too."""
+    if sanitizer == "address":
+        _compiler_lib("libubsan.so", sanitizer)
+    return _compiler_lib({"address": "libasan.so", "thread": "libtsan.so"}[sanitizer], sanitizer)
+
+
+def _compiler_lib(lib: str, sanitizer: str) -> str:
     out = subprocess.run([cxx(), f"-print-file-name={lib}"], capture_output=True, text=True)
     path = out.stdout.strip()
     if out.returncode != 0 or not path or not os.path.isabs(path) or not os.path.exists(path):
@@ -152,7 +159,10 @@ _COMMON = ["-std=c++17", "-fPIC", "-pthread", "-fno-strict-aliasing", "-Wno-unkn
 
 def _sanitize_flags(sanitizer: str | None, runtime: bool) -> list[str]:
     if sanitizer == "address":
-        return ["-fsanitize=address", "-fno-omit-frame-pointer", "-DCUPYNN_EMU_ASAN"]
+        # + UBSan's alignment check: a misaligned vector access faults on the GPU but works on
+        # x86, so without it the emulator would hide that class of bug.
+        return ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment",
+                "-fno-omit-frame-pointer", "-DCUPYNN_EMU_ASAN"]
     if sanitizer == "thread":
         # The runtime (scheduler bookkeeping) is not instrumented; kernels are.
         return ["-DCUPYNN_EMU_TSAN"] if runtime else ["-fsanitize=thread"]

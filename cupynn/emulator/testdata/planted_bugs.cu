@@ -38,3 +38,17 @@ extern "C" __global__ void warp_exchange(const float* __restrict__ x, float* __r
     if (sync) __syncwarp();
     y[lane] = buf[31 - lane];
 }
+
+// Reads shared memory as 16-byte vectors, like the FMA GEMM's fragment loads.  With shift = 1
+// the vectors start one float past a 16-byte boundary: the GPU faults ("misaligned address");
+// the address mode's alignment check must report it too.
+struct __align__(16) Float4 { float v[4]; };
+extern "C" __global__ void vector_read(const float* __restrict__ x, float* __restrict__ y,
+                                       int shift) {
+    __shared__ __align__(16) float tile[4 * 64 + 4];
+    const int t = threadIdx.x;
+    for (int i = t; i < 4 * 64 + 4; i += blockDim.x) tile[i] = x[i];
+    __syncthreads();
+    const Float4 v = *reinterpret_cast<const Float4*>(&tile[4 * t + shift]);
+    y[t] = v.v[0] + v.v[1] + v.v[2] + v.v[3];
+}
