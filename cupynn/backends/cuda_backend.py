@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,7 +43,7 @@ from ..activations import get_activation
 from ..losses import loss_scale
 from .base import Backend, LayerSpec, LossSpec, NetSpec, Params
 
-__all__ = ["CudaBackend", "kernel_names_all", "CudaLaunchError"]
+__all__ = ["CudaBackend", "kernel_names_all", "CudaLaunchError", "PlannedLaunch"]
 
 SOURCE = "dense.cu"
 THREADS = 256
@@ -828,14 +830,11 @@ class CudaBackend(Backend):
                 loss is not None and loss.target is not None, _f64_mma_enabled(),
                 _BIG_TILE_MIN_BLOCKS, _MIN_ROWS_PER_SPLIT, _TARGET_BLOCKS)
 
-    def _run_planned(self, key, net, params, x, target, run):
-        if key is None:
-            return run()
-        plan = self._plans.get(key)
-        if plan is _UNPLANNABLE:
-            return run()
-        inp = self._x_input(x)
-        externals = [inp.x]
+    @staticmethod
+    def _externals(x_read, params, target):
+        """The caller's arrays a plan refers to by slot (``x_read``: the array the first
+        layer reads, ``_x_input(x).x``); None when one array has two roles."""
+        externals = [x_read]
         for W, b in params:
             externals.append(W)
             if b is not None:
@@ -843,7 +842,19 @@ class CudaBackend(Backend):
         if target is not None:
             externals.append(target)
         if len({id(a) for a in externals}) != len(externals):
-            return run()  # one array in two roles: do not bake that into a plan
+            return None  # do not bake an aliasing into a plan
+        return externals
+
+    def _run_planned(self, key, net, params, x, target, run):
+        if key is None:
+            return run()
+        plan = self._plans.get(key)
+        if plan is _UNPLANNABLE:
+            return run()
+        inp = self._x_input(x)
+        externals = self._externals(inp.x, params, target)
+        if externals is None:
+            return run()
         if plan is None:
             self._inp_override = (x, inp)
             try:
@@ -907,10 +918,38 @@ class CudaBackend(Backend):
             return _UNPLANNABLE
         return _Plan([(a.shape, a.dtype) for a in allocs], steps, out)
 
-    def _replay(self, plan, externals):
+    def planned_launches(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
+                         need_dx: bool = False) -> tuple[list[PlannedLaunch], tuple]:
+        """The kernel launches of one ``network_value_and_grad`` call, in order, each bound
+        to buffers of its own and callable alone, and the ``(value, grads, dx)`` they write
+        once all have run: the per-kernel breakdown of ``python -m cupynn bench --kernels``.
+        Kernels only write their outputs (no accumulation), so launching one repeatedly
+        leaves the same bytes."""
+        key = self._plan_key("grad", net, x, loss, need_dx)
+        self.network_value_and_grad(net, params, x, loss, need_dx=need_dx)  # records the plan
+        plan = None if key is None else self._plans.get(key)
+        externals = self._externals(self._x_input(x).x, params, self._target_of(loss))
+        if plan is None or plan is _UNPLANNABLE or externals is None:
+            raise ValueError("this call has no launch plan (batch 0, a callable loss, a layer "
+                             "of width 0, or one array passed in two roles)")
+        bufs = self._plan_buffers(plan, externals)
+        out = []
+        for rng, name, fn, grid, const, slots in plan.steps:
+            args = list(const)
+            for i, k in slots:
+                args[i] = bufs[k]
+            out.append(PlannedLaunch(rng, name, grid, functools.partial(fn, grid, (THREADS,),
+                                                                        tuple(args)), fn))
+        return out, _decode(plan.result, bufs)
+
+    def _plan_buffers(self, plan, externals):
         bufs = list(externals)
         for shape, dtype in plan.allocs:
             bufs.append(self._empty(shape, dtype))
+        return bufs
+
+    def _replay(self, plan, externals):
+        bufs = self._plan_buffers(plan, externals)
         log = self.launch_log
         emulated = self._emulated
         block = (THREADS,)
@@ -930,6 +969,16 @@ def two_scale_of(loss: LossSpec, M: int, N_out: int):
     if loss.kind not in ("sum_squares", "mse"):
         return None
     return 2.0 * loss_scale(loss.kind, M * N_out)
+
+
+class PlannedLaunch(NamedTuple):
+    """One kernel launch of a recorded call (``CudaBackend.planned_launches``)."""
+
+    range: str                    # the NVTX range, e.g. "Dense[1].forward"
+    name: str                     # the kernel's name expression
+    grid: tuple[int, int, int]    # blocks of THREADS threads
+    launch: Callable[[], None]    # launches it again, on the same buffers
+    kernel: object                # the module's function (CuPy: .num_regs, .shared_size_bytes)
 
 
 class _Slot(int):

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="relu", choices=ACTIVATION_NAMES,
                    help="hidden activation for --sizes (default relu)")
     p.add_argument("--peers", default=None,
-                   help="comma list of implementations, 'default' or 'all'")
+                   help="comma list of implementations, 'default', 'all' or 'none'")
     p.add_argument("--json", metavar="PATH", help="write results, machine and versions as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
     p.add_argument("--plot", metavar="PATH", help="write PNG charts (needs matplotlib)")
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "around each implementation's two timed loops, and an NVTX range per "
                         "loop; warm-ups and checks stay outside (for nsys "
                         "--capture-range=cudaProfilerApi / ncu --profile-from-start off)")
+    p.add_argument("--kernels", action="store_true",
+                   help="CUDA: also time each kernel of cupynn's gradient step alone (grid, "
+                        "registers, blocks per SM, waves, share of the step) per workload and "
+                        "dtype; with '--peers none' only that")
     p.add_argument("--seed", type=int, default=0, help="random seed for parameters and inputs")
     p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
     return p
@@ -150,6 +154,17 @@ def main(argv=None) -> int:
     results = run_cases(settings)
     report.finalize(results, ceilings)
 
+    kernels = []
+    if args.kernels and device != "cuda":
+        print("note: --kernels times the CUDA backend's kernels; on the CPU it does nothing",
+              file=sys.stderr)
+    elif args.kernels:
+        from .kernels import run_breakdowns
+
+        kernels = run_breakdowns(cases, seed=args.seed, budget_s=0.1 if args.quick else 1.0,
+                                 progress=(lambda t: print(t, "...", file=sys.stderr))
+                                 if settings.progress else None)
+
     thread = []
     seed = next((w for w in workloads if w.name == "seed"), None)
     if seed is not None and not args.no_thread:
@@ -178,6 +193,7 @@ def main(argv=None) -> int:
         "ceilings": ceilings.to_dict() if ceilings else None,
         "results": results,
         "thread": thread,
+        "kernels": kernels,
         "wall_s": None,
     }
     print(report.terminal_table(results))
@@ -185,6 +201,8 @@ def main(argv=None) -> int:
         print("\nseed thread (float64): one call per input, gradients accumulated, "
               "vs one batched call")
         print(report.thread_table(thread))
+    for k in kernels:
+        print("\n" + report.kernels_table(k))
     if ceilings:
         rates = ", ".join(f"{k} {v / 1e9:.3g} GFLOP/s"
                           for k, v in ceilings.matmul_flops_per_s.items())

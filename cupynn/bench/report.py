@@ -10,7 +10,7 @@ import sys
 from .roofline import Ceilings, floor_seconds
 from .workloads import WORKLOADS, Workload, custom_workload
 
-__all__ = ["finalize", "machine_info", "terminal_table", "markdown", "fmt_time"]
+__all__ = ["finalize", "machine_info", "terminal_table", "markdown", "fmt_time", "kernels_table"]
 
 PHASES = ("forward", "gradient")
 
@@ -191,6 +191,41 @@ def thread_table(thread: list[dict]) -> str:
     return _aligned(header, rows, 1)
 
 
+KERNEL_HEADER = ("range", "kernel", "grid", "regs", "smem", "blocks/SM", "waves", "time",
+                 "share")
+
+
+def kernel_rows(b: dict) -> list[tuple[str, ...]]:
+    """Rows of one ``kernels.kernel_breakdown`` result."""
+    def opt(v, f=str):
+        return "—" if v is None else f(v)
+
+    return [(r["range"], r["kernel"].replace("cupynn::", ""), "×".join(map(str, r["grid"])),
+             opt(r["registers"]), opt(r["static_smem"], lambda v: f"{v / 1024:.1f} KiB"),
+             opt(r["blocks_per_sm"]), opt(r["waves"], lambda v: f"{v:.2f}"),
+             f"{fmt_time(r['median_s'])} ±{100 * r['spread']:.0f}%",
+             opt(r["share"], lambda v: f"{100 * v:.0f}%")) for r in b["kernels"]]
+
+
+def _kernels_summary(b: dict) -> str:
+    return (f"sum of the kernels {fmt_time(b['sum_s'])}; all {len(b['kernels'])} launched back "
+            f"to back {fmt_time(b['sequence_s'])} ±{100 * b['sequence_spread']:.0f}% "
+            f"({b['timer']} timer)")
+
+
+def _kernels_title(k: dict) -> str:
+    return f"{k['workload']} ({k['shape']}, {k['batch']:,}) {k['dtype']}, gradient step"
+
+
+def kernels_table(k: dict) -> str:
+    """One entry of ``doc["kernels"]`` for the terminal."""
+    if "error" in k:
+        return f"{_kernels_title(k)}: {k['error']}"
+    b = k["breakdown"]
+    return "\n".join([_kernels_title(k), _aligned(KERNEL_HEADER, kernel_rows(b), 0),
+                      _kernels_summary(b)])
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     dev = m.get("gpu") or m.get("cpu")
@@ -209,4 +244,11 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Seed thread: {n:,} single-sample calls (loss summed, gradients "
                       f"accumulated) against one batched call of {n:,}, float64:", "",
                   _md_table(header, rows)]
+    for k in doc.get("kernels") or ():
+        lines += ["", f"Kernels of cupynn's {_kernels_title(k)}:", ""]
+        if "error" in k:
+            lines.append(k["error"])
+        else:
+            lines += [_md_table(KERNEL_HEADER, kernel_rows(k["breakdown"])), "",
+                      _kernels_summary(k["breakdown"]) + "."]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,9 @@ __all__ = ["IMPLEMENTATIONS", "Implementation", "Problem", "Runner", "Skip", "se
 def select(spec: str | None) -> list[Implementation]:
     """Parse ``--peers``: None/"default" (everything but torch.compile), "all", or a
     comma-separated list of names (cupynn, cupynn-graph, numpy, cupy, torch,
-    torch-compile, torch-compile-ro, jax)."""
+    torch-compile, torch-compile-ro, jax), or "none" (with --kernels: only the breakdown)."""
+    if spec == "none":
+        return []
     if spec in (None, "", "default"):
         return [i for i in IMPLEMENTATIONS.values() if not i.on_request_only]
     if spec == "all":
