@@ -86,3 +86,28 @@ def test_planned_launches_refuse_unplannable_calls(be):
 def test_blocks_per_sm(regs, smem, want):
     assert blocks_per_sm(regs, smem, H200) == want
     assert blocks_per_sm(regs, smem, None) is None
+
+
+@pytest.mark.emulator
+def test_run_breakdowns_wiring(be, monkeypatch):
+    """The --kernels driver (workload -> network, parameters, input) on the emulated backend,
+    with a stand-in for CuPy's module: what .ci/gpu runs, minus the GPU."""
+    import sys
+    import types
+
+    import cupynn.backends
+    from cupynn.bench.kernels import run_breakdowns
+    from cupynn.bench.workloads import custom_workload
+
+    fake = types.SimpleNamespace(asarray=np.ascontiguousarray, get_default_memory_pool=lambda:
+                                 types.SimpleNamespace(free_all_blocks=lambda: None))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cupynn.backends, "get_backend", lambda device: be)
+    w = custom_workload((1, 40, 9, 1), "tanh", 150)
+    out = run_breakdowns([(w, "float64"), (w, "float32")], budget_s=0.02)
+    assert [k["dtype"] for k in out] == ["float64", "float32"]
+    for k in out:
+        assert "error" not in k, k.get("error")
+        assert k["breakdown"]["kernels"][0]["range"] == "Dense[1].forward"
+        ctype = "<double" if k["dtype"] == "float64" else "<float"
+        assert all(ctype in r["kernel"] for r in k["breakdown"]["kernels"])
