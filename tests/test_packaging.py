@@ -147,7 +147,7 @@ def _build(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_wheel_installs_and_compiles_kernels_outside_the_checkout(tmp_path):
-    pytest.importorskip("setuptools", minversion="64")
+    pytest.importorskip("setuptools", minversion="77")
     kernel_sources = _kernel_sources()
     assert any(name.endswith(".cu") for name in kernel_sources), "no kernels/*.cu to package"
 
@@ -163,6 +163,8 @@ def test_wheel_installs_and_compiles_kernels_outside_the_checkout(tmp_path):
     missing = [k for k in kernel_sources if f"cupynn/kernels/{k}" not in wheel_names]
     assert not missing, f"wheel lacks cupynn/kernels/{missing}"
     assert not any(n.startswith("kernels/") for n in wheel_names), "kernels/ installed top-level"
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel_names), "wheel lacks LICENSE"
+    assert "LICENSE" in sdist_names, "sdist lacks LICENSE"
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cupynn").rglob("*.py")
                if "__pycache__" not in p.parts}
     assert not modules - wheel_names, f"wheel lacks {sorted(modules - wheel_names)}"
