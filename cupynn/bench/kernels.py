@@ -15,11 +15,11 @@ import math
 
 import numpy as np
 
+from cupynn.backends.cuda_backend import THREADS
+
 from .timing import measure
 
-__all__ = ["kernel_breakdown", "blocks_per_sm"]
-
-THREADS = 256
+__all__ = ["kernel_breakdown", "run_breakdowns", "blocks_per_sm"]
 
 
 def blocks_per_sm(registers: int | None, smem: int | None, sm: dict | None) -> int | None:
@@ -30,7 +30,7 @@ def blocks_per_sm(registers: int | None, smem: int | None, sm: dict | None) -> i
     warps = THREADS // 32
     regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
     by_regs = sm["registers"] // (regs_per_warp * warps)
-    by_smem = sm["shared_memory"] // (smem + 1024) if smem else by_regs
+    by_smem = sm["shared_memory"] // (smem + 1024)
     by_threads = sm["threads"] // THREADS
     return int(min(by_regs, by_smem, by_threads))
 
