@@ -43,7 +43,9 @@ def have_mma() -> bool:
 
 def compile_options(arch: str | None = None) -> tuple[str, ...]:
     """NVRTC options used for every module (``arch`` like ``"sm_90"``; None: CuPy picks)."""
-    opts = ["-std=c++17", f"-I{KERNEL_DIR}"]
+    # -default-device: unannotated functions are device code, which is what makes the
+    # generic lambdas of with_activation (kernels/activations.cuh) legal under NVRTC.
+    opts = ["-std=c++17", "-default-device", f"-I{KERNEL_DIR}"]
     if arch:
         opts.append(f"-arch={arch}")
     return tuple(opts)

@@ -80,6 +80,26 @@ template <int ACT, typename T> __device__ __forceinline__ T act_derivative(T v) 
     }
 }
 
+// A runtime activation id as a compile-time one: with_activation(act, f) calls
+// f(Act<act>{}) through one switch, and inside f `decltype(a)::id` is a constant.  Loops
+// over many elements go inside f, so the switch is taken once for all of them.
+template <int ACT> struct Act { static constexpr int id = ACT; };
+
+template <class F> __device__ __forceinline__ void with_activation(int act, F&& f) {
+    switch (act) {
+        case ACT_IDENTITY: f(Act<ACT_IDENTITY>{}); break;
+        case ACT_RELU: f(Act<ACT_RELU>{}); break;
+        case ACT_LEAKY_RELU: f(Act<ACT_LEAKY_RELU>{}); break;
+        case ACT_TANH: f(Act<ACT_TANH>{}); break;
+        case ACT_SIGMOID: f(Act<ACT_SIGMOID>{}); break;
+        case ACT_SOFTPLUS: f(Act<ACT_SOFTPLUS>{}); break;
+        case ACT_SILU: f(Act<ACT_SILU>{}); break;
+        case ACT_GELU: f(Act<ACT_GELU>{}); break;
+        case ACT_GELU_ERF: f(Act<ACT_GELU_ERF>{}); break;
+        default: f(Act<ACT_ELU>{}); break;
+    }
+}
+
 // The value a layer saves for its backward: y for ids 0-4, z for 5-9.
 template <int ACT, typename T> __device__ __forceinline__ T act_saved(T z, T y) {
     if constexpr (ActFromOutput<ACT>::value) { return y; } else { return z; }

@@ -19,108 +19,174 @@ namespace cupynn {
 // Device building blocks
 // ---------------------------------------------------------------------------
 
-// Runtime activation switch for the backward operand loads and the recompute of a
-// previous layer: the branch is uniform across the grid, and templating these on two
-// activations would multiply the instantiation count by 10-100 for no measurable gain
-// (each loaded element feeds BM or BN multiply-adds).
-template <typename T> __device__ __forceinline__ T act_forward_rt(int act, T z) {
-    switch (act) {
-        case 0: return act_forward<0>(z);
-        case 1: return act_forward<1>(z);
-        case 2: return act_forward<2>(z);
-        case 3: return act_forward<3>(z);
-        case 4: return act_forward<4>(z);
-        case 5: return act_forward<5>(z);
-        case 6: return act_forward<6>(z);
-        case 7: return act_forward<7>(z);
-        case 8: return act_forward<8>(z);
-        default: return act_forward<9>(z);
-    }
-}
+// Operand loaders (the contract is at the top of gemm.cuh): `load` issues the global
+// loads of a thread's fragment, `finish` does the arithmetic.  A runtime activation is
+// resolved once per fragment (with_activation), never per element.
 
-template <typename T> __device__ __forceinline__ T act_derivative_rt(int act, T v) {
-    switch (act) {
-        case 0: return act_derivative<0>(v);
-        case 1: return act_derivative<1>(v);
-        case 2: return act_derivative<2>(v);
-        case 3: return act_derivative<3>(v);
-        case 4: return act_derivative<4>(v);
-        case 5: return act_derivative<5>(v);
-        case 6: return act_derivative<6>(v);
-        case 7: return act_derivative<7>(v);
-        case 8: return act_derivative<8>(v);
-        default: return act_derivative<9>(v);
-    }
+constexpr int CHAIN_MAX_K0 = 4;  // widest first layer that is recomputed (RECOMPUTE_MAX_FANIN)
+
+// out[q] = f(raw[q]) where bit q of `valid` is set, else 0.
+template <typename T, int N, class Raw, class F>
+__device__ __forceinline__ void finish_each(const Raw (&raw)[N], unsigned valid, T (&out)[N],
+                                            F&& f) {
+#pragma unroll
+    for (int q = 0; q < N; ++q) out[q] = ((valid >> q) & 1u) ? f(raw[q]) : T(0);
 }
 
 // The input of a layer, X(m, k): either a strided load of x, or -- when k0 > 0 --
 // recomputed from a tiny previous layer: act0(x0[m, :] . w0[k, :] + b0[k]) with
 // x0 (M, k0) strided.  Recomputing costs k0 multiply-adds per element and saves
-// writing and reading the whole (M, K) hidden layer (DESIGN.md §4).
+// writing and reading the whole (M, K) hidden layer (DESIGN.md §4).  Raw: x, or the
+// pre-activation z0 (its k0 <= 4 loads are L1-resident); act0 is applied in finish.
 template <typename T> struct InputLoad {
     static constexpr bool C_FAST = true;
+    using Raw = T;
     const T* x;
     i64 sm, sk;
     const T* w0;
     const T* b0;
     int k0, act0, has_b0;
-    __device__ __forceinline__ T pre(i64 m, i64 k) const {  // z0(m, k), k0 > 0
+    __device__ __forceinline__ T pre(i64 m, i64 k) const {  // z0(m, k), 0 < k0 <= 4
         T s = T(0);
-        for (int j = 0; j < k0; ++j) s = m_fma(x[m * sm + j * sk], w0[k * k0 + j], s);
+#pragma unroll
+        for (int j = 0; j < CHAIN_MAX_K0; ++j)
+            if (j < k0) s = m_fma(x[m * sm + j * sk], w0[k * k0 + j], s);
         return has_b0 ? s + b0[k] : s;
     }
-    __device__ __forceinline__ T operator()(i64 m, i64 k) const {
-        if (k0 == 0) return x[m * sm + k * sk];
-        return act_forward_rt(act0, pre(m, k));
+    template <int N>
+    __device__ __forceinline__ unsigned load(const i64 (&m)[N], const i64 (&k)[N],
+                                             unsigned valid, T (&raw)[N]) const {
+        if (k0 == 0) {
+#pragma unroll
+            for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? x[m[q] * sm + k[q] * sk] : T(0);
+        } else {
+#pragma unroll
+            for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? pre(m[q], k[q]) : T(0);
+        }
+        return 0u;
+    }
+    template <int N>
+    __device__ __forceinline__ void finish(const T (&raw)[N], unsigned valid, unsigned,
+                                           T (&out)[N]) const {
+        if (k0 == 0) {
+#pragma unroll
+            for (int q = 0; q < N; ++q) out[q] = raw[q];  // already 0 out of bounds
+            return;
+        }
+        with_activation(act0, [&](auto a) {
+            finish_each(raw, valid, out, [&](T z) { return act_forward<decltype(a)::id>(z); });
+        });
     }
 };
 
 // [X | 1]: the input with a column of ones appended (bias as the weight of a
-// constant input, so db comes out of the dW reduction).
+// constant input, so db comes out of the dW reduction).  Its own mask: the ones.
 template <typename T, class L> struct WithOnes {
     static constexpr bool C_FAST = L::C_FAST;
+    using Raw = typename L::Raw;
     L in;
     i64 kin;
-    __device__ __forceinline__ T operator()(i64 m, i64 j) const { return j < kin ? in(m, j) : T(1); }
+    template <int N>
+    __device__ __forceinline__ unsigned load(const i64 (&m)[N], const i64 (&j)[N],
+                                             unsigned valid, Raw (&raw)[N]) const {
+        unsigned ones = 0;
+#pragma unroll
+        for (int q = 0; q < N; ++q) ones |= (j[q] >= kin ? 1u : 0u) << q;
+        in.load(m, j, valid & ~ones, raw);
+        return ones & valid;
+    }
+    template <int N>
+    __device__ __forceinline__ void finish(const Raw (&raw)[N], unsigned valid, unsigned ones,
+                                           T (&out)[N]) const {
+        in.finish(raw, valid & ~ones, 0u, out);
+#pragma unroll
+        for (int q = 0; q < N; ++q)
+            if ((ones >> q) & 1u) out[q] = T(1);
+    }
 };
 
 // dz(m, j) = g(m, j) * act'(s(m, j)) with s the saved y or z, all (M, n) contiguous.
-// With `loss` set, g is the fused loss gradient 2 * scale * (y - t), y = s or act(s).
+// With `loss` set, g is the fused loss gradient 2 * scale * (y - t), y = s or act(s)
+// (t = 0 without a target: y - 0 is y, bit for bit).  Raw: {g or t, s}.
+template <typename T> struct DzPair { T a, v; };
+
 template <typename T> struct DzLoad {
     static constexpr bool C_FAST = true;
+    using Raw = DzPair<T>;
     const T* g;
     const T* s;
     const T* t;
     i64 n;
     int act, loss, has_t;
     T two_scale;
-    __device__ __forceinline__ T operator()(i64 m, i64 j) const {
-        const i64 o = m * n + j;
-        const T v = s[o];
-        T gv;
-        if (loss) {
-            const T y = act <= ACT_SIGMOID ? v : act_forward_rt(act, v);
-            gv = (has_t ? y - t[o] : y) * two_scale;
-        } else {
-            gv = g[o];
+    template <int N>
+    __device__ __forceinline__ unsigned load(const i64 (&m)[N], const i64 (&j)[N],
+                                             unsigned valid, Raw (&raw)[N]) const {
+        const T* a = loss ? t : g;  // read only where (loss ? has_t : 1)
+        const bool read_a = !loss || has_t;
+#pragma unroll
+        for (int q = 0; q < N; ++q) {
+            const bool in = (valid >> q) & 1u;
+            const i64 o = m[q] * n + j[q];
+            raw[q].v = in ? s[o] : T(0);
+            raw[q].a = (in && read_a) ? a[o] : T(0);
         }
-        return gv * act_derivative_rt(act, v);
+        return 0u;
+    }
+    template <int N>
+    __device__ __forceinline__ void finish(const Raw (&raw)[N], unsigned valid, unsigned,
+                                           T (&out)[N]) const {
+        with_activation(act, [&](auto a) {
+            constexpr int A = decltype(a)::id;
+            if (loss) {
+                finish_each(raw, valid, out, [&](const Raw& r) {
+                    const T y = ActFromOutput<A>::value ? r.v : act_forward<A>(r.v);
+                    return (y - r.a) * two_scale * act_derivative<A>(r.v);
+                });
+            } else {
+                finish_each(raw, valid, out,
+                            [&](const Raw& r) { return r.a * act_derivative<A>(r.v); });
+            }
+        });
     }
 };
 
 // A row-major matrix w (rows, ld): f(r, c) = w[r * ld + c].
 template <typename T> struct RowMajor {
     static constexpr bool C_FAST = true;
+    using Raw = T;
     const T* w;
     i64 ld;
-    __device__ __forceinline__ T operator()(i64 r, i64 c) const { return w[r * ld + c]; }
+    template <int N>
+    __device__ __forceinline__ unsigned load(const i64 (&r)[N], const i64 (&c)[N],
+                                             unsigned valid, T (&raw)[N]) const {
+#pragma unroll
+        for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? w[r[q] * ld + c[q]] : T(0);
+        return 0u;
+    }
+    template <int N>
+    __device__ __forceinline__ void finish(const T (&raw)[N], unsigned, unsigned,
+                                           T (&out)[N]) const {
+#pragma unroll
+        for (int q = 0; q < N; ++q) out[q] = raw[q];  // already 0 out of bounds
+    }
 };
 
 // f(r, c) = in(c, r)
 template <typename T, class L> struct Transposed {
     static constexpr bool C_FAST = !L::C_FAST;
+    using Raw = typename L::Raw;
     L in;
-    __device__ __forceinline__ T operator()(i64 r, i64 c) const { return in(c, r); }
+    template <int N>
+    __device__ __forceinline__ unsigned load(const i64 (&r)[N], const i64 (&c)[N],
+                                             unsigned valid, Raw (&raw)[N]) const {
+        return in.load(c, r, valid, raw);
+    }
+    template <int N>
+    __device__ __forceinline__ void finish(const Raw (&raw)[N], unsigned valid, unsigned mine,
+                                           T (&out)[N]) const {
+        in.finish(raw, valid, mine, out);
+    }
 };
 
 // Fixed-order tree sum of one value per thread over a 256-thread block; the result
@@ -148,7 +214,7 @@ template <typename T> __device__ __forceinline__ T block_sum(T v, T* red) {
 //   target (M, N) if has_t; loss_partials[gridDim.x * gridDim.y] written if loss
 // A block owns the output tile rows [BM * blockIdx.x, +BM) x cols [BN * blockIdx.y, +BN).
 template <typename T, int ACT, int TILE, int MATH>
-__global__ void __launch_bounds__(GEMM_THREADS, 1)
+__global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, TILE, MATH>::value))
 dense_forward(const T* __restrict__ x, i64 sxm, i64 sxk,
               const T* __restrict__ w0, const T* __restrict__ b0, int k0, int act0, int has_b0,
               const T* __restrict__ w, const T* __restrict__ b, int has_b,
@@ -191,7 +257,7 @@ dense_forward(const T* __restrict__ x, i64 sxm, i64 sxk,
 //   w (N, K); dx (M, K) written.
 // A block owns dx rows [BM * blockIdx.x, +BM) x cols [BN * blockIdx.y, +BN).
 template <typename T, int TILE, int MATH>
-__global__ void __launch_bounds__(GEMM_THREADS, 1)
+__global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, TILE, MATH>::value))
 dense_backward_dx(const T* __restrict__ g, const T* __restrict__ s, const T* __restrict__ t,
                   int act, int loss, int has_t, T two_scale,
                   const T* __restrict__ w, i64 M, i64 N, i64 K, T* __restrict__ dx) {
@@ -219,7 +285,7 @@ dense_backward_dx(const T* __restrict__ g, const T* __restrict__ s, const T* __r
 // host puts the narrower side on the tile's columns.
 // A block owns a BM x BN tile of [dW | db] (or its transpose) for one batch split.
 template <typename T, int TILE, int MATH, int DZ_ROWS>
-__global__ void __launch_bounds__(GEMM_THREADS, 1)
+__global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, TILE, MATH>::value))
 dense_backward_dw(const T* __restrict__ g, const T* __restrict__ s, const T* __restrict__ t,
                   int act, int loss, int has_t, T two_scale,
                   const T* __restrict__ x, i64 sxm, i64 sxk,
@@ -256,7 +322,6 @@ dense_backward_dw(const T* __restrict__ g, const T* __restrict__ s, const T* __r
 }
 
 constexpr int CHAIN_TILE = 5;  // 64 x 64, BK 8: K is layer 1's (narrow) width
-constexpr int CHAIN_MAX_K0 = 4;
 
 // Backward of a first layer whose output was never stored (fan-in k0 <= 4):
 //   dz0 (M, N0) = (dz1 @ W1) * act0'(.)   dz1 = g1 * act1'(s1) (DzLoad, layer 1)
@@ -271,7 +336,7 @@ constexpr int CHAIN_MAX_K0 = 4;
 // A block owns columns [BN * blockIdx.x, +BN) of dz0 for batch rows
 // [blockIdx.y * rows_per_split, +rows_per_split), walked in chunks of BM rows.
 template <typename T, int MATH>
-__global__ void __launch_bounds__(GEMM_THREADS, 1)
+__global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, CHAIN_TILE, MATH>::value))
 dense_backward_chain(const T* __restrict__ g1, const T* __restrict__ s1, const T* __restrict__ t1,
                      int act1, int loss1, int has_t1, T two_scale1,
                      const T* __restrict__ w1, i64 N1,
@@ -302,15 +367,26 @@ dense_backward_chain(const T* __restrict__ g1, const T* __restrict__ s1, const T
     for (i64 m0 = kb; m0 < ke; m0 += BM) {
         gemm.zero();
         gemm.run(sm.gemm, la, lb, ke, N0, m0, c0, 0, N1);  // ends with __syncthreads
-        gemm.visit([&](int rr, int cc, T v) {
+        // z0 of every accumulator first (loads only), then act0' with one switch
+        static_assert(G::NACC <= 32, "one mask bit per accumulator");
+        T zs[G::NACC];
+        unsigned in = 0;
+        int q = 0;
+        gemm.visit([&](int rr, int cc, T) {
             const i64 m = m0 + rr, i = c0 + cc;
-            T d = T(0);
-            if (m < ke && i < N0) {
-                const T z = z0.pre(m, i);
-                const T sv = act0 <= ACT_SIGMOID ? act_forward_rt(act0, z) : z;
-                d = v * act_derivative_rt(act0, sv);
-            }
-            sm.dz[rr][cc] = d;
+            const bool ok = m < ke && i < N0;
+            in |= (ok ? 1u : 0u) << q;
+            zs[q++] = ok ? z0.pre(m, i) : T(0);
+        });
+        with_activation(act0, [&](auto a) {
+            constexpr int A = decltype(a)::id;
+            int p = 0;
+            gemm.visit([&](int rr, int cc, T v) {
+                const T z = zs[p];
+                const T sv = ActFromOutput<A>::value ? act_forward<A>(z) : z;
+                sm.dz[rr][cc] = ((in >> p) & 1u) ? v * act_derivative<A>(sv) : T(0);
+                ++p;
+            });
         });
         for (int e = threadIdx.x; e < BM * (CHAIN_MAX_K0 + 1); e += GEMM_THREADS) {
             const int rr = e / (CHAIN_MAX_K0 + 1), j = e % (CHAIN_MAX_K0 + 1);

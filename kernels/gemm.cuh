@@ -2,11 +2,24 @@
 //
 //   C[r, c] = sum_{k in [k_begin, k_end)} A(r, k) * B(k, c)     for one BM x BN tile
 //
-// A and B are *loaders*: small structs with `T operator()(i64 row, i64 col)` that
-// compute an operand element on the fly (a strided load, the upstream gradient times
-// act'(.), an input recomputed from a tiny previous layer, a column of ones...).
-// That is how the fusions of DESIGN.md §3-4 enter the GEMM: in the operand loads.
-// Loaders are only called in bounds; out-of-range elements are stored as 0 in shared
+// A and B are *loaders*: small structs that produce operand elements on the fly (a
+// strided load, the upstream gradient times act'(.), an input recomputed from a tiny
+// previous layer, a column of ones...).  That is how the fusions of DESIGN.md §3-4
+// enter the GEMM: in the operand loads.  A loader works on a thread's whole fragment
+// of a K-slice (N elements, element q at (i0[q], i1[q])) in two steps:
+//
+//   using Raw = ...;   what one element's global loads produce
+//   unsigned load(const i64 (&i0)[N], const i64 (&i1)[N], unsigned valid, Raw (&raw)[N])
+//                      global loads only, for the elements whose bit is set in `valid`
+//                      (the others get a zero Raw); returns a mask of its own for finish
+//   void finish(const Raw (&raw)[N], unsigned valid, unsigned mine, T (&out)[N])
+//                      the arithmetic (activations, loss gradient): out[q] = 0 where
+//                      bit q of `valid` is clear
+//
+// The GEMM issues `load` for the next K-slice before multiplying the current one and
+// calls `finish` after, so load latency hides behind the multiply; a runtime choice
+// (which activation, a loss or not) is taken once per fragment, not per element, so
+// the loads of a fragment issue together.  Out-of-range elements are 0 in shared
 // memory (both operands are zero past k_end, so padding never meets a NaN).
 //
 // Each loader says which of its two indices is contiguous in memory (C_FAST: the
@@ -41,6 +54,15 @@ template <> struct TileShape<4> {  // large GEMMs (the wide workload); BK 16 for
     static constexpr int BM = 128, BN = 128, BK = 8, TM = 8, TN = 8, WM = 2, WN = 4; };
 template <> struct TileShape<5> {  // the fused chain backward: K = a narrow layer's width
     static constexpr int BM = 64, BN = 64, BK = 8, TM = 4, TN = 4, WM = 2, WN = 4; };
+
+// Resident blocks per SM a kernel is compiled for (__launch_bounds__'s second
+// argument): plain-FMA float on the 64 x 64 tiles keeps to 128 registers so that two
+// blocks share an SM (the narrow workload's layers); everything else may use up to
+// 255 registers at one block per SM (the tensor-core fragments need them).
+template <typename T, int TILE, int MATH> struct MinBlocks {
+    static constexpr int value =
+        (sizeof(T) == 4 && MATH == MATH_FMA && (TILE == 3 || TILE == 5)) ? 2 : 1;
+};
 
 template <typename T, int TILE, int MATH> struct Gemm {
     using S = TileShape<TILE>;
@@ -126,31 +148,55 @@ template <typename T, int TILE, int MATH> struct Gemm {
         if constexpr (SECOND_FAST) { i1 = e % N1; i0 = e / N1; } else { i0 = e % N0; i1 = e / N0; }
     }
 
+    // One K-slice of both operands in flight: each loader's raw loads (see the loader
+    // contract at the top) and the masks of the elements in bounds (bit q: element q).
+    template <class LA, class LB> struct Staged {
+        typename LA::Raw a[NA];
+        typename LB::Raw b[NB];
+        unsigned va, vb, xa, xb;  // in bounds; the loaders' own masks
+    };
+    static_assert(NA <= 32 && NB <= 32, "one mask bit per fragment element");
+
+    // Issue the global loads of the K-slice [kt, kt + BK): nothing waits for them here.
     template <class LA, class LB>
-    __device__ __forceinline__ void fetch(const LA& la, const LB& lb, i64 R, i64 C, i64 r0, i64 c0,
-                                          i64 kt, i64 k_end, T (&ra)[NA], T (&rb)[NB]) const {
+    __device__ __forceinline__ void load(const LA& la, const LB& lb, i64 R, i64 C, i64 r0, i64 c0,
+                                         i64 kt, i64 k_end, Staged<LA, LB>& st) const {
         const int tid = threadIdx.x;
+        i64 ar[NA], ak[NA], bk[NB], bc[NB];
+        unsigned va = 0, vb = 0;
 #pragma unroll
         for (int q = 0; q < NA; ++q) {
             const int e = tid + q * GEMM_THREADS;
             int rr, kk;
             tile_coord<LA::C_FAST, BM, BK>(e, rr, kk);
-            const i64 r = r0 + rr, k = kt + kk;
-            ra[q] = (e < BM * BK && r < R && k < k_end) ? la(r, k) : T(0);
+            ar[q] = r0 + rr;
+            ak[q] = kt + kk;
+            if (e < BM * BK && ar[q] < R && ak[q] < k_end) va |= 1u << q;
         }
 #pragma unroll
         for (int q = 0; q < NB; ++q) {
             const int e = tid + q * GEMM_THREADS;
             int kk, cc;
             tile_coord<LB::C_FAST, BK, BN>(e, kk, cc);
-            const i64 c = c0 + cc, k = kt + kk;
-            rb[q] = (e < BK * BN && c < C && k < k_end) ? lb(k, c) : T(0);
+            bk[q] = kt + kk;
+            bc[q] = c0 + cc;
+            if (e < BK * BN && bc[q] < C && bk[q] < k_end) vb |= 1u << q;
         }
+        st.va = va;
+        st.vb = vb;
+        st.xa = la.load(ar, ak, va, st.a);
+        st.xb = lb.load(bk, bc, vb, st.b);
     }
 
+    // Turn the loaded K-slice into operand values (the loaders' finish: activations,
+    // the loss gradient, ...; 0 out of bounds) and store it into shared-memory stage
+    // `stage`, k-major.
     template <class LA, class LB>
-    __device__ __forceinline__ void stash(Smem& sm, int stage, const T (&ra)[NA],
-                                          const T (&rb)[NB]) const {
+    __device__ __forceinline__ void stash(const LA& la, const LB& lb, Smem& sm, int stage,
+                                          Staged<LA, LB>& st) const {
+        T ra[NA], rb[NB];
+        la.finish(st.a, st.va, st.xa, ra);
+        lb.finish(st.b, st.vb, st.xb, rb);
         const int tid = threadIdx.x;
 #pragma unroll
         for (int q = 0; q < NA; ++q) {
@@ -169,22 +215,26 @@ template <typename T, int TILE, int MATH> struct Gemm {
     }
 
     // Accumulate rows [r0, r0+BM) x cols [c0, c0+BN) of A*B over k in [k_begin, k_end).
-    // Rows >= R and cols >= C are computed from zeros and never visited.  Ends with a
-    // barrier, so the caller may reuse the shared memory right after.
+    // Rows >= R and cols >= C are computed from zeros and never visited.  The loads of
+    // the next K-slice are issued before the current one is multiplied and finished
+    // after it, so their latency hides behind the multiply.  Ends with a barrier, so
+    // the caller may reuse the shared memory right after.
     template <class LA, class LB>
     __device__ __forceinline__ void run(Smem& sm, const LA& la, const LB& lb, i64 R, i64 C,
                                         i64 r0, i64 c0, i64 k_begin, i64 k_end) {
         if (k_begin >= k_end) return;
-        T ra[NA], rb[NB];
-        fetch(la, lb, R, C, r0, c0, k_begin, k_end, ra, rb);
-        stash<LA, LB>(sm, 0, ra, rb);
+        Staged<LA, LB> st;
+        load(la, lb, R, C, r0, c0, k_begin, k_end, st);
+        stash(la, lb, sm, 0, st);
         __syncthreads();
         int stage = 0;
         for (i64 kt = k_begin; kt < k_end; kt += BK) {
-            const bool more = kt + BK < k_end;
-            if (more) fetch(la, lb, R, C, r0, c0, kt + BK, k_end, ra, rb);
+            // Unconditional, so the loads and the multiply share one basic block: past
+            // the last slice every mask is empty (no load issues) and the spare stage
+            // gets zeros.
+            load(la, lb, R, C, r0, c0, kt + BK, k_end, st);
             compute(sm, stage);
-            if (more) stash<LA, LB>(sm, stage ^ 1, ra, rb);
+            stash(la, lb, sm, stage ^ 1, st);
             __syncthreads();
             stage ^= 1;
         }
