@@ -46,22 +46,33 @@ template <typename T> struct InputLoad {
     const T* w0;
     const T* b0;
     int k0, act0, has_b0;
-    __device__ __forceinline__ T pre(i64 m, i64 k) const {  // z0(m, k), 0 < k0 <= 4
+    // z0 from row xr of x0, row wr of w0 and bias br (0 < k0 <= 4)
+    __device__ __forceinline__ T z0_at(const T* xr, const T* wr, const T* br) const {
         T s = T(0);
 #pragma unroll
         for (int j = 0; j < CHAIN_MAX_K0; ++j)
-            if (j < k0) s = m_fma(x[m * sm + j * sk], w0[k * k0 + j], s);
-        return has_b0 ? s + b0[k] : s;
+            if (j < k0) s = m_fma(xr[j * sk], wr[j], s);
+        return has_b0 ? s + *br : s;
+    }
+    __device__ __forceinline__ T pre(i64 m, i64 k) const {  // z0(m, k)
+        return z0_at(x + m * sm, w0 + k * k0, b0 + k);
     }
     template <int N>
-    __device__ __forceinline__ unsigned load(const i64 (&m)[N], const i64 (&k)[N],
-                                             unsigned valid, T (&raw)[N]) const {
+    __device__ __forceinline__ unsigned load(const Frag& f, unsigned valid, T (&raw)[N]) const {
         if (k0 == 0) {
+            const T* p = x + f.i0 * sm + f.i1 * sk;
+            const i64 step = f.d0 * sm + f.d1 * sk;
 #pragma unroll
-            for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? x[m[q] * sm + k[q] * sk] : T(0);
+            for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? p[q * step] : T(0);
         } else {
+            const T* xr = x + f.i0 * sm;
+            const T* wr = w0 + f.i1 * k0;
+            const T* br = b0 + f.i1;
+            const i64 xstep = f.d0 * sm, wstep = f.d1 * k0;
 #pragma unroll
-            for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? pre(m[q], k[q]) : T(0);
+            for (int q = 0; q < N; ++q)
+                raw[q] = ((valid >> q) & 1u) ? z0_at(xr + q * xstep, wr + q * wstep, br + q * f.d1)
+                                             : T(0);
         }
         return 0u;
     }
@@ -87,12 +98,11 @@ template <typename T, class L> struct WithOnes {
     L in;
     i64 kin;
     template <int N>
-    __device__ __forceinline__ unsigned load(const i64 (&m)[N], const i64 (&j)[N],
-                                             unsigned valid, Raw (&raw)[N]) const {
+    __device__ __forceinline__ unsigned load(const Frag& f, unsigned valid, Raw (&raw)[N]) const {
         unsigned ones = 0;
 #pragma unroll
-        for (int q = 0; q < N; ++q) ones |= (j[q] >= kin ? 1u : 0u) << q;
-        in.load(m, j, valid & ~ones, raw);
+        for (int q = 0; q < N; ++q) ones |= (f.i1 + q * f.d1 >= kin ? 1u : 0u) << q;
+        in.load(f, valid & ~ones, raw);
         return ones & valid;
     }
     template <int N>
@@ -120,16 +130,16 @@ template <typename T> struct DzLoad {
     int act, loss, has_t;
     T two_scale;
     template <int N>
-    __device__ __forceinline__ unsigned load(const i64 (&m)[N], const i64 (&j)[N],
-                                             unsigned valid, Raw (&raw)[N]) const {
-        const T* a = loss ? t : g;  // read only where (loss ? has_t : 1)
+    __device__ __forceinline__ unsigned load(const Frag& f, unsigned valid, Raw (&raw)[N]) const {
+        const i64 o = f.i0 * n + f.i1, step = f.d0 * n + f.d1;
+        const T* sp = s + o;
+        const T* ap = (loss ? t : g) + o;  // read only where (loss ? has_t : 1)
         const bool read_a = !loss || has_t;
 #pragma unroll
         for (int q = 0; q < N; ++q) {
             const bool in = (valid >> q) & 1u;
-            const i64 o = m[q] * n + j[q];
-            raw[q].v = in ? s[o] : T(0);
-            raw[q].a = (in && read_a) ? a[o] : T(0);
+            raw[q].v = in ? sp[q * step] : T(0);
+            raw[q].a = (in && read_a) ? ap[q * step] : T(0);
         }
         return 0u;
     }
@@ -158,10 +168,11 @@ template <typename T> struct RowMajor {
     const T* w;
     i64 ld;
     template <int N>
-    __device__ __forceinline__ unsigned load(const i64 (&r)[N], const i64 (&c)[N],
-                                             unsigned valid, T (&raw)[N]) const {
+    __device__ __forceinline__ unsigned load(const Frag& f, unsigned valid, T (&raw)[N]) const {
+        const T* p = w + f.i0 * ld + f.i1;
+        const i64 step = f.d0 * ld + f.d1;
 #pragma unroll
-        for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? w[r[q] * ld + c[q]] : T(0);
+        for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? p[q * step] : T(0);
         return 0u;
     }
     template <int N>
@@ -178,9 +189,8 @@ template <typename T, class L> struct Transposed {
     using Raw = typename L::Raw;
     L in;
     template <int N>
-    __device__ __forceinline__ unsigned load(const i64 (&r)[N], const i64 (&c)[N],
-                                             unsigned valid, Raw (&raw)[N]) const {
-        return in.load(c, r, valid, raw);
+    __device__ __forceinline__ unsigned load(const Frag& f, unsigned valid, Raw (&raw)[N]) const {
+        return in.load(Frag{f.i1, f.i0, f.d1, f.d0}, valid, raw);
     }
     template <int N>
     __device__ __forceinline__ void finish(const Raw (&raw)[N], unsigned valid, unsigned mine,

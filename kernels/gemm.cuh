@@ -6,10 +6,12 @@
 // strided load, the upstream gradient times act'(.), an input recomputed from a tiny
 // previous layer, a column of ones...).  That is how the fusions of DESIGN.md §3-4
 // enter the GEMM: in the operand loads.  A loader works on a thread's whole fragment
-// of a K-slice (N elements, element q at (i0[q], i1[q])) in two steps:
+// of a K-slice (N elements; a Frag: element q at (i0 + q*d0, i1 + q*d1), so addresses
+// advance by one stride instead of being recomputed in 64-bit math per element) in
+// two steps:
 //
 //   using Raw = ...;   what one element's global loads produce
-//   unsigned load(const i64 (&i0)[N], const i64 (&i1)[N], unsigned valid, Raw (&raw)[N])
+//   unsigned load(const Frag& f, unsigned valid, Raw (&raw)[N])
 //                      global loads only, for the elements whose bit is set in `valid`
 //                      (the others get a zero Raw); returns a mask of its own for finish
 //   void finish(const Raw (&raw)[N], unsigned valid, unsigned mine, T (&out)[N])
@@ -38,6 +40,11 @@
 namespace cupynn {
 
 constexpr int GEMM_THREADS = 256;
+
+// A thread's fragment of an operand tile: element q at (i0 + q * d0, i1 + q * d1).
+struct Frag {
+    i64 i0, i1, d0, d1;
+};
 
 // Tile ids, shared with cuda_backend._TILES.  Fields: block tile BM x BN, K step BK,
 // FMA thread tile TM x TN, MMA warp grid WM x WN (0: no MMA for this tile).
@@ -157,35 +164,44 @@ template <typename T, int TILE, int MATH> struct Gemm {
     };
     static_assert(NA <= 32 && NB <= 32, "one mask bit per fragment element");
 
+    // The fragment of an N0 x N1 tile at (o0, o1) that thread tid loads: elements
+    // e = tid + q * GEMM_THREADS split by tile_coord along the fast index, whose extent
+    // divides GEMM_THREADS, so one coordinate is the same for every q and the other
+    // steps by GEMM_THREADS / extent.
+    template <bool SECOND_FAST, int N0, int N1>
+    static __device__ __forceinline__ Frag frag_of(int tid, i64 o0, i64 o1) {
+        static_assert(GEMM_THREADS % (SECOND_FAST ? N1 : N0) == 0, "fast extent divides 256");
+        int a, b;
+        tile_coord<SECOND_FAST, N0, N1>(tid, a, b);
+        if constexpr (SECOND_FAST) return Frag{o0 + a, o1 + b, GEMM_THREADS / N1, 0};
+        else return Frag{o0 + a, o1 + b, 0, GEMM_THREADS / N0};
+    }
+
+    // Bit q set where element q of fragment f is in the tile (N elements of it) and
+    // below (lim0, lim1).
+    template <int NQ, int TILE_ELEMS>
+    static __device__ __forceinline__ unsigned in_bounds(const Frag& f, i64 lim0, i64 lim1) {
+        unsigned v = 0;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+            const bool in = (int)threadIdx.x + q * GEMM_THREADS < TILE_ELEMS &&
+                            f.i0 + q * f.d0 < lim0 && f.i1 + q * f.d1 < lim1;
+            v |= (in ? 1u : 0u) << q;
+        }
+        return v;
+    }
+
     // Issue the global loads of the K-slice [kt, kt + BK): nothing waits for them here.
     template <class LA, class LB>
     __device__ __forceinline__ void load(const LA& la, const LB& lb, i64 R, i64 C, i64 r0, i64 c0,
                                          i64 kt, i64 k_end, Staged<LA, LB>& st) const {
         const int tid = threadIdx.x;
-        i64 ar[NA], ak[NA], bk[NB], bc[NB];
-        unsigned va = 0, vb = 0;
-#pragma unroll
-        for (int q = 0; q < NA; ++q) {
-            const int e = tid + q * GEMM_THREADS;
-            int rr, kk;
-            tile_coord<LA::C_FAST, BM, BK>(e, rr, kk);
-            ar[q] = r0 + rr;
-            ak[q] = kt + kk;
-            if (e < BM * BK && ar[q] < R && ak[q] < k_end) va |= 1u << q;
-        }
-#pragma unroll
-        for (int q = 0; q < NB; ++q) {
-            const int e = tid + q * GEMM_THREADS;
-            int kk, cc;
-            tile_coord<LB::C_FAST, BK, BN>(e, kk, cc);
-            bk[q] = kt + kk;
-            bc[q] = c0 + cc;
-            if (e < BK * BN && bc[q] < C && bk[q] < k_end) vb |= 1u << q;
-        }
-        st.va = va;
-        st.vb = vb;
-        st.xa = la.load(ar, ak, va, st.a);
-        st.xb = lb.load(bk, bc, vb, st.b);
+        const Frag fa = frag_of<LA::C_FAST, BM, BK>(tid, r0, kt);   // (row, k)
+        const Frag fb = frag_of<LB::C_FAST, BK, BN>(tid, kt, c0);   // (k, col)
+        st.va = in_bounds<NA, BM * BK>(fa, R, k_end);
+        st.vb = in_bounds<NB, BK * BN>(fb, k_end, C);
+        st.xa = la.load(fa, st.va, st.a);
+        st.xb = lb.load(fb, st.vb, st.b);
     }
 
     // Turn the loaded K-slice into operand values (the loaders' finish: activations,
