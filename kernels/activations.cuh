@@ -86,6 +86,11 @@ template <int ACT, typename T> __device__ __forceinline__ T act_derivative(T v) 
 template <int ACT> struct Act { static constexpr int id = ACT; };
 
 template <class F> __device__ __forceinline__ void with_activation(int act, F&& f) {
+#ifdef CUPYNN_ONLY_ACTIVATION  // analysis only (python -m cupynn.sass_stats --activation)
+    (void)act;
+    f(Act<CUPYNN_ONLY_ACTIVATION>{});
+    return;
+#endif
     switch (act) {
         case ACT_IDENTITY: f(Act<ACT_IDENTITY>{}); break;
         case ACT_RELU: f(Act<ACT_RELU>{}); break;
