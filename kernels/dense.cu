@@ -25,6 +25,16 @@ namespace cupynn {
 
 constexpr int CHAIN_MAX_K0 = 4;  // widest first layer that is recomputed (RECOMPUTE_MAX_FANIN)
 
+// Fan-in 1 (a scalar input, like the seed's) as a compile-time constant, f(FanIn<1>{});
+// other fan-ins f(FanIn<0>{}): k0 at run time.  (Specializing 2..4 as well costs the
+// K-step loop ~50 registers for cases no public workload has.)
+template <int K0> struct FanIn { static constexpr int value = K0; };
+
+template <class F> __device__ __forceinline__ void with_fanin(int k0, F&& f) {
+    if (k0 == 1) f(FanIn<1>{});
+    else f(FanIn<0>{});
+}
+
 // out[q] = f(raw[q]) where bit q of `valid` is set, else 0.
 template <typename T, int N, class Raw, class F>
 __device__ __forceinline__ void finish_each(const Raw (&raw)[N], unsigned valid, T (&out)[N],
@@ -46,12 +56,14 @@ template <typename T> struct InputLoad {
     const T* w0;
     const T* b0;
     int k0, act0, has_b0;
-    // z0 from row xr of x0, row wr of w0 and bias br (0 < k0 <= 4)
+    // z0 from row xr of x0, row wr of w0 and bias br; K0: k0 when known at compile time
+    // (the K-step loop), else 0 (k0 at run time, up to CHAIN_MAX_K0)
+    template <int K0 = 0>
     __device__ __forceinline__ T z0_at(const T* xr, const T* wr, const T* br) const {
         T s = T(0);
 #pragma unroll
-        for (int j = 0; j < CHAIN_MAX_K0; ++j)
-            if (j < k0) s = m_fma(xr[j * sk], wr[j], s);
+        for (int j = 0; j < (K0 ? K0 : CHAIN_MAX_K0); ++j)
+            if (K0 || j < k0) s = m_fma(xr[j * sk], wr[j], s);
         return has_b0 ? s + *br : s;
     }
     __device__ __forceinline__ T pre(i64 m, i64 k) const {  // z0(m, k)
@@ -65,14 +77,19 @@ template <typename T> struct InputLoad {
 #pragma unroll
             for (int q = 0; q < N; ++q) raw[q] = ((valid >> q) & 1u) ? p[q * step] : T(0);
         } else {
-            const T* xr = x + f.i0 * sm;
-            const T* wr = w0 + f.i1 * k0;
-            const T* br = b0 + f.i1;
-            const i64 xstep = f.d0 * sm, wstep = f.d1 * k0;
+            with_fanin(k0, [&](auto fan) {  // no predicated-off multiply-adds per element
+                constexpr int K0 = decltype(fan)::value;
+                const i64 kw = K0 ? K0 : k0;  // row length of w0
+                const T* xr = x + f.i0 * sm;
+                const T* wr = w0 + f.i1 * kw;
+                const T* br = b0 + f.i1;
+                const i64 xstep = f.d0 * sm, wstep = f.d1 * kw;
 #pragma unroll
-            for (int q = 0; q < N; ++q)
-                raw[q] = ((valid >> q) & 1u) ? z0_at(xr + q * xstep, wr + q * wstep, br + q * f.d1)
-                                             : T(0);
+                for (int q = 0; q < N; ++q)
+                    raw[q] = ((valid >> q) & 1u)
+                                 ? z0_at<K0>(xr + q * xstep, wr + q * wstep, br + q * f.d1)
+                                 : T(0);
+            });
         }
         return 0u;
     }

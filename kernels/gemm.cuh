@@ -177,18 +177,23 @@ template <typename T, int TILE, int MATH> struct Gemm {
         else return Frag{o0 + a, o1 + b, 0, GEMM_THREADS / N0};
     }
 
-    // Bit q set where element q of fragment f is in the tile (N elements of it) and
+    // Bits q (of NQ) with c + q * d < lim, for d >= 0: a prefix of the fragment, so a
+    // count instead of NQ 64-bit compares (d is a power of two known at compile time).
+    template <int NQ>
+    static __device__ __forceinline__ unsigned below(i64 c, i64 d, i64 lim) {
+        constexpr unsigned ALL = NQ >= 32 ? ~0u : (1u << NQ) - 1u;
+        if (d == 0) return c < lim ? ALL : 0u;
+        const i64 rem = lim - c;
+        const i64 n = rem <= 0 ? 0 : (rem + d - 1) / d;
+        return n >= NQ ? ALL : (1u << n) - 1u;
+    }
+
+    // Bit q set where element q of fragment f is in the tile (TILE_ELEMS elements) and
     // below (lim0, lim1).
     template <int NQ, int TILE_ELEMS>
     static __device__ __forceinline__ unsigned in_bounds(const Frag& f, i64 lim0, i64 lim1) {
-        unsigned v = 0;
-#pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-            const bool in = (int)threadIdx.x + q * GEMM_THREADS < TILE_ELEMS &&
-                            f.i0 + q * f.d0 < lim0 && f.i1 + q * f.d1 < lim1;
-            v |= (in ? 1u : 0u) << q;
-        }
-        return v;
+        return below<NQ>((int)threadIdx.x, GEMM_THREADS, TILE_ELEMS) & below<NQ>(f.i0, f.d0, lim0) &
+               below<NQ>(f.i1, f.d1, lim1);
     }
 
     // Issue the global loads of the K-slice [kt, kt + BK): nothing waits for them here.
