@@ -241,7 +241,7 @@ template <typename T> __device__ __forceinline__ T block_sum(T v, T* red) {
 //   target (M, N) if has_t; loss_partials[gridDim.x * gridDim.y] written if loss
 // A block owns the output tile rows [BM * blockIdx.x, +BM) x cols [BN * blockIdx.y, +BN).
 template <typename T, int ACT, int TILE, int MATH>
-__global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, TILE, MATH>::value))
+__global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, TILE, MATH, true>::value))
 dense_forward(const T* __restrict__ x, i64 sxm, i64 sxk,
               const T* __restrict__ w0, const T* __restrict__ b0, int k0, int act0, int has_b0,
               const T* __restrict__ w, const T* __restrict__ b, int has_b,

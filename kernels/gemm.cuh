@@ -63,12 +63,14 @@ template <> struct TileShape<5> {  // the fused chain backward: K = a narrow lay
     static constexpr int BM = 64, BN = 64, BK = 8, TM = 4, TN = 4, WM = 2, WN = 4; };
 
 // Resident blocks per SM a kernel is compiled for (__launch_bounds__'s second
-// argument): plain-FMA float on the 64 x 64 tiles keeps to 128 registers so that two
-// blocks share an SM (the narrow workload's layers); everything else may use up to
-// 255 registers at one block per SM (the tensor-core fragments need them).
-template <typename T, int TILE, int MATH> struct MinBlocks {
+// argument): plain-FMA float on the 64 x 64 tiles, and the forward on the N <= 32 tile
+// (the seed's 1000 -> 20 at batch 1M: thousands of blocks), keep to 128 registers so
+// that two blocks share an SM -- they do without spilling (python -m cupynn.sass_stats);
+// everything else may use up to 255 registers at one block per SM.
+template <typename T, int TILE, int MATH, bool FORWARD = false> struct MinBlocks {
     static constexpr int value =
-        (sizeof(T) == 4 && MATH == MATH_FMA && (TILE == 3 || TILE == 5)) ? 2 : 1;
+        ((sizeof(T) == 4 && MATH == MATH_FMA && (TILE == 3 || TILE == 5)) ||
+         (FORWARD && TILE == 2)) ? 2 : 1;
 };
 
 template <typename T, int TILE, int MATH> struct Gemm {
