@@ -56,18 +56,18 @@ template <typename T> struct InputLoad {
     const T* w0;
     const T* b0;
     int k0, act0, has_b0;
-    // z0 from row xr of x0, row wr of w0 and bias br; K0: k0 when known at compile time
-    // (the K-step loop), else 0 (k0 at run time, up to CHAIN_MAX_K0)
-    template <int K0 = 0>
-    __device__ __forceinline__ T z0_at(const T* xr, const T* wr, const T* br) const {
+    // z0 from row xr of x0, a row wr of w0 (pointer or registers) and its bias bv;
+    // K0: k0 when known at compile time, else 0 (k0 at run time, up to CHAIN_MAX_K0)
+    template <int K0 = 0, class W>
+    __device__ __forceinline__ T z0_at(const T* xr, const W& wr, T bv) const {
         T s = T(0);
 #pragma unroll
         for (int j = 0; j < (K0 ? K0 : CHAIN_MAX_K0); ++j)
             if (K0 || j < k0) s = m_fma(xr[j * sk], wr[j], s);
-        return has_b0 ? s + *br : s;
+        return has_b0 ? s + bv : s;
     }
     __device__ __forceinline__ T pre(i64 m, i64 k) const {  // z0(m, k)
-        return z0_at(x + m * sm, w0 + k * k0, b0 + k);
+        return z0_at(x + m * sm, w0 + k * k0, has_b0 ? b0[k] : T(0));
     }
     template <int N>
     __device__ __forceinline__ unsigned load(const Frag& f, unsigned valid, T (&raw)[N]) const {
@@ -84,11 +84,27 @@ template <typename T> struct InputLoad {
                 const T* wr = w0 + f.i1 * kw;
                 const T* br = b0 + f.i1;
                 const i64 xstep = f.d0 * sm, wstep = f.d1 * kw;
+                if (K0 > 0 && f.d1 == 0) {
+                    // one feature k for the whole fragment (k is the fast index, so
+                    // always, once inlined): its w0 row and bias loaded once, not per element
+                    T wv[K0 > 0 ? K0 : 1];
+                    T bv = T(0);
+                    if (valid) {
 #pragma unroll
-                for (int q = 0; q < N; ++q)
-                    raw[q] = ((valid >> q) & 1u)
-                                 ? z0_at<K0>(xr + q * xstep, wr + q * wstep, br + q * f.d1)
-                                 : T(0);
+                        for (int j = 0; j < K0; ++j) wv[j] = wr[j];
+                        if (has_b0) bv = *br;
+                    }
+#pragma unroll
+                    for (int q = 0; q < N; ++q)
+                        raw[q] = ((valid >> q) & 1u) ? z0_at<K0>(xr + q * xstep, wv, bv) : T(0);
+                } else {
+#pragma unroll
+                    for (int q = 0; q < N; ++q)
+                        raw[q] = ((valid >> q) & 1u)
+                                     ? z0_at<K0>(xr + q * xstep, wr + q * wstep,
+                                                 has_b0 ? br[q * f.d1] : T(0))
+                                     : T(0);
+                }
             });
         }
         return 0u;
