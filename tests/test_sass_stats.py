@@ -5,6 +5,8 @@ there, and the runtime activation switch is taken once per fragment, not per ele
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cupynn import sass_stats
@@ -42,10 +44,13 @@ def _tools_or_skip():
 
 
 @pytest.mark.slow
-def test_seed_forward_loop_takes_one_activation_switch_per_fragment():
+def test_seed_forward_loop_takes_one_activation_switch_per_fragment(tmp_path, capsys):
     _tools_or_skip()
     name = "cupynn::dense_forward<double, 0, 2, 1>"  # seed 1000 -> 20, float64 DMMA
-    one = sass_stats.loop_stats(name, defines=("CUPYNN_ONLY_ACTIVATION=0",))
+    out = tmp_path / "one.json"
+    assert sass_stats.main(["--activation", "identity", "--json", str(out), name]) == 0
+    assert name in capsys.readouterr().out
+    (one,) = json.loads(out.read_text())
     assert one["loop"].get("DMMA") == 32  # warp tile 32 x 16, BK 16: 4 x 2 x 4 mma per K-step
     assert "BRX" not in one["loop"] and one["spill_bytes"] == 0
     full = sass_stats.loop_stats(name)
