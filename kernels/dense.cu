@@ -466,28 +466,7 @@ dense_backward_chain(const T* __restrict__ g1, const T* __restrict__ s1, const T
     }
 }
 
-// [dW | db] = sum over splits of partials[S][N][K + has_bias], in split order.
-// A thread owns one element of [dW | db].
-template <typename T>
-__global__ void __launch_bounds__(GEMM_THREADS, 1)
-reduce_partials(const T* __restrict__ partials, i64 S, i64 N, i64 K, int has_bias,
-                T* __restrict__ dw, T* __restrict__ db) {
-    const i64 K1 = K + has_bias, total = N * K1;
-    const i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= total) return;
-    T acc = T(0);
-    for (i64 z = 0; z < S; ++z) acc += partials[z * total + e];
-    const i64 i = e / K1, j = e % K1;
-    if (j < K) dw[i * K + j] = acc;
-    else db[i] = acc;
-}
-
-// Up to REDUCE_JOBS reductions like reduce_partials in one launch (the end of a
-// backward pass): job j has partials pj[Sj][Nj][Kj + hbj] -> dwj (Nj, Kj), dbj (Nj).
-// Blocks are dealt to the jobs in order, ceil(Nj * (Kj + hbj) / 256) each; a thread
-// owns one element of one job's [dW | db].
-constexpr int REDUCE_JOBS = 4;
-
+// Element e of [dW | db] (N, K + hb): the sum of partials p[S][N][K + hb] in split order.
 template <typename T>
 __device__ __forceinline__ void reduce_one(const T* __restrict__ p, i64 S, i64 N, i64 K, int hb,
                                            T* __restrict__ dw, T* __restrict__ db, i64 e) {
@@ -499,6 +478,21 @@ __device__ __forceinline__ void reduce_one(const T* __restrict__ p, i64 S, i64 N
     if (j < K) dw[i * K + j] = acc;
     else db[i] = acc;
 }
+
+// [dW | db] = sum over splits of partials[S][N][K + has_bias], in split order.
+// A thread owns one element of [dW | db].
+template <typename T>
+__global__ void __launch_bounds__(GEMM_THREADS, 1)
+reduce_partials(const T* __restrict__ partials, i64 S, i64 N, i64 K, int has_bias,
+                T* __restrict__ dw, T* __restrict__ db) {
+    reduce_one(partials, S, N, K, has_bias, dw, db, (i64)blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+// Up to REDUCE_JOBS reductions like reduce_partials in one launch (the end of a
+// backward pass): job j has partials pj[Sj][Nj][Kj + hbj] -> dwj (Nj, Kj), dbj (Nj).
+// Blocks are dealt to the jobs in order, ceil(Nj * (Kj + hbj) / 256) each; a thread
+// owns one element of one job's [dW | db].
+constexpr int REDUCE_JOBS = 4;
 
 template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS, 1)
