@@ -151,7 +151,8 @@ def ptx_only_options(options: tuple[str, ...]) -> tuple[str, ...]:
 
 def compile_chunk(source_name: str, code: str, names: tuple[str, ...], arch: str,
                   options: tuple[str, ...], sass: bool = True) -> dict:
-    """One NVRTC program: returns {"ok", "log", "lowered": {name: mangled}, "cubin_size"}."""
+    """One NVRTC program: returns {"ok", "log", "lowered": {name: mangled}, "cubin_size"}
+    (and "ptx", the PTX bytes, when ``sass`` is False)."""
     nvrtc = load_nvrtc()
     prog = nvrtc.createProgram(code, source_name, [], [])
     try:
@@ -169,7 +170,7 @@ def compile_chunk(source_name: str, code: str, names: tuple[str, ...], arch: str
             missing = [n for n, m in lowered.items() if m.encode() not in ptx]
             return {"ok": not missing, "log": nvrtc.getProgramLog(prog) + (
                 f"\nkernels missing from the PTX: {missing}" if missing else ""),
-                "lowered": lowered, "cubin_size": 0, "sass": False}
+                "lowered": lowered, "cubin_size": 0, "sass": False, "ptx": ptx}
         opts = list(options) + ["--ptxas-options=-v"]
         try:
             nvrtc.compileProgram(prog, opts)

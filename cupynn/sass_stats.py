@@ -65,26 +65,19 @@ def kernel_sass(name: str, *, arch: str = "sm_90", defines: tuple[str, ...] = ()
                 source: str = "dense.cu", dump: Path | None = None) -> tuple[int, int, list[str]]:
     """(registers, spill bytes stored + loaded, SASS lines) of one name expression."""
     from . import _loader
-    from .compile_check import load_nvrtc, ptx_only_options
+    from .compile_check import compile_chunk
 
     ptxas, nvdisasm = find_tool("ptxas"), find_tool("nvdisasm")
     if not ptxas or not nvdisasm:
         missing = [t for t, p in (("ptxas", ptxas), ("nvdisasm", nvdisasm)) if not p]
         raise FileNotFoundError(f"{' and '.join(missing)} not found (see python -m "
                                 "cupynn.sass_stats --help for where they come from)")
-    nvrtc = load_nvrtc()
-    prog = nvrtc.createProgram((_loader.KERNEL_DIR / source).read_text(), source, [], [])
-    try:
-        nvrtc.addNameExpression(prog, name)
-        opts = list(ptx_only_options(_loader.compile_options(arch))) + [f"-D{d}" for d in defines]
-        try:
-            nvrtc.compileProgram(prog, opts)
-        except Exception as exc:
-            raise RuntimeError(f"NVRTC failed for {name}: {exc}\n{nvrtc.getProgramLog(prog)}") from None
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    ptx = ptx if isinstance(ptx, bytes) else ptx.encode()
+    options = tuple(_loader.compile_options(arch)) + tuple(f"-D{d}" for d in defines)
+    res = compile_chunk(source, (_loader.KERNEL_DIR / source).read_text(), (name,), arch, options,
+                        sass=False)
+    if not res["ok"]:
+        raise RuntimeError(f"NVRTC failed for {name}:\n{res['log']}")
+    ptx = res["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx_path.write_bytes(ptx)
