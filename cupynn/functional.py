@@ -110,8 +110,10 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
         fn = spec.fn
 
         def fn2d(y2):
-            value, g = fn(y2.reshape(-1))
-            return value, g.reshape(1, -1) if hasattr(g, "reshape") else g
+            out = fn(y2.reshape(-1))
+            if isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "reshape"):
+                return out[0], out[1].reshape(1, -1)
+            return out  # the backend's check says what is wrong with it
 
         spec = type(spec)("callable", None, fn2d)
     value, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input)

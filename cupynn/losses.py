@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 from .backends.base import LossSpec
 
-__all__ = ["BUILTIN_LOSSES", "make_loss", "loss_forward", "loss_backward", "loss_scale"]
+__all__ = ["BUILTIN_LOSSES", "make_loss", "loss_forward", "loss_backward", "loss_scale",
+           "call_loss"]
 
 BUILTIN_LOSSES = ("sum_squares", "mse")
 
@@ -73,3 +74,30 @@ def loss_backward(y, loss: str, target=None):
     """``dL/dy``, a new array shaped like ``y``."""
     r = _residual(y, target)
     return r * y.dtype.type(2.0 * loss_scale(loss, y.size))
+
+
+def call_loss(fn, y, array_type):
+    """``(value, dL/dy)`` of a user's loss callable at ``y``, its gradient checked.
+
+    ``dL/dy`` must be an ``array_type`` (the backend's array class) of ``y``'s shape and
+    dtype: it is never cast or moved silently.
+    """
+    out = fn(y)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(
+            "the loss callable must return a pair (value, dL/dy); got "
+            f"{type(out).__name__}: return the gradient too, e.g. (float((y**2).sum()), 2 * y)"
+        )
+    value, g = out
+    if not isinstance(g, array_type) or g.shape != y.shape:
+        raise ValueError(
+            f"the loss callable must return (value, dL/dy) with dL/dy a "
+            f"{array_type.__module__.split('.')[0]} array of shape {tuple(y.shape)}; got "
+            f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))}"
+        )
+    if g.dtype != y.dtype:
+        raise TypeError(
+            f"the loss callable returned dL/dy of dtype {g.dtype}; the model is {y.dtype}: "
+            f"return it as {y.dtype}"
+        )
+    return value, g

@@ -40,7 +40,7 @@ import numpy as np
 from .. import _loader
 from .._nvtx import nvtx_range
 from ..activations import get_activation
-from ..losses import loss_scale
+from ..losses import call_loss, loss_scale
 from .base import Backend, LayerSpec, LossSpec, NetSpec, Params
 
 __all__ = ["CudaBackend", "kernel_names_all", "CudaLaunchError", "PlannedLaunch"]
@@ -693,26 +693,21 @@ class CudaBackend(Backend):
                 saved.append(y if a.from_output else z)
                 inp = _Input(y, spec.out_features, 1)
                 if last:
-                    value, g_last = loss.fn(y)
-                    g_last = xp.ascontiguousarray(g_last)
-                    if g_last.dtype != dtype:
-                        g_last = g_last.astype(dtype)
+                    value, g_last = call_loss(loss.fn, y, xp.ndarray)
+                    g_last = self._contiguous(g_last)
         return value, inputs, saved, g_last
 
-    def _value_impl(self, net: NetSpec, params: Params, x, loss: LossSpec):
+    def _value_impl(self, net: NetSpec, params: Params, x, loss: LossSpec, target):
         xp = self.xp
         dtype = np.dtype(net.dtype)
         if x.shape[0] == 0:
             if loss.kind == "callable":
                 return loss.fn(xp.empty((0, net.out_features), dtype=dtype))[0]
             return xp.zeros((), dtype=dtype)
-        target = None
-        if loss.kind != "callable" and loss.target is not None:
-            target = xp.ascontiguousarray(loss.target)
         return self._train_forward(net, params, x, loss, target,
                                    self._recompute_first(net, False), False)[0]
 
-    def _value_and_grad_impl(self, net: NetSpec, params: Params, x, loss: LossSpec,
+    def _value_and_grad_impl(self, net: NetSpec, params: Params, x, loss: LossSpec, target,
                              need_dx: bool):
         xp = self.xp
         dtype = np.dtype(net.dtype)
@@ -721,9 +716,6 @@ class CudaBackend(Backend):
         prec = net.precision
         acts = [get_activation(s.activation) for s in layers]
         builtin = loss.kind in ("sum_squares", "mse")
-        target = None
-        if builtin and loss.target is not None:
-            target = xp.ascontiguousarray(loss.target)  # documented copy if strided
         N_out = layers[-1].out_features
 
         grads = [(xp.zeros((s.out_features, s.in_features), dtype=dtype) if M == 0 else
@@ -801,14 +793,15 @@ class CudaBackend(Backend):
         key = self._plan_key("value", net, x, loss, False)
         target = self._target_of(loss)
         return self._run_planned(key, net, params, x, target,
-                                 lambda: self._value_impl(net, params, x, loss))
+                                 lambda: self._value_impl(net, params, x, loss, target))
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
                                need_dx: bool = False):
         key = self._plan_key("grad", net, x, loss, need_dx)
         target = self._target_of(loss)
         return self._run_planned(key, net, params, x, target,
-                                 lambda: self._value_and_grad_impl(net, params, x, loss, need_dx))
+                                 lambda: self._value_and_grad_impl(net, params, x, loss, target,
+                                                                   need_dx))
 
     # A launch plan records, once per (network, batch, layout, loss kind), the kernels,
     # grids and scalar arguments a call launches and the buffers it allocates; later
@@ -816,9 +809,19 @@ class CudaBackend(Backend):
     # from ~100 us of Python to ~30).  Shapes, dtypes and layouts are in the key; the
     # caller's arrays are checked on every call.
     def _target_of(self, loss):
+        """The built-in loss's target as the kernels read it (C-contiguous), else None."""
         if loss is None or loss.kind == "callable" or loss.target is None:
             return None
-        return self.xp.ascontiguousarray(loss.target)  # documented copy if strided
+        return self._contiguous(loss.target)
+
+    def _contiguous(self, a):
+        """``a`` itself when C-contiguous, else a copy in a buffer from :meth:`_empty`
+        (so a captured graph owns the copy it reads, and a launch plan sees it)."""
+        if a.flags.c_contiguous:
+            return a
+        out = self._empty(a.shape, a.dtype)
+        out[...] = a
+        return out
 
     def _plan_key(self, what, net, x, loss, need_dx):
         if x.shape[0] == 0 or (loss is not None and loss.kind == "callable"):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..activations import get_activation
-from ..losses import loss_scale
+from ..losses import call_loss, loss_scale
 from .base import Backend, LossSpec, NetSpec, Params
 
 # Rows per chunk are chosen so that one chunk of the widest layer takes about
@@ -200,18 +200,8 @@ class NumpyBackend(Backend):
         user_g = None
         if loss.kind == "callable":
             y_full = self.network_forward(net, params, x)
-            value, user_g = loss.fn(y_full)
+            value, user_g = call_loss(loss.fn, y_full, np.ndarray)
             value = np.asarray(value, dtype=dt)
-            if not isinstance(user_g, np.ndarray) or user_g.shape != y_full.shape:
-                raise ValueError(
-                    f"the loss callable must return (value, dL/dy) with dL/dy a NumPy array of "
-                    f"shape {y_full.shape}; got {type(user_g).__name__} "
-                    f"{getattr(user_g, 'shape', '')}"
-                )
-            if user_g.dtype != dt:
-                raise TypeError(
-                    f"the loss callable returned dL/dy of dtype {user_g.dtype}; the model is {dt}"
-                )
         else:
             two_scale = dt.type(2.0 * loss_scale(loss.kind, batch * net.out_features))
             total = 0.0
