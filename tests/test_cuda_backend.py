@@ -69,6 +69,7 @@ def cp():
 def be(cp):
     backend = cb.CudaBackend(xp=cp, module_cls=cp.RawModule)
     backend.kernels.poison = True
+    backend.fused.enabled = False  # the per-layer kernels (tests/test_fused.py: the fused path)
     return backend
 
 

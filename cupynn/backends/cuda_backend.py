@@ -39,7 +39,9 @@ import numpy as np
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
 from . import cuda_plans, cuda_select
-from .base import Backend, LayerSpec, LossSpec, NetSpec, Params
+from .base import Backend, LayerSpec, LossSpec, NetSpec, Params, write_into
+from .cuda_fused import FusedRunner
+from .cuda_fused_layout import MODE_FORWARD, MODE_GRAD, MODE_VALUE, FusedLayout
 from .cuda_launch import THREADS, CudaLaunchError, Launcher, elem_strides, expect
 from .cuda_plans import UNPLANNABLE, PlannedLaunch
 from .cuda_select import (
@@ -95,6 +97,7 @@ class CudaBackend(Backend):
         self._plans: dict = {}
         self._inp_override: tuple | None = None
         self._deferred: list | None = None  # split-batch reductions waiting for one launch
+        self.fused = FusedRunner(self.kernels, self._x_input)  # kernels/fused.cu, when it applies
 
     def _empty(self, shape, dtype):
         return self.kernels.empty(shape, dtype)
@@ -519,25 +522,46 @@ class CudaBackend(Backend):
                 g = out
 
     # -- whole networks: public entry points, through cached launch plans ----------
+    def execution_path(self, net: NetSpec, batch: int, *, mode: str = "grad",
+                       need_dx: bool = False, loss: LossSpec | None = None) -> str:
+        """``"fused"`` when a call of this kind runs on kernels/fused.cu, else
+        ``"per-layer: <why>"``."""
+        m = {"forward": MODE_FORWARD, "value": MODE_VALUE, "grad": MODE_GRAD}[mode]
+        lay = self.fused.layout(net, batch, m, need_dx=need_dx, loss=loss)
+        return "fused" if isinstance(lay, FusedLayout) else f"per-layer: {lay}"
+
     def network_forward(self, net: NetSpec, params: Params, x):
+        if x.shape[0]:
+            plan = self.fused.plan(MODE_FORWARD, net, x, None, False)
+            if plan is not None:
+                return self.fused.forward(plan, net, params, x)
         key = self._plan_key("forward", net, x, None, False)
         return self._run_planned(key, net, params, x, None,
                                  lambda: self._forward_impl(net, params, x))
 
     def network_value(self, net: NetSpec, params: Params, x, loss: LossSpec):
         """The loss value alone: forward with the loss fused, nothing saved (graph forward)."""
-        key = self._plan_key("value", net, x, loss, False)
         target = self._target_of(loss)
+        if x.shape[0]:
+            plan = self.fused.plan(MODE_VALUE, net, x, loss, False)
+            if plan is not None:
+                return self.fused.value(plan, net, params, x, target)
+        key = self._plan_key("value", net, x, loss, False)
         return self._run_planned(key, net, params, x, target,
                                  lambda: self._value_impl(net, params, x, loss, target))
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
-                               need_dx: bool = False):
-        key = self._plan_key("grad", net, x, loss, need_dx)
+                               need_dx: bool = False, out=None):
         target = self._target_of(loss)
-        return self._run_planned(key, net, params, x, target,
-                                 lambda: self._value_and_grad_impl(net, params, x, loss, target,
-                                                                   need_dx))
+        if x.shape[0]:
+            plan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
+            if plan is not None:
+                return self.fused.value_and_grad(plan, net, params, x, loss, target, need_dx, out)
+        key = self._plan_key("grad", net, x, loss, need_dx)
+        res = self._run_planned(key, net, params, x, target,
+                                lambda: self._value_and_grad_impl(net, params, x, loss, target,
+                                                                  need_dx))
+        return res if out is None else write_into(out, res)
 
     # A launch plan records, once per (network, batch, layout, loss kind), the kernels,
     # grids and scalar arguments a call launches and the buffers it allocates; later
@@ -620,6 +644,11 @@ class CudaBackend(Backend):
         once all have run: the per-kernel breakdown of ``python -m cupynn bench --kernels``.
         Kernels only write their outputs (no accumulation), so launching one repeatedly
         leaves the same bytes."""
+        target = self._target_of(loss)
+        if x.shape[0]:
+            fplan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
+            if fplan is not None:
+                return self.fused.planned_launches(fplan, net, params, x, loss, target, need_dx)
         key = self._plan_key("grad", net, x, loss, need_dx)
         self.network_value_and_grad(net, params, x, loss, need_dx=need_dx)  # records the plan
         plan = None if key is None else self._plans.get(key)

@@ -13,6 +13,7 @@ import numpy as np
 
 from .base import LayerSpec, LossSpec, NetSpec
 from .cuda_backend import CudaBackend
+from .cuda_fused_layout import fused_kernel_names
 from .cuda_select import kernel_names_all
 
 __all__ = ["NameCollector", "all_instantiations", "hot_kernels", "kernel_names_for",
@@ -30,13 +31,17 @@ class NameCollector:
 
 
 def all_instantiations() -> list[tuple[str, tuple[str, ...]]]:
-    """(source file, name expressions) for every kernel the CUDA backend can request."""
-    return kernel_names_all()
+    """(source file, name expressions) for every kernel the CUDA backend can request: the
+    per-layer kernels (kernels/dense.cu) and the fused ones (kernels/fused.cu)."""
+    return kernel_names_all() + fused_kernel_names()
 
 
-def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False) -> set[str]:
-    """The kernels value_and_grad and forward of ``net`` at ``batch`` launch (nothing runs)."""
-    be = CudaBackend(xp=np, module_cls=NameCollector)
+def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False,
+                     fused: bool = True) -> set[str]:
+    """The kernels value_and_grad and forward of ``net`` at ``batch`` launch (nothing runs);
+    ``fused=False``: those of the per-layer path."""
+    be = CudaBackend(xp=np, module_cls=NameCollector, arch="sm_90")
+    be.fused.enabled = fused
     params = [(np.empty((s.out_features, s.in_features), net.dtype),
                np.empty((s.out_features,), net.dtype) if s.bias else None) for s in net.layers]
     x = np.empty((batch, net.in_features), net.dtype)
@@ -56,7 +61,8 @@ PUBLIC_WORKLOADS = (
 
 
 def hot_kernels() -> set[str]:
-    """Every kernel the public workloads launch (the compile check forbids spills there)."""
+    """Every kernel the public workloads launch, on the fused path and on the per-layer path
+    (which a callable loss or CUPYNN_FUSED=0 takes): the compile check forbids spills there."""
     names: set[str] = set()
     for sizes, act, batch, dtypes, precisions in PUBLIC_WORKLOADS:
         acts = [act] * (len(sizes) - 2) + ["identity"]
@@ -64,5 +70,7 @@ def hot_kernels() -> set[str]:
             for prec in precisions:
                 net = NetSpec(tuple(LayerSpec(i, o, a) for i, o, a in zip(sizes, sizes[1:], acts)),
                               np.dtype(dt), prec)
-                names |= kernel_names_for(net, batch)
+                names |= kernel_names_for(net, batch) | kernel_names_for(net, batch, fused=False)
+    for _source, fused in fused_kernel_names():  # every precision mode of the fused kernel
+        names |= set(fused)
     return names

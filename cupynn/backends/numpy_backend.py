@@ -25,7 +25,7 @@ import numpy as np
 
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from .base import Backend, LossSpec, NetSpec, Params
+from .base import Backend, LossSpec, NetSpec, Params, write_into
 
 # Rows per chunk are chosen so that one chunk of the widest layer takes about
 # this many bytes: large enough for BLAS efficiency, small enough for L2/L3.
@@ -187,7 +187,11 @@ class NumpyBackend(Backend):
         return y
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
-                               need_dx=False):
+                               need_dx=False, out=None):
+        res = self._value_and_grad(net, params, x, loss, need_dx)
+        return res if out is None else write_into(out, res)
+
+    def _value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, need_dx):
         batch = x.shape[0]
         dt = net.dtype
         grads = [
