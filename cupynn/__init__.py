@@ -13,7 +13,7 @@ from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
-from .functional import value_and_grad
+from .functional import execution_path, value_and_grad
 from .graph import compile
 from .io import load
 from .layers import MLP, Chain, Dense
@@ -28,6 +28,7 @@ __all__ = [
     "MLP",
     "compile",
     "cuda_available",
+    "execution_path",
     "load",
     "show_config",
     "value_and_grad",
