@@ -20,6 +20,17 @@ from .layers import MLP, Chain, Dense
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # cupynn.dask (data-parallel value and gradient on a Dask cluster) needs the optional
+    # `dask` extra: it is imported on first use of cupynn.dask, never by `import cupynn`.
+    if name == "dask":
+        import importlib
+
+        return importlib.import_module(".dask", __name__)
+    raise AttributeError(f"module 'cupynn' has no attribute {name!r}")
+
+
 __all__ = [
     "ACTIVATIONS",
     "Chain",
