@@ -264,6 +264,11 @@ def _check_batch_array(a, what: str, width: int, width_name: str, dtype: np.dtyp
         )
 
 
+def _check_blas_threads(n):
+    if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"blas_threads must be a positive integer or None, got {n!r}")
+
+
 def _get_client(client):
     if client is None:
         try:
@@ -361,6 +366,7 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
         )
     if not isinstance(model, (Dense, Chain)):
         raise TypeError(f"model must be a cupynn Dense or Chain, got {type(model).__name__}")
+    _check_blas_threads(blas_threads)
     layers = model._dense_layers()
     n_in, n_out = layers[0].in_features, layers[-1].out_features
     _check_batch_array(X, "X", n_in, "in", model.dtype)
@@ -439,6 +445,7 @@ def forward(model, X, *, client=None, workers=None, blas_threads=1):
     """
     if not isinstance(model, (Dense, Chain)):
         raise TypeError(f"model must be a cupynn Dense or Chain, got {type(model).__name__}")
+    _check_blas_threads(blas_threads)
     layers = model._dense_layers()
     _check_batch_array(X, "X", layers[0].in_features, "in", model.dtype)
     client = _get_client(client)

@@ -251,6 +251,10 @@ def test_bad_chunking_and_bad_arguments_say_what_to_do(rng):
         cdask.value_and_grad(model, da.from_array(x[:, 0], chunks=10))
     with pytest.raises(ValueError, match="callable loss"):
         cdask.value_and_grad(model, X, lambda y: ((y**2).sum(), 2 * y))
+    with pytest.raises(ValueError, match="blas_threads must be a positive integer"):
+        cdask.value_and_grad(model, X, blas_threads=0)
+    with pytest.raises(TypeError, match="Dense or Chain"):
+        cdask.forward(object(), X)
     unknown = X[X[:, 0] > 0]
     with pytest.raises(ValueError, match=r"compute_chunk_sizes\(\)"):
         cdask.value_and_grad(model, unknown)
@@ -294,6 +298,25 @@ def test_training_example_lowers_the_loss(client):
     spec.loader.exec_module(example)
     losses = example.train(client, n_samples=4000, chunk_rows=500, steps=8, log=lambda s: None)
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+
+
+# -- the benchmark workload ------------------------------------------------------------
+
+def test_bench_dask_checks_then_reports_throughput(client, capsys):
+    from cupynn.bench import cli, dask_bench
+
+    doc = dask_bench.run(batch=3000, dtype="float32", workers=[1, 2], single_threads=[1],
+                         chunk_rows=500, repeat=1, client=client)
+    assert doc["ok"] and [d["workers"] for d in doc["dask"]] == [1, 2]
+    for d in doc["dask"]:
+        assert d["bit_identical_to_first"] and d["rel_err_vs_single"] <= doc["tolerance"]
+        assert d["inputs_per_s"] > 0 and d["speedup_vs_1_worker"] > 0
+    assert doc["dask"][0]["overhead_vs_single"] is not None  # 1 worker vs 1 BLAS thread
+    assert doc["dask"][1]["overhead_vs_single"] is None  # no 2-thread single run asked for
+    assert "inputs/s" in dask_bench.table(doc)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["dask", "--help"])
+    assert exit_info.value.code == 0 and "python -m cupynn bench dask" in capsys.readouterr().out
 
 
 # -- GPU workers ------------------------------------------------------------------
