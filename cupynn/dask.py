@@ -7,7 +7,10 @@ gradients are added up. Dask (``distributed``) does the scheduling, data
 movement and recovery from lost workers; this module only builds the graph:
 
 * the model travels to every worker **once** per call
-  (``client.scatter(..., broadcast=True)``), not with each chunk;
+  (``client.scatter(..., broadcast=True)``), not with each chunk (:func:`forward`'s
+  lazy array carries it as one key of its graph, which each worker fetches once);
+  Dask's memory manager may drop a copy that no queued chunk needs, and a worker
+  then fetches it again from a peer;
 * chunk ``i`` computes ``sum((y_i - t_i)**2)`` and its gradient with the
   worker's backend: a chunk that is a CuPy array runs on the worker's GPU (the
   worker moves its copy of the model there once), a NumPy chunk on the NumPy
@@ -428,13 +431,14 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
     return value, _structured(model, flat)
 
 
-def forward(model, X, *, client=None, workers=None, blas_threads=1):
+def forward(model, X, *, blas_threads=1):
     """The model's outputs for ``X``, lazily: a ``dask.array`` ``(batch, out)`` chunked like ``X``.
 
     ``Y_i = model(X_i)`` for every chunk ``X_i`` (``y = act(x @ W.T + b)`` layer by layer),
-    computed on the workers when ``Y`` is computed; CuPy chunks give CuPy output chunks.
-    The model is scattered to the workers now (once per worker) and kept there as long
-    as ``Y`` (or an array built from it) exists; ``X`` must be as for :func:`value_and_grad`.
+    computed where and when ``Y`` is computed (any Dask scheduler); CuPy chunks give CuPy
+    output chunks, computed on the worker's GPU. The model is one key of ``Y``'s graph,
+    which every worker fetches once (a lazy array holds no state on the cluster, and a
+    lost worker's chunks are recomputed). ``X`` must be as for :func:`value_and_grad`.
 
     Example
     -------
@@ -448,12 +452,11 @@ def forward(model, X, *, client=None, workers=None, blas_threads=1):
     _check_blas_threads(blas_threads)
     layers = model._dense_layers()
     _check_batch_array(X, "X", layers[0].in_features, "in", model.dtype)
-    client = _get_client(client)
-    shipped = _scatter(client, model, workers, None)
-    n_out = layers[-1].out_features
+    token = uuid.uuid4().hex[:12]
+    shipped = dask.delayed(_shipped(model), name=f"cupynn-model-{token}")
     return X.map_blocks(_chunk_forward, shipped, blas_threads, dtype=model.dtype,
-                        chunks=(X.chunks[0], (n_out,)), meta=X._meta,
-                        name=f"cupynn-forward-{uuid.uuid4().hex[:12]}")
+                        chunks=(X.chunks[0], (layers[-1].out_features,)), meta=X._meta,
+                        name=f"cupynn-forward-{token}")
 
 
 def connect(address: str, *, timeout: float = 10.0) -> distributed.Client:

@@ -189,7 +189,16 @@ def test_model_reaches_each_worker_once_and_nothing_stays(client, rng):
         cdask.value_and_grad(model, X, timeout=DEADLINE_S)
     finally:
         arrivals = client.run(_count_model_arrivals, False)
-    assert sorted(arrivals.values()) == [1] * N_WORKERS, arrivals
+    # broadcast to every worker, not sent per chunk (about 7 chunks per worker here); Dask's
+    # memory manager may drop a replica no queued chunk needs and a later chunk fetch it again
+    assert min(arrivals.values()) >= 1 and max(arrivals.values()) <= 2, arrivals
+    assert not any(_wait_until_empty(client).values())
+    client.run(_count_model_arrivals, True)
+    try:
+        cdask.forward(model, X).compute()
+    finally:
+        arrivals = client.run(_count_model_arrivals, False)
+    assert max(arrivals.values()) <= 2, arrivals  # one key of the graph, not one per chunk
     assert not any(_wait_until_empty(client).values())
 
 
@@ -204,8 +213,9 @@ def test_forward_is_lazy_and_matches_model_call(client, rng):
     assert Y.dtype == np.float64
     y = Y.compute()
     assert isinstance(y, np.ndarray) and _rel(y, model(x)) <= 1e-12
-    del Y
-    assert not any(_wait_until_empty(client).values())
+    assert not any(_wait_until_empty(client).values())  # a lazy array holds nothing there
+    # any scheduler computes it, e.g. threads in this process
+    assert Y.compute(scheduler="threads").tobytes() == y.tobytes()
 
 
 # -- errors -----------------------------------------------------------------------
