@@ -10,7 +10,8 @@ import sys
 from .roofline import Ceilings, floor_seconds
 from .workloads import WORKLOADS, Workload, custom_workload
 
-__all__ = ["finalize", "machine_info", "terminal_table", "markdown", "fmt_time", "kernels_table"]
+__all__ = ["finalize", "machine_info", "terminal_table", "markdown", "fmt_time", "kernels_table",
+           "train_table"]
 
 PHASES = ("forward", "gradient")
 
@@ -226,6 +227,29 @@ def kernels_table(k: dict) -> str:
                       _kernels_summary(b)])
 
 
+TRAIN_HEADER = ("workload", "dtype", "implementation", "Adam step", "vs best peer", "checked")
+
+
+def train_rows(results: list[dict]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in results:
+        head = (f"{r['workload']} ({r['shape']}, {r['batch']:,})", r["dtype"], r["label"])
+        if r["status"] != "ok":
+            rows.append(head + (f"{r['status'].upper()}: {r['reason']}",))
+            continue
+        s = r["step"]
+        vs = "—" if r.get("vs_best_peer") is None else f"{r['vs_best_peer']:.2f}×"
+        c = r["check"]
+        rows.append(head + (f"{fmt_time(s['median_s'])} ±{100 * s['spread']:.0f}%", vs,
+                            f"params {c['params_rel_err']:.0e}, loss {c['loss_rel_err']:.0e}"))
+    return rows
+
+
+def train_table(results: list[dict]) -> str:
+    """``doc["train"]`` (one Adam training step per implementation) for the terminal."""
+    return _aligned(TRAIN_HEADER, train_rows(results), 3)
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     dev = m.get("gpu") or m.get("cpu")
@@ -244,6 +268,9 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Seed thread: {n:,} single-sample calls (loss summed, gradients "
                       f"accumulated) against one batched call of {n:,}, float64:", "",
                   _md_table(header, rows)]
+    if doc.get("train"):
+        lines += ["", "Training step (loss, gradient and an Adam update of every parameter; "
+                      "lr 1e-3):", "", _md_table(TRAIN_HEADER, train_rows(doc["train"]))]
     for k in doc.get("kernels") or ():
         lines += ["", f"Kernels of cupynn's {_kernels_title(k)}:", ""]
         if "error" in k:
