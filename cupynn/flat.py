@@ -1,6 +1,6 @@
 """A model's parameters as one flat float64 vector: the interface of SciPy's optimizers.
 
->>> import numpy as np, scipy.optimize, cupynn                 # doctest: +SKIP
+>>> import numpy as np, scipy.optimize, cupynn
 >>> model = cupynn.MLP([1, 32, 1], "tanh", device="cpu", rng=0)
 >>> x = np.linspace(-1, 1, 200).reshape(-1, 1)
 >>> f = cupynn.flat_value_and_grad(model, x, "mse", target=np.sin(3 * x))

@@ -5,17 +5,17 @@ capture), so the step can be captured once and replayed: the Python cost per
 step drops from one call per kernel to one graph launch.
 
 >>> import cupy, cupynn                                  # doctest: +SKIP
->>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cuda", rng=0)
->>> step = cupynn.compile(model, "sum_squares")
->>> x = cupy.linspace(-1, 1, 10_000).reshape(-1, 1)
->>> value, grads = step(x)      # same structure as cupynn.value_and_grad(model, x)
+>>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cuda", rng=0)  # doctest: +SKIP
+>>> step = cupynn.compile(model, "sum_squares")  # doctest: +SKIP
+>>> x = cupy.linspace(-1, 1, 10_000).reshape(-1, 1)  # doctest: +SKIP
+>>> value, grads = step(x)  # as cupynn.value_and_grad(model, x)  # doctest: +SKIP
 
 A training step -- forward, loss, backward and the optimizer's update, one graph:
 
 >>> opt = cupynn.optim.Adam(model.parameters(), lr=1e-3)   # doctest: +SKIP
->>> train = cupynn.compile(model, "mse", optimizer=opt)
->>> for _ in range(1000):
-...     value = train(x, cupy.sin(3 * x))   # one graph launch per step
+>>> train = cupynn.compile(model, "mse", optimizer=opt)  # doctest: +SKIP
+>>> for _ in range(1000):  # doctest: +SKIP
+...     value = train(x, cupy.sin(3 * x))  # one graph launch  # doctest: +SKIP
 
 Semantics (what a captured graph implies):
 
