@@ -119,11 +119,11 @@ class CompiledStep:
         # stream itself (compiles the kernels, fills the pool) so that the allocations
         # made during capture are served from the pool, with no cudaMalloc inside it.
         stream = graph_stream(kl)
-        # a non-blocking stream does not wait for the legacy default stream, where x and
-        # the parameters may still be being written: wait once, here
-        synchronize_current(kl)
         if opt is not None:
             opt.prepare()  # the hyperparameters on the device before the capture
+        # a non-blocking stream does not wait for the legacy default stream, where x, the
+        # parameters and the hyperparameters may still be being written: wait once, here
+        synchronize_current(kl)
         with stream:
             xs[...] = x
             if ts is not None:
