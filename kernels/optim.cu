@@ -27,7 +27,8 @@ constexpr int OPT_THREADS = 256;                            // = GEMM_THREADS, t
 constexpr int OPT_PER_THREAD = 2;
 constexpr int OPT_CHUNK = OPT_THREADS * OPT_PER_THREAD;     // elements per block (cuda_optim.CHUNK)
 
-// hyper[]: the hyperparameters as float64, in this order (cuda_optim.hyper_vector)
+// hyper[]: the hyperparameters as float64, in this order (OptimizerState in
+// cupynn/backends/base.py; cuda_optim.sync writes them)
 enum : int { HYP_LR = 0, HYP_B1 = 1, HYP_B2 = 2, HYP_EPS = 3, HYP_WD = 4, HYP_NESTEROV = 5 };
 // SGD reads HYP_B1 as its momentum and HYP_B2 as its dampening.
 

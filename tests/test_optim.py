@@ -295,3 +295,33 @@ def test_compiled_cpu_step_is_value_and_grad_then_step(rng):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="does not hold this model"):
         cupynn.compile(b, "mse", optimizer=opt_a)
+
+
+def test_public_names_have_runnable_examples():
+    import doctest
+
+    from cupynn import flat, graph
+
+    for fn in (optim.SGD, optim.Adam, optim.AdamW, optim.load_state, cupynn.get_flat,
+               cupynn.set_flat, cupynn.flat_value_and_grad, cupynn.compile):
+        assert fn.__doc__ and ">>>" in fn.__doc__, fn
+    for mod in (optim, flat, graph):
+        failed, attempted = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert attempted > 0 and failed == 0, mod.__name__
+
+
+def test_host_constants_match_the_kernel_source():
+    import re
+
+    from cupynn import _loader
+    from cupynn.backends import cuda_catalog, cuda_optim
+
+    src = (_loader.KERNEL_DIR / cuda_optim.SOURCE).read_text()
+    const = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+) = (\d+)", src)}
+    assert const["OPT_SLOTS"] == cuda_optim.SLOTS
+    assert const["OPT_THREADS"] * const["OPT_PER_THREAD"] == cuda_optim.CHUNK
+    assert {k: const[f"OPT_{k.upper()}"] for k in cuda_optim.KINDS} == cuda_optim.KINDS
+    # the compile check builds every instantiation, and they count as hot (no spills)
+    listed = dict(cuda_catalog.all_instantiations())[cuda_optim.SOURCE]
+    assert set(listed) == {"cupynn::multi_tensor_step<double>", "cupynn::multi_tensor_step<float>"}
+    assert set(listed) <= cuda_catalog.hot_kernels()
