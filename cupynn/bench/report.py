@@ -97,7 +97,7 @@ def machine_info(device: str) -> dict:
         info["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
         info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
     info["versions"] = {
-        m: v for m in ("cupynn", "numpy", "cupy", "torch", "jax", "jaxlib", "matplotlib")
+        m: v for m in ("cupynn", "numpy", "cupy", "torch", "jax", "jaxlib", "optax", "matplotlib")
         if (v := _version(m))
     }
     return info
@@ -261,7 +261,8 @@ def markdown(doc: dict) -> str:
         rates = ", ".join(f"{k} {v / 1e9:.3g} GFLOP/s" for k, v in c["matmul_flops_per_s"].items())
         lines += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e9:.3g} GB/s "
                   f"(read + write); matrix product {rates}.", ""]
-    lines.append(_md_table(HEADER, _rows(doc["results"])))
+    if doc["results"] or not doc.get("train"):
+        lines.append(_md_table(HEADER, _rows(doc["results"])))
     if doc.get("thread"):
         header, rows = thread_rows(doc["thread"])
         n = doc["thread"][0]["samples_total"]
