@@ -325,3 +325,23 @@ def test_host_constants_match_the_kernel_source():
     listed = dict(cuda_catalog.all_instantiations())[cuda_optim.SOURCE]
     assert set(listed) == {"cupynn::multi_tensor_step<double>", "cupynn::multi_tensor_step<float>"}
     assert set(listed) <= cuda_catalog.hot_kernels()
+
+
+def test_warm_up_sends_the_update_kernels_to_optim_cu():
+    """``backend.warm_up(hot_kernels())`` (what .ci/gpu runs) compiles each name from its file."""
+    from cupynn.backends import cuda_backend as cb
+    from cupynn.backends import cuda_catalog
+
+    seen = []
+
+    class Recorder(cuda_catalog.NameCollector):
+        def __init__(self, code=None, options=(), name_expressions=(), **kw):
+            super().__init__(code, options, name_expressions, **kw)
+            seen.append(("multi_tensor_step(" in code, tuple(name_expressions)))
+
+    be = cb.CudaBackend(xp=np, module_cls=Recorder)
+    hot = cuda_catalog.hot_kernels()
+    assert be.warm_up(sorted(hot), workers=1) == len(hot)
+    assert any(f for f, _ in seen) and not all(f for f, _ in seen)
+    for from_optim_cu, names in seen:
+        assert all(("multi_tensor_step" in n) == from_optim_cu for n in names), names

@@ -106,11 +106,19 @@ class CudaBackend(Backend):
         self.kernels.launch(rng, SOURCE, name, grid, args)
 
     def warm_up(self, names=None, *, workers: int | None = None, modules: int | None = None) -> int:
-        """Compile kernels of ``kernels/dense.cu`` ahead of use (default: every instantiation
-        the backend can request); see :meth:`Launcher.warm_up`."""
+        """Compile kernels ahead of use (default: every instantiation the backend can
+        request); see :meth:`Launcher.warm_up`.  Names of the optimizer update go to
+        ``kernels/optim.cu``, all others to ``kernels/dense.cu``."""
+        optim_names = set(cuda_optim.kernel_names_all()[0][1])
         if names is None:
-            names = cuda_select.kernel_names_all()[0][1]
-        return self.kernels.warm_up(SOURCE, names, workers=workers, modules=modules)
+            names = list(cuda_select.kernel_names_all()[0][1]) + sorted(optim_names)
+        names = list(names)
+        dense = [n for n in names if n not in optim_names]
+        opt = [n for n in names if n in optim_names]
+        n = self.kernels.warm_up(SOURCE, dense, workers=workers, modules=modules) if dense else 0
+        if opt:
+            n += self.kernels.warm_up(cuda_optim.SOURCE, opt, workers=workers, modules=1)
+        return n
 
     # -- arrays ---------------------------------------------------------------------
     def owns(self, array) -> bool:
