@@ -118,7 +118,19 @@ def _bad_grads(model, rng):
     g = good()
     g[-1]["weight"] = g[-1]["weight"][None]
     cases.append(("ndim", g, ValueError, "2-D"))
+    g = good()
+    g[-1]["bias"] = _OnTheGpu(g[-1]["bias"])
+    cases.append(("device", g, cupynn.DeviceMismatchError, "on 'cuda'"))
     return cases
+
+
+class _OnTheGpu:
+    """Looks like a CuPy array to cupynn's device check (no GPU needed)."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, a):
+        self.shape, self.dtype, self.ndim, self.flags = a.shape, a.dtype, a.ndim, a.flags
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
