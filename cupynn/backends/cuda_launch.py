@@ -19,8 +19,8 @@ import numpy as np
 from .. import _loader
 from .._nvtx import nvtx_range
 
-__all__ = ["THREADS", "CudaLaunchError", "Launcher", "expect", "elem_strides", "EmulatedStream",
-           "EmulatedGraph"]
+__all__ = ["THREADS", "CudaLaunchError", "Launcher", "expect", "elem_strides", "graph_stream",
+           "synchronize_current", "EmulatedStream", "EmulatedGraph"]
 
 THREADS = 256  # threads per block of every kernel (kernels/common.cuh)
 
