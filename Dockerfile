@@ -35,7 +35,7 @@ RUN if [ "${INSTALL_NSYS}" = 1 ]; then sh /tmp/install-nsys.sh; fi \
 # `python -m cupynn info` runs, and the kernels compile through NVRTC (no GPU needed).
 COPY . /tmp/cupynn-src
 # The NVRTC compile check of the build: full (every kernel instantiation; a release, minutes),
-# sample (14 instantiations covering every kernel kind, sm_90; CI, well under a minute), none.
+# sample (up to 14 instantiations per .cu file, every kernel kind, sm_90; CI), none.
 ARG COMPILE_CHECK=full
 RUN python3 -m venv /opt/venv \
     && CUPYNN_COMPILE_CHECK="${COMPILE_CHECK}" \

@@ -59,7 +59,7 @@ PY
 "$python" -m cupynn info
 # Compile the kernels with NVRTC (no GPU needed): proves NVRTC and the CUDA headers work here.
 # CUPYNN_COMPILE_CHECK: full (default: every instantiation for sm_80 and sm_90, minutes),
-# sample (14 instantiations covering every kernel template and dtype, hot ones first, for
+# sample (up to 14 instantiations per .cu file, every kernel template and dtype, hot ones first, for
 # sm_90 only: well under a minute; CI uses it), none. The check's result cache goes to a
 # temporary directory, not into the image.
 case "${CUPYNN_COMPILE_CHECK:-full}" in
