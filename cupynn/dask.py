@@ -30,13 +30,20 @@ activations on its worker; the driver holds one gradient.
 Needs the ``dask`` extra (``pip install "cupynn[dask]"``: ``dask[distributed]``
 and ``threadpoolctl``) on the driver and on every worker, with cupynn itself.
 
->>> import numpy as np, dask.array as da, cupynn, cupynn.dask  # doctest: +SKIP
+>>> import numpy as np, dask.array as da, cupynn, cupynn.dask
 >>> from distributed import Client, LocalCluster
->>> client = Client(LocalCluster(n_workers=2, threads_per_worker=1))
+>>> cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+...                        dashboard_address=":0")   # threads here; a script uses processes
+>>> client = Client(cluster)
 >>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cpu", rng=0)
->>> X = da.from_array(np.linspace(-1, 1, 1_000_000).reshape(-1, 1), chunks=(100_000, 1))
+>>> X = da.from_array(np.linspace(-1, 1, 100_000).reshape(-1, 1), chunks=(10_000, 1))
 >>> value, grads = cupynn.dask.value_and_grad(model, X, "sum_squares")
->>> y = cupynn.dask.forward(model, X)          # lazy: a dask.array of outputs
+>>> grads[0]["weight"].shape
+(1000, 1)
+>>> Y = cupynn.dask.forward(model, X)          # lazy: a dask.array of outputs
+>>> Y.chunks[0] == X.chunks[0]
+True
+>>> client.close(); cluster.close()
 """
 
 from __future__ import annotations
@@ -73,6 +80,11 @@ class ChunkError(RuntimeError):
     ``index`` is the chunk's position along the batch (``X.blocks[index]``),
     ``rows`` its ``(start, stop)`` rows in ``X``, ``error`` the original
     exception's type name and ``detail`` its message.
+
+    >>> import cupynn.dask
+    >>> err = cupynn.dask.ChunkError(3, (300, 400), "ValueError", "x has 2 columns")
+    >>> str(err), err.index, err.rows
+    ('chunk 3 (rows 300:400 of X) failed: ValueError: x has 2 columns', 3, (300, 400))
     """
 
     def __init__(self, index: int, rows: tuple[int, int], error: str, detail: str):
@@ -353,14 +365,21 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
 
     Example
     -------
-    >>> import numpy as np, dask.array as da, cupynn, cupynn.dask  # doctest: +SKIP
+    >>> import dask.array as da, cupynn, cupynn.dask
     >>> from distributed import Client, LocalCluster
-    >>> client = Client(LocalCluster(n_workers=2, threads_per_worker=1))
+    >>> cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+    ...                        dashboard_address=":0")
+    >>> client = Client(cluster)
     >>> model = cupynn.MLP([3, 64, 1], "tanh", device="cpu", rng=0)
-    >>> X = da.random.default_rng(0).uniform(-1, 1, (200_000, 3), chunks=(50_000, 3))
+    >>> X = da.random.default_rng(0).uniform(-1, 1, (20_000, 3), chunks=(5_000, 3))
     >>> value, grads = cupynn.dask.value_and_grad(model, X, "mse", target=X[:, :1] ** 2)
-    >>> grads[0]["weight"].shape
-    (64, 3)
+    >>> value.dtype, grads[0]["weight"].shape
+    (dtype('float64'), (64, 3))
+    >>> cupynn.dask.value_and_grad(model, X.rechunk((5_000, 1)))   # chunked along the inputs
+    Traceback (most recent call last):
+    ...
+    ValueError: X must be chunked along the batch (axis 0) only; ... use X.rechunk({1: -1})
+    >>> client.close(); cluster.close()
     """
     if loss not in _LOSSES:
         raise ValueError(
@@ -442,10 +461,14 @@ def forward(model, X, *, blas_threads=1):
 
     Example
     -------
-    >>> Y = cupynn.dask.forward(model, X)  # doctest: +SKIP
-    >>> Y.shape, Y.chunks[0] == X.chunks[0]
-    ((200000, 1), True)
-    >>> float((Y ** 2).sum().compute())        # the sum_squares loss, another way
+    >>> import numpy as np, dask.array as da, cupynn, cupynn.dask
+    >>> model = cupynn.MLP([3, 16, 2], "tanh", device="cpu", rng=0)
+    >>> x = np.random.default_rng(0).uniform(-1, 1, (1000, 3))
+    >>> Y = cupynn.dask.forward(model, da.from_array(x, chunks=(300, 3)))
+    >>> Y.shape, Y.chunks
+    ((1000, 2), ((300, 300, 300, 100), (2,)))
+    >>> bool(np.allclose(Y.compute(scheduler="threads"), model(x), rtol=1e-12, atol=0))
+    True
     """
     if not isinstance(model, (Dense, Chain)):
         raise TypeError(f"model must be a cupynn Dense or Chain, got {type(model).__name__}")
@@ -463,7 +486,11 @@ def connect(address: str, *, timeout: float = 10.0) -> distributed.Client:
     """A ``distributed.Client`` for the scheduler at ``address``, or a ``ConnectionError``
     within ``timeout`` seconds (never a hang).
 
-    >>> client = cupynn.dask.connect("tcp://10.0.0.5:8786", timeout=10)  # doctest: +SKIP
+    >>> import cupynn.dask
+    >>> cupynn.dask.connect("tcp://127.0.0.1:9", timeout=1)   # nothing listens there
+    Traceback (most recent call last):
+    ...
+    ConnectionError: could not reach a Dask scheduler at 'tcp://127.0.0.1:9' within 1 s ...
     """
     try:
         return distributed.Client(address, timeout=timeout)

@@ -8,14 +8,13 @@ errors (bad chunking, a failing chunk, an unreachable scheduler, a timeout).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +28,6 @@ import cupynn.dask as cdask  # noqa: E402
 
 from .conftest import TOL, random_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 N_WORKERS = 3
 DEADLINE_S = 120  # any single wait on the cluster
 
@@ -300,14 +298,15 @@ def test_timeout_cancels_the_computation(client, rng):
     assert not any(_wait_until_empty(client, timeout=20).values())
 
 
-# -- the training example -----------------------------------------------------------
+# -- docs -------------------------------------------------------------------------
 
-def test_training_example_lowers_the_loss(client):
-    spec = importlib.util.spec_from_file_location("dask_train", ROOT / "examples" / "dask_train.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    losses = example.train(client, n_samples=4000, chunk_rows=500, steps=8, log=lambda s: None)
-    assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+def test_public_names_have_runnable_examples():
+    import doctest
+
+    for fn in (cdask.value_and_grad, cdask.forward, cdask.connect, cdask.ChunkError):
+        assert fn.__doc__ and ">>>" in fn.__doc__, fn
+    failed, attempted = doctest.testmod(cdask, optionflags=doctest.ELLIPSIS)
+    assert attempted > 0 and failed == 0
 
 
 # -- the benchmark workload ------------------------------------------------------------
