@@ -30,20 +30,15 @@ activations on its worker; the driver holds one gradient.
 Needs the ``dask`` extra (``pip install "cupynn[dask]"``: ``dask[distributed]``
 and ``threadpoolctl``) on the driver and on every worker, with cupynn itself.
 
->>> import numpy as np, dask.array as da, cupynn, cupynn.dask
->>> from distributed import Client, LocalCluster
->>> cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-...                        dashboard_address=":0")   # threads here; a script uses processes
->>> client = Client(cluster)
->>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cpu", rng=0)
->>> X = da.from_array(np.linspace(-1, 1, 100_000).reshape(-1, 1), chunks=(10_000, 1))
->>> value, grads = cupynn.dask.value_and_grad(model, X, "sum_squares")
->>> grads[0]["weight"].shape
-(1000, 1)
->>> Y = cupynn.dask.forward(model, X)          # lazy: a dask.array of outputs
->>> Y.chunks[0] == X.chunks[0]
-True
->>> client.close(); cluster.close()
+In a script (the workers are new processes, so guard its body; the docstring of
+:func:`value_and_grad` has a runnable example on an in-process cluster)::
+
+    if __name__ == "__main__":
+        client = distributed.Client(distributed.LocalCluster(n_workers=2, threads_per_worker=1))
+        model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cpu", rng=0)
+        X = dask.array.from_array(np.linspace(-1, 1, 10**6).reshape(-1, 1), chunks=(10**5, 1))
+        value, grads = cupynn.dask.value_and_grad(model, X, "sum_squares")
+        Y = cupynn.dask.forward(model, X)      # lazy: a dask.array of outputs
 """
 
 from __future__ import annotations
