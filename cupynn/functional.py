@@ -5,7 +5,9 @@ their own computations can call the single-layer operations
 (:func:`dense_forward`, :func:`dense_backward`) and the losses
 (:func:`loss_forward`, :func:`loss_backward`) directly. Every function
 checks its arguments (shape, dtype, device) here, once, so backends only
-ever see well-formed inputs.
+ever see well-formed inputs. Arrays may be any DLPack producer on the
+model's device (a torch tensor, a JAX array): they are read in place, without
+a copy (see ``cupynn/_arrays.py``); results are NumPy/CuPy arrays.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from ._arrays import intake
 from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import get_activation
@@ -59,9 +64,28 @@ def _check_batch(model, layers, x, what="x"):
     return (x.reshape(1, -1) if single else x), single
 
 
+def _intake_loss(loss, device, dtype):
+    """A callable loss whose ``dL/dy`` may be any DLPack producer, read in place."""
+    if not callable(loss):
+        return loss
+
+    def fn(y):
+        out = loss(y)
+        if isinstance(out, tuple) and len(out) == 2:
+            return out[0], intake(out[1], what="dL/dy", device=device, dtype=dtype)
+        return out  # call_loss says what is wrong with it
+
+    return fn
+
+
 def forward(model, x):
-    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``)."""
+    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``).
+
+    ``x`` is a NumPy/CuPy array or any DLPack producer on the model's device
+    (read without a copy); the output is a NumPy/CuPy array.
+    """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
     y = backend.network_forward(net, params, x2)
     return y.reshape(-1) if single else y
@@ -74,6 +98,7 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     ----------
     model : Dense or Chain
     x : array of shape ``(batch, in)`` or ``(in,)``, the model's dtype and device
+        (NumPy/CuPy, or any DLPack producer such as a torch tensor, read without a copy)
     loss : ``"sum_squares"`` (``sum((y - target)**2)``), ``"mse"`` (the same
         divided by ``y.size``), or a callable ``loss(y) -> (value, dL/dy)``
         working on the model's array type
@@ -94,8 +119,11 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     (8, 1)
     """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    if target is not None:
+        target = intake(target, what="target", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
-    spec = make_loss(loss, target)
+    spec = make_loss(_intake_loss(loss, model.device, model.dtype), target)
     if spec.target is not None:
         out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
         check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
@@ -138,10 +166,22 @@ class DenseContext:
     device: str
 
 
+def _intake_layer_args(x, W, b):
+    """``(x, W, b)`` with DLPack producers read in place, on ``W``'s device and dtype."""
+    W = intake(W, what="W")
+    device = array_device(W)
+    dtype = W.dtype if device is not None and W.dtype in (np.float32, np.float64) else None
+    x = intake(x, what="x", device=device, dtype=dtype)
+    if b is not None:
+        b = intake(b, what="b", device=device, dtype=dtype)
+    return x, W, b
+
+
 def _check_layer_args(x, W, b, activation, precision):
     device = array_device(W)
     if device is None:
-        raise TypeError(f"W must be a NumPy or CuPy array, got {type(W).__name__}")
+        raise TypeError(f"W must be a NumPy or CuPy array (or a DLPack producer such as a "
+                        f"torch tensor), got {type(W).__name__}")
     dtype = as_float_dtype(W.dtype)
     check_precision(precision, dtype)
     check_array(W, what="W", device=device, dtype=dtype, ndim=(2,))
@@ -164,7 +204,9 @@ def dense_forward(x, W, b=None, activation="identity", *, precision="strict", sa
     """``act(x @ W.T + b)`` for ``x (batch, in)``, ``W (out, in)``, ``b (out,)``.
 
     With ``save=True`` returns ``(y, ctx)`` where ``ctx`` feeds :func:`dense_backward`.
+    Arrays may be DLPack producers (read without a copy); ``y`` is a NumPy/CuPy array.
     """
+    x, W, b = _intake_layer_args(x, W, b)
     device, act = _check_layer_args(x, W, b, activation, precision)
     backend = get_backend(device)
     if not save:
@@ -178,6 +220,7 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
 
     ``dz = g * act'(.)``, ``dW = dz.T @ x``, ``db = dz.sum(0)``, ``dx = dz @ W``.
     """
+    g = intake(g, what="g", device=ctx.device, dtype=ctx.W.dtype)
     check_array(g, what="g", device=ctx.device, dtype=ctx.W.dtype, ndim=(2,))
     expected = (ctx.x.shape[0], ctx.W.shape[0])
     if tuple(g.shape) != expected:
