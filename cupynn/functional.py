@@ -22,12 +22,13 @@ from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import get_activation
 from .backends import get_backend
-from .backends.base import LayerSpec, NetSpec
+from .backends.base import LayerSpec, LossSpec, NetSpec
 from .losses import loss_backward, loss_forward, make_loss
 
 __all__ = [
     "forward",
     "value_and_grad",
+    "vjp",
     "dense_forward",
     "dense_backward",
     "DenseContext",
@@ -149,6 +150,48 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     if wrt_input:
         return value, grads, (dx.reshape(-1) if single else dx)
     return value, grads
+
+
+def vjp(model, x, g, *, wrt_input=True):
+    """The vector-Jacobian product of the model at ``x`` for the cotangent ``g``.
+
+    The gradients of ``L = sum(model(x) * g)`` (whose ``dL/dy`` is ``g``):
+    ``grads[i]["weight"] = sum_b dL/dW_i``, ... and ``dx = g @ dy/dx``, from one
+    backward call — what a framework's autograd asks of a layer (the backward of
+    :class:`cupynn.torch.Module`, the VJP of :func:`cupynn.jax.apply`).
+
+    Parameters
+    ----------
+    model : Dense or Chain
+    x : ``(batch, in)`` or ``(in,)``; ``g`` : the output's shape, ``(batch, out)`` / ``(out,)``;
+        both of the model's dtype, on its device (NumPy/CuPy or any DLPack producer,
+        read without a copy; ``g`` may be strided, e.g. a broadcast)
+    wrt_input : also compute ``dx`` (else it is None, and cheaper)
+
+    Returns ``(grads, dx)``, ``grads`` shaped like ``model.parameters()``.
+
+    >>> import numpy as np, cupynn
+    >>> m = cupynn.MLP([2, 8, 3], "tanh", device="cpu", rng=0)
+    >>> grads, dx = cupynn.functional.vjp(m, np.ones((5, 2)), np.ones((5, 3)))
+    >>> grads[1]["weight"].shape, dx.shape
+    ((3, 8), (5, 2))
+    """
+    layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    g = intake(g, what="g", device=model.device, dtype=model.dtype)
+    x2, single = _check_batch(model, layers, x)
+    out_shape = (net.out_features,) if single else (x.shape[0], net.out_features)
+    check_array(g, what="g", device=model.device, dtype=model.dtype, ndim=(len(out_shape),))
+    if tuple(g.shape) != out_shape:
+        raise ValueError(f"g must have the output's shape {out_shape}, got {tuple(g.shape)}")
+    g2 = g.reshape(1, -1) if single else g
+    if "dot" in backend.loss_kinds:
+        spec = LossSpec("dot", g2, None)
+    else:  # the same loss as a callable: sum(y * g), dL/dy = g
+        spec = LossSpec("callable", None, lambda y: ((y * g2).sum(), g2))
+    _, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input)
+    grads = model._grads_like_parameters(pairs)
+    return grads, (None if dx is None else dx.reshape(-1) if single else dx)
 
 
 # -- one layer at a time ----------------------------------------------------------

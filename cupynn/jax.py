@@ -8,7 +8,7 @@ dict), ``x (batch, in)`` or ``(in,)``, ``y = act(x @ W.T + b)`` per layer.
 ``jax.grad`` / ``jax.vjp`` of a function using ``f`` differentiate it through
 a ``jax.custom_vjp`` whose forward and backward call cupynn through
 ``jax.pure_callback``: the forward is ``model(x)``, the backward ONE
-:func:`cupynn.value_and_grad` call with the loss ``L(y) = sum(y * g)`` for
+:func:`cupynn.functional.vjp` call, the gradients of ``L(y) = sum(y * g)`` for
 the incoming cotangent ``g`` (its gradient is ``g``), returning the
 parameters' cotangents, and ``x``'s when ``x`` is differentiated. The model fixes the architecture
 (sizes, activations, bias or not, dtype, precision, device); the numbers
@@ -121,15 +121,10 @@ def apply(model):
         return _host(functional.forward(build(leaves), to_device(x)))
 
     def host_vjp(need_dx, x, g, *leaves):
-        xa, ga = to_device(x), to_device(g)
-
-        def loss(y):  # L(y) = sum(y * g): dL/dy = g
-            return (y * ga).sum(), ga
-
-        out = functional.value_and_grad(build(leaves), xa, loss, wrt_input=need_dx)
-        grads = out[1] if isinstance(out[1], list) else [out[1]]
+        grads, dx = functional.vjp(build(leaves), to_device(x), to_device(g), wrt_input=need_dx)
+        grads = grads if isinstance(grads, list) else [grads]
         flat = [_host(a) for gr in grads for a in (gr["weight"], gr["bias"]) if a is not None]
-        return (_host(out[2]), *flat) if need_dx else tuple(flat)
+        return (_host(dx), *flat) if need_dx else tuple(flat)
 
     def y_struct(x):
         return jax.ShapeDtypeStruct(x.shape[:-1] + (n_out,), dtype)

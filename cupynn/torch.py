@@ -6,9 +6,9 @@ memory with the model's arrays through DLPack (no copy, either way: an
 optimizer's in-place step is the model's new weights); its forward runs
 cupynn — the NumPy backend for CPU tensors, cupynn's CUDA kernels for CUDA
 tensors (on torch's current stream) — and its backward is ONE cupynn
-gradient call, :func:`cupynn.value_and_grad` with the loss
-``L(y) = sum(y * g)`` built from the incoming ``g = dL/dy`` (whose gradient
-is ``g``), which returns ``dL/dx`` and every weight and bias gradient.
+gradient call, :func:`cupynn.functional.vjp`: the gradients of
+``L(y) = sum(y * g)`` for the incoming ``g = dL/dy`` (whose gradient is
+``g``), i.e. ``dL/dx`` and every weight and bias gradient.
 
 Shapes: ``x (batch, in)`` or one sample ``(in,)`` -> ``y (batch, out)`` /
 ``(out,)``; ``x`` must be on the parameters' device, in their dtype
@@ -72,7 +72,7 @@ def _layers(model) -> list[Dense]:
 
 
 class _Backward(torch.autograd.Function):
-    """``(dx, dW0, db0, dW1, ...)`` from one :func:`cupynn.value_and_grad` call.
+    """``(dx, dW0, db0, dW1, ...)`` from one :func:`cupynn.functional.vjp` call.
 
     A Function of its own so that differentiating these gradients (double
     backward) reaches :meth:`backward` and its error, instead of silently
@@ -81,18 +81,11 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, x, model, need_dx, *params):
-        ga = intake(g.detach(), what="dL/dy", device=model.device, dtype=model.dtype)
-        xa = intake(x.detach(), what="x", device=model.device, dtype=model.dtype)
-
-        def loss(y):  # L(y) = sum(y * g): dL/dy = g
-            return (y * ga).sum(), ga
-
         with _stream(x.device):
-            out = functional.value_and_grad(model, xa, loss, wrt_input=need_dx)
-        grads = out[1] if isinstance(out[1], list) else [out[1]]
+            grads, dx = functional.vjp(model, x.detach(), g.detach(), wrt_input=need_dx)
+        grads = grads if isinstance(grads, list) else [grads]
         flat = [_tensor(arr) for gr in grads for arr in (gr["weight"], gr["bias"]) if arr is not None]
-        dx = [_tensor(out[2])] if need_dx else []
-        return tuple(dx + flat)
+        return tuple(([_tensor(dx)] if need_dx else []) + flat)
 
     @staticmethod
     def backward(ctx, *_):

@@ -81,11 +81,10 @@ def test_forward_and_backward_are_cupynn_calls(rng, x64, monkeypatch):
     model = random_model([2, 6, 1], "tanh", np.float64, rng)
     f, params = cj.apply(model), cj.parameters(model)
     calls = []
-    real = F.value_and_grad
-    monkeypatch.setattr(F, "value_and_grad",
-                        lambda *a, **k: calls.append(k["wrt_input"]) or real(*a, **k))
+    real = F.vjp
+    monkeypatch.setattr(F, "vjp", lambda *a, **k: calls.append(k["wrt_input"]) or real(*a, **k))
     x = rng.standard_normal((9, 2))
-    value, grads, dx = real(model, x, "sum_squares", wrt_input=True)
+    value, grads, dx = cupynn.value_and_grad(model, x, "sum_squares", wrt_input=True)
     v, (gp, gx) = jax.value_and_grad(lambda p, x: jnp.sum(f(p, x) ** 2), argnums=(0, 1))(
         params, jnp.asarray(x))
     assert calls == [True]  # one backward call for all the cotangents
@@ -136,3 +135,23 @@ class _x64_off:
 
     def __exit__(self, *exc):
         jax.config.update("jax_enable_x64", self.old)
+
+
+@pytest.mark.gpu
+def test_cuda_model_under_jit_matches_jax_numpy(rng, x64):
+    """A CUDA model: the callbacks copy JAX's host arrays to the GPU and back."""
+    if not cupynn.cuda_available():
+        pytest.skip("cupynn's CUDA backend is not usable here")
+    model = random_model([3, 33, 17, 2], ["tanh", "relu", "identity"], np.float64, rng,
+                         device="cuda")
+    f, params, ref = cj.apply(model), cj.parameters(model), jnp_network(model)
+    x = jnp.asarray(rng.standard_normal((129, 3)))
+
+    def loss(fn):
+        return lambda p, x: jnp.sum(jnp.sin(fn(p, x)))
+
+    (gp, gx) = jax.jit(jax.grad(loss(f), argnums=(0, 1)))(params, x)
+    (rp, rx) = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
+    assert rel(gx, rx) <= 1e-12
+    for g, r in zip(gp, rp):
+        assert rel(g["weight"], r["weight"]) <= 1e-12 and rel(g["bias"], r["bias"]) <= 1e-12
