@@ -15,8 +15,9 @@ parameters' cotangents, and ``x``'s when ``x`` is differentiated. The model fixe
 come from ``params``.
 
 Costs: a callback leaves compiled code for Python. On the CPU, JAX hands
-the callback its CPU arrays, which cupynn reads through DLPack without a
-copy; what a call costs on top of cupynn's own work is measured by
+the callback CPU arrays of its own (JAX copies the arguments), which cupynn
+reads in place, without a further copy; what a call costs on top of
+cupynn's own work is measured by
 ``bench/jax_callback_cost.py`` (numbers in ``bench/RESULTS.md``). On a GPU,
 ``pure_callback`` copies its arguments to the host and its results back (a
 host round trip per call), and a CUDA model copies them again to and from
@@ -100,10 +101,11 @@ def apply(model):
     def to_device(a):
         """A callback argument (a CPU JAX or NumPy array) where the model computes.
 
-        On the CPU, a read-only NumPy view of it (DLPack, no copy); for a CUDA model a
-        copy on its GPU (a host round trip on top of the callback's own).
+        On the CPU, a read-only NumPy view of it (no copy; ``np.asarray`` of a CPU JAX
+        array is a view, and costs a tenth of ``np.from_dlpack``); for a CUDA model a copy
+        on its GPU (a host round trip on top of the callback's own).
         """
-        host = np.from_dlpack(a)
+        host = np.asarray(a)
         if device == "cuda":
             import cupy
 
