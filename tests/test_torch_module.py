@@ -226,6 +226,7 @@ def test_cuda_module_matches_torch(act, rng):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-11, atol=1e-12)
     # on a side stream too: cupynn runs on torch's current stream
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         y3 = net(x.detach())
     s.synchronize()
