@@ -14,10 +14,12 @@ and ``import cupynn.jax`` (``cupynn.jax.apply(model)``, a ``jax.custom_vjp``
 function). Torch tensors and JAX arrays are accepted wherever an array is.
 """
 
+from . import optim
 from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
+from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import value_and_grad
 from .graph import compile
 from .io import load
@@ -33,7 +35,12 @@ __all__ = [
     "MLP",
     "compile",
     "cuda_available",
+    "flat_value_and_grad",
+    "get_flat",
     "load",
+    "num_parameters",
+    "optim",
+    "set_flat",
     "show_config",
     "value_and_grad",
     "__version__",

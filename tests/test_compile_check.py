@@ -74,7 +74,7 @@ def test_compile_errors_fail_the_check(nvrtc, capsys, tmp_path, monkeypatch):
 
 
 def test_every_kernel_instantiation_compiles(nvrtc, capsys):
-    """The CI check proper: cupynn._loader.all_instantiations() for sm_80 and sm_90."""
+    """The CI check proper: cuda_catalog.all_instantiations() for sm_80 and sm_90."""
     rc = cc.main(["--quiet"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-20000:] + out[-2000:]

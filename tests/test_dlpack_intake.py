@@ -156,3 +156,22 @@ def test_jax_arrays_are_read_in_place(rng):
     assert jax.devices()[0].platform == "cpu"
     with pytest.raises(TypeError, match=r"jax\.numpy\.float64.*jax_enable_x64"):
         random_model([3, 2], "identity", np.float64, rng)(xj)
+
+
+def test_optimizer_step_takes_torch_gradients(rng):
+    import cupynn.optim
+
+    model = random_model([3, 4, 2], "tanh", np.float64, rng)
+    twin = random_model([3, 4, 2], "tanh", np.float64, rng)
+    twin.load_parameters(model.parameters())
+    x = rng.standard_normal((6, 3))
+    _, grads = cupynn.value_and_grad(model, x)
+    as_torch = [{k: torch.from_numpy(v.copy()) for k, v in g.items()} for g in grads]
+    cupynn.optim.SGD(model.parameters(), lr=0.1).step(as_torch)
+    cupynn.optim.SGD(twin.parameters(), lr=0.1).step(grads)
+    for a, b in zip(model.layers, twin.layers):
+        np.testing.assert_array_equal(a.weight, b.weight)
+        np.testing.assert_array_equal(a.bias, b.bias)
+    with pytest.raises(TypeError, match=r"torch\.float64"):
+        cupynn.optim.SGD(model.parameters(), lr=0.1).step(
+            [{k: v.float() for k, v in g.items()} for g in as_torch])
