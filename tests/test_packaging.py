@@ -82,6 +82,9 @@ def test_docker_files_fit_together():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "docker/install.sh" in dockerfile and "cuda12,profile" in dockerfile
     assert "PIP_NO_CACHE_DIR=1" in dockerfile
+    # builds without a registry (CI's engine has none): no frontend image to fetch
+    assert not any(line.startswith("# syntax=") for line in dockerfile.splitlines())
+    assert "ARG COMPILE_CHECK=full" in dockerfile and 'CUPYNN_COMPILE_CHECK="${COMPILE_CHECK}"' in dockerfile
     assert 'ENTRYPOINT ["/usr/local/bin/cupynn-entrypoint"]' in dockerfile
     user = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert user and user[-1].split(":")[0] not in ("0", "root")
