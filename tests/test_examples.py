@@ -17,6 +17,7 @@ EXPECT = {  # a line each example must print
     "lbfgs_scipy.py": "iterations,",
     "train_compiled.py": "optimizer steps 30",
     "checkpoint_resume.py": "identical to the uninterrupted run: True",
+    "dask_train.py": "Adam steps on 2 dask workers",
 }
 
 
@@ -28,6 +29,8 @@ def test_every_example_is_covered():
 def test_example_runs_quick(path, tmp_path):
     if path.name == "lbfgs_scipy.py":
         pytest.importorskip("scipy.optimize")
+    if path.name == "dask_train.py":
+        pytest.importorskip("distributed")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     args = [sys.executable, str(path), "--quick", "--device", "cpu"]

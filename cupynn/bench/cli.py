@@ -8,6 +8,7 @@ Examples::
         --json bench.json --plot bench.png --markdown bench.md
     python -m cupynn bench --sizes 8,256,256,1 --activation tanh --batch 65536
     python -m cupynn bench --quick --json out.json --plot out.png   # CI smoke run
+    python -m cupynn bench dask --quick               # cupynn.dask on a local cluster (own options)
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="workloads: " + "; ".join(f"{k} = {w.describe()}" for k, w in WORKLOADS.items())
                + ".\nimplementations: " + ", ".join(IMPLEMENTATIONS)
-               + " (default: all but torch.compile; 'all' adds it).",
+               + " (default: all but torch.compile; 'all' adds it).\n"
+               + "`python -m cupynn bench dask --help`: cupynn.dask on a local Dask cluster.",
     )
     p.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                    help=f"one or more of {', '.join(WORKLOADS)} (default: seed; with --quick "
@@ -117,6 +119,10 @@ def _resolve_device(device: str) -> str:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["dask"]:
+        from .dask_bench import main as dask_main
+
+        return dask_main(sys.argv[2:] if argv is None else list(argv)[1:])
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     device = _resolve_device(args.device)
