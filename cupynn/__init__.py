@@ -7,18 +7,38 @@ computes the same function on any machine.
 >>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cpu", rng=0)
 >>> x = np.linspace(-1, 1, 10_000).reshape(-1, 1)
 >>> value, grads = cupynn.value_and_grad(model, x, "sum_squares")
+
+In PyTorch and JAX programs (optional extras, imported only when asked for):
+``import cupynn.torch`` (``cupynn.torch.Module(model)``, a ``torch.nn.Module``)
+and ``import cupynn.jax`` (``cupynn.jax.apply(model)``, a ``jax.custom_vjp``
+function). Torch tensors and JAX arrays are accepted wherever an array is.
+On a Dask cluster (the ``dask`` extra): ``cupynn.dask.value_and_grad(model, X)`` for a
+``dask.array`` batch ``X``, chunk by chunk on the workers.
 """
 
+from . import optim
 from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
+from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
 from .graph import compile
 from .io import load
 from .layers import MLP, Chain, Dense
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # cupynn.dask (data-parallel value and gradient on a Dask cluster) needs the optional
+    # `dask` extra: it is imported on first use of cupynn.dask, never by `import cupynn`.
+    if name == "dask":
+        import importlib
+
+        return importlib.import_module(".dask", __name__)
+    raise AttributeError(f"module 'cupynn' has no attribute {name!r}")
+
 
 __all__ = [
     "ACTIVATIONS",
@@ -29,7 +49,12 @@ __all__ = [
     "compile",
     "cuda_available",
     "execution_path",
+    "flat_value_and_grad",
+    "get_flat",
     "load",
+    "num_parameters",
+    "optim",
+    "set_flat",
     "show_config",
     "value_and_grad",
     "__version__",

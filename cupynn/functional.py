@@ -5,47 +5,62 @@ their own computations can call the single-layer operations
 (:func:`dense_forward`, :func:`dense_backward`) and the losses
 (:func:`loss_forward`, :func:`loss_backward`) directly. Every function
 checks its arguments (shape, dtype, device) here, once, so backends only
-ever see well-formed inputs.
+ever see well-formed inputs. Arrays may be any DLPack producer on the
+model's device (a torch tensor, a JAX array): they are read in place, without
+a copy (see ``cupynn/_arrays.py``); results are NumPy/CuPy arrays.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from ._arrays import intake
 from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import get_activation
 from .backends import get_backend
-from .backends.base import LayerSpec, NetSpec
+from .backends.base import OPTIMIZER_KINDS, LayerSpec, LossSpec, NetSpec, OptimizerState
 from .losses import loss_backward, loss_forward, make_loss
 
 __all__ = [
     "forward",
     "value_and_grad",
     "execution_path",
+    "vjp",
     "dense_forward",
     "dense_backward",
     "DenseContext",
     "loss_forward",
     "loss_backward",
+    "optimizer_state",
+    "optimizer_step",
+    "optimizer_sync",
+    "optimizer_get_step",
+    "optimizer_set_step",
 ]
 
 
 # -- whole models ---------------------------------------------------------------
 
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, parts)
+
 def _model_parts(model):
     """(layers, NetSpec, [(W, b)], backend) of a Dense or Chain.
 
-    Kept on the model while its layers hold the same arrays and activations (the cache holds
-    them, so their ids cannot be reused): a repeated call hands the backend the same NetSpec
-    object, which it recognises without hashing."""
+    Kept (weakly, beside the model: nothing is pickled with it) while the model's layers hold
+    the same arrays and activations -- the cache holds them, so their ids cannot be reused --
+    and a repeated call hands the backend the same NetSpec object, which it recognises
+    without hashing."""
     layers = model._dense_layers()
     sig = [model.precision]
     for l in layers:
         sig += (id(l.weight), id(l.bias), id(l.activation), l._device, l.in_features,
                 l.out_features)
-    cached = getattr(model, "_parts_cache", None)
+    cached = _PARTS.get(model)
     if cached is not None and cached[0] == sig:
         return cached[1]
     net = NetSpec(
@@ -56,7 +71,7 @@ def _model_parts(model):
     )
     params = [(l.weight, l.bias) for l in layers]
     parts = (layers, net, params, get_backend(model.device))
-    model._parts_cache = (sig, parts)
+    _PARTS[model] = (sig, parts)
     return parts
 
 
@@ -73,9 +88,41 @@ def _check_batch(model, layers, x, what="x"):
     return (x.reshape(1, -1) if single else x), single
 
 
+def _intake_loss(loss, device, dtype):
+    """A callable loss whose ``dL/dy`` may be any DLPack producer, read in place."""
+    if not callable(loss):
+        return loss
+
+    def fn(y):
+        out = loss(y)
+        if isinstance(out, tuple) and len(out) == 2:
+            return out[0], intake(out[1], what="dL/dy", device=device, dtype=dtype)
+        return out  # call_loss says what is wrong with it
+
+    return fn
+
+
+def _check_target(model, net, x2, target):
+    """Check a built-in loss's ``target`` against the 2-D batch ``x2``; return it 2-D."""
+    target = intake(target, what="target", device=model.device, dtype=model.dtype)
+    out_shape = (x2.shape[0], net.out_features)
+    check_array(target, what="target", device=model.device, dtype=model.dtype, ndim=(1, 2))
+    if target.ndim == 1 and x2.shape[0] == 1:
+        target = target.reshape(1, -1)
+    if tuple(target.shape) != out_shape:
+        raise ValueError(f"target must have the output's shape {out_shape}, got "
+                         f"{tuple(target.shape)}")
+    return target
+
+
 def forward(model, x):
-    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``)."""
+    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``).
+
+    ``x`` is a NumPy/CuPy array or any DLPack producer on the model's device
+    (read without a copy); the output is a NumPy/CuPy array.
+    """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
     y = backend.network_forward(net, params, x2)
     return y.reshape(-1) if single else y
@@ -108,6 +155,7 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     ----------
     model : Dense or Chain
     x : array of shape ``(batch, in)`` or ``(in,)``, the model's dtype and device
+        (NumPy/CuPy, or any DLPack producer such as a torch tensor, read without a copy)
     loss : ``"sum_squares"`` (``sum((y - target)**2)``), ``"mse"`` (the same
         divided by ``y.size``), or a callable ``loss(y) -> (value, dL/dy)``
         working on the model's array type
@@ -133,8 +181,11 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     >>> v, g = cupynn.value_and_grad(m, np.zeros((5, 1)), out=(v, g))   # reuses v and g
     """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    if target is not None:
+        target = intake(target, what="target", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
-    spec = make_loss(loss, target)
+    spec = make_loss(_intake_loss(loss, model.device, model.dtype), target)
     if spec.target is not None:
         out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
         check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
@@ -187,6 +238,48 @@ def execution_path(model, batch: int, *, loss="sum_squares", wrt_input=False, ki
     return backend.execution_path(net, int(batch), mode=kind, need_dx=bool(wrt_input), loss=spec)
 
 
+def vjp(model, x, g, *, wrt_input=True):
+    """The vector-Jacobian product of the model at ``x`` for the cotangent ``g``.
+
+    The gradients of ``L = sum(model(x) * g)`` (whose ``dL/dy`` is ``g``):
+    ``grads[i]["weight"] = sum_b dL/dW_i``, ... and ``dx = g @ dy/dx``, from one
+    backward call — what a framework's autograd asks of a layer (the backward of
+    :class:`cupynn.torch.Module`, the VJP of :func:`cupynn.jax.apply`).
+
+    Parameters
+    ----------
+    model : Dense or Chain
+    x : ``(batch, in)`` or ``(in,)``; ``g`` : the output's shape, ``(batch, out)`` / ``(out,)``;
+        both of the model's dtype, on its device (NumPy/CuPy or any DLPack producer,
+        read without a copy; ``g`` may be strided, e.g. a broadcast)
+    wrt_input : also compute ``dx`` (else it is None, and cheaper)
+
+    Returns ``(grads, dx)``, ``grads`` shaped like ``model.parameters()``.
+
+    >>> import numpy as np, cupynn
+    >>> m = cupynn.MLP([2, 8, 3], "tanh", device="cpu", rng=0)
+    >>> grads, dx = cupynn.functional.vjp(m, np.ones((5, 2)), np.ones((5, 3)))
+    >>> grads[1]["weight"].shape, dx.shape
+    ((3, 8), (5, 2))
+    """
+    layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    g = intake(g, what="g", device=model.device, dtype=model.dtype)
+    x2, single = _check_batch(model, layers, x)
+    out_shape = (net.out_features,) if single else (x.shape[0], net.out_features)
+    check_array(g, what="g", device=model.device, dtype=model.dtype, ndim=(len(out_shape),))
+    if tuple(g.shape) != out_shape:
+        raise ValueError(f"g must have the output's shape {out_shape}, got {tuple(g.shape)}")
+    g2 = g.reshape(1, -1) if single else g
+    if "dot" in backend.loss_kinds:
+        spec = LossSpec("dot", g2, None)
+    else:  # the same loss as a callable: sum(y * g), dL/dy = g
+        spec = LossSpec("callable", None, lambda y: ((y * g2).sum(), g2))
+    _, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input)
+    grads = model._grads_like_parameters(pairs)
+    return grads, (None if dx is None else dx.reshape(-1) if single else dx)
+
+
 # -- one layer at a time ----------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -202,10 +295,22 @@ class DenseContext:
     device: str
 
 
+def _intake_layer_args(x, W, b):
+    """``(x, W, b)`` with DLPack producers read in place, on ``W``'s device and dtype."""
+    W = intake(W, what="W")
+    device = array_device(W)
+    dtype = W.dtype if device is not None and W.dtype in (np.float32, np.float64) else None
+    x = intake(x, what="x", device=device, dtype=dtype)
+    if b is not None:
+        b = intake(b, what="b", device=device, dtype=dtype)
+    return x, W, b
+
+
 def _check_layer_args(x, W, b, activation, precision):
     device = array_device(W)
     if device is None:
-        raise TypeError(f"W must be a NumPy or CuPy array, got {type(W).__name__}")
+        raise TypeError(f"W must be a NumPy or CuPy array (or a DLPack producer such as a "
+                        f"torch tensor), got {type(W).__name__}")
     dtype = as_float_dtype(W.dtype)
     check_precision(precision, dtype)
     check_array(W, what="W", device=device, dtype=dtype, ndim=(2,))
@@ -228,7 +333,9 @@ def dense_forward(x, W, b=None, activation="identity", *, precision="strict", sa
     """``act(x @ W.T + b)`` for ``x (batch, in)``, ``W (out, in)``, ``b (out,)``.
 
     With ``save=True`` returns ``(y, ctx)`` where ``ctx`` feeds :func:`dense_backward`.
+    Arrays may be DLPack producers (read without a copy); ``y`` is a NumPy/CuPy array.
     """
+    x, W, b = _intake_layer_args(x, W, b)
     device, act = _check_layer_args(x, W, b, activation, precision)
     backend = get_backend(device)
     if not save:
@@ -242,6 +349,7 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
 
     ``dz = g * act'(.)``, ``dW = dz.T @ x``, ``db = dz.sum(0)``, ``dx = dz @ W``.
     """
+    g = intake(g, what="g", device=ctx.device, dtype=ctx.W.dtype)
     check_array(g, what="g", device=ctx.device, dtype=ctx.W.dtype, ndim=(2,))
     expected = (ctx.x.shape[0], ctx.W.shape[0])
     if tuple(g.shape) != expected:
@@ -250,3 +358,86 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
     return backend.dense_backward(g, ctx.x, ctx.saved, ctx.W, ctx.activation,
                                   has_bias=ctx.has_bias, need_dx=need_dx,
                                   precision=ctx.precision)
+
+
+# -- optimizers (cupynn/optim.py) ------------------------------------------------------
+
+def _check_param_list(params, labels, what="parameter"):
+    """(device, dtype) shared by every array of ``params``; raise on the first that differs."""
+    if len(params) == 0:
+        raise ValueError("an optimizer needs at least one parameter array")
+    first = params[0]
+    device = array_device(first)
+    if device is None:
+        raise TypeError(f"{labels[0]} must be a NumPy or CuPy array, got {type(first).__name__}")
+    dtype = as_float_dtype(first.dtype)
+    for a, label in zip(params, labels):
+        check_array(a, what=label, device=device, dtype=dtype, ndim=(getattr(a, "ndim", 0),))
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{label} must be C-contiguous: pass xp.ascontiguousarray(...)")
+    return device, dtype
+
+
+def optimizer_state(kind: str, params, labels, buffers: tuple[str, ...]) -> OptimizerState:
+    """Zeroed optimizer state (step 0) for the arrays ``params`` on their backend.
+
+    ``params``: a flat list of arrays of one dtype on one device; ``labels``: their names
+    for error messages; ``buffers``: the per-parameter state arrays to keep (e.g.
+    ``("exp_avg", "exp_avg_sq")``).
+    """
+    if kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer kind must be one of {OPTIMIZER_KINDS}, got {kind!r}")
+    device, dtype = _check_param_list(params, labels)
+    state = get_backend(device).optimizer_state(kind, tuple(tuple(p.shape) for p in params),
+                                                dtype, tuple(buffers))
+    state.device = device
+    return state
+
+
+def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -> None:
+    """One optimizer update of ``params`` (flat list) with ``grads`` (flat list), in place.
+
+    Every gradient is checked (count, shape, dtype, device, C-contiguity) against its
+    parameter before anything is written: a bad one raises and changes nothing.
+    """
+    device, dtype = _check_param_list(params, labels)
+    if (dtype != state.dtype or device != state.device
+            or tuple(tuple(p.shape) for p in params) != state.shapes):
+        raise ValueError(
+            f"the optimizer's state was made for {state.dtype} parameters on '{state.device}' "
+            f"but its parameters are {dtype} on '{device}' (the model was moved or changed "
+            "dtype?): make a new optimizer for model.parameters()")
+    if len(grads) != len(params):
+        raise ValueError(f"expected {len(params)} gradient arrays, got {len(grads)}")
+    grads = list(grads)
+    for i, (p, g, label) in enumerate(zip(params, grads, labels)):
+        what = f"the gradient of {label}"
+        if g is None:
+            raise TypeError(f"{what} is None; pass an array shaped like the parameter "
+                            f"{tuple(p.shape)} (e.g. from cupynn.value_and_grad)")
+        grads[i] = g = intake(g, what=what, device=device, dtype=dtype)
+        check_array(g, what=what, device=device, dtype=dtype, ndim=(p.ndim,))
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"{what} has shape {tuple(g.shape)}; the parameter has "
+                             f"{tuple(p.shape)}")
+        if not g.flags.c_contiguous:
+            raise ValueError(f"{what} is not C-contiguous: pass xp.ascontiguousarray(g) "
+                             "(cupynn does not copy silently)")
+    get_backend(device).optimizer_step(state, tuple(hyper), list(params), list(grads))
+
+
+def optimizer_sync(state: OptimizerState, hyper: tuple, params) -> None:
+    """Make the hyperparameters the next (possibly graph-captured) update reads current."""
+    get_backend(array_device(params[0])).optimizer_sync(state, tuple(hyper))
+
+
+def optimizer_get_step(state: OptimizerState, params) -> int:
+    """The number of updates applied so far (one small device-to-host copy on CUDA)."""
+    return get_backend(array_device(params[0])).optimizer_get_step(state)
+
+
+def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
+    """Set the step count (in place on the device)."""
+    if int(n) != n or n < 0:
+        raise ValueError(f"the step count must be a non-negative integer, got {n!r}")
+    get_backend(array_device(params[0])).optimizer_set_step(state, int(n))

@@ -218,6 +218,10 @@ class FusedRunner:
         k = self.kernels
         if k.recording is not None:
             raise CudaLaunchError("the fused path cannot be recorded into a per-layer launch plan")
+        if k.capture is not None:  # the emulator's stream capture: replayed by EmulatedGraph
+            k.capture.append((rng, name, functools.partial(fn, shared_mem=smem), grid3,
+                              tuple(args)))
+            return
         if k.launch_log is not None:
             k.launch_log.append((rng, name))
         if k.keep_alive is not None:  # a graph capture: what the launch reads stays alive

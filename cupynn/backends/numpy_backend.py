@@ -25,7 +25,8 @@ import numpy as np
 
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from .base import Backend, LossSpec, NetSpec, Params, write_into
+from . import numpy_optim
+from .base import Backend, LossSpec, NetSpec, OptimizerState, Params, write_into
 
 # Rows per chunk are chosen so that one chunk of the widest layer takes about
 # this many bytes: large enough for BLAS efficiency, small enough for L2/L3.
@@ -124,6 +125,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     device = "cpu"
     xp = np
+    loss_kinds = ("sum_squares", "mse", "dot")  # "dot": one forward, no full-batch pass first
 
     # -- arrays ---------------------------------------------------------------
     def owns(self, array) -> bool:
@@ -134,6 +136,19 @@ class NumpyBackend(Backend):
 
     def to_host(self, array):
         return np.asarray(array)
+
+    # -- optimizers (numpy_optim: in-place NumPy) ------------------------------
+    def optimizer_state(self, kind, shapes, dtype, buffers) -> OptimizerState:
+        return numpy_optim.make_state(kind, shapes, dtype, buffers)
+
+    def optimizer_step(self, state, hyper, params, grads) -> None:
+        numpy_optim.step(state, hyper, params, grads)
+
+    def optimizer_get_step(self, state) -> int:
+        return state.impl.step
+
+    def optimizer_set_step(self, state, n) -> None:
+        state.impl.step = int(n)
 
     # -- one layer ------------------------------------------------------------
     def dense_forward(self, x, W, b, activation, *, precision="strict"):
@@ -228,7 +243,10 @@ class NumpyBackend(Backend):
             xc = x[s:s + n]
             y = self._forward_chunk(net, params, xc, ws, n, train=True)
             g = ws.grad[-1][:n]
-            if user_g is None:
+            if loss.kind == "dot":  # L = sum(y * t): dL/dy = t, known before the forward
+                g[...] = loss.target[s:s + n]
+                total += float(np.vdot(y, g))
+            elif user_g is None:
                 if loss.target is not None:
                     np.subtract(y, loss.target[s:s + n], out=g)
                 else:

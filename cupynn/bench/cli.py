@@ -8,6 +8,7 @@ Examples::
         --json bench.json --plot bench.png --markdown bench.md
     python -m cupynn bench --sizes 8,256,256,1 --activation tanh --batch 65536
     python -m cupynn bench --quick --json out.json --plot out.png   # CI smoke run
+    python -m cupynn bench dask --quick               # cupynn.dask on a local cluster (own options)
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="workloads: " + "; ".join(f"{k} = {w.describe()}" for k, w in WORKLOADS.items())
                + ".\nimplementations: " + ", ".join(IMPLEMENTATIONS)
-               + " (default: all but torch.compile; 'all' adds it).",
+               + " (default: all but torch.compile; 'all' adds it).\n"
+               + "`python -m cupynn bench dask --help`: cupynn.dask on a local Dask cluster.",
     )
     p.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                    help=f"one or more of {', '.join(WORKLOADS)} (default: seed; with --quick "
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: one cupyx.profiler.profile() range (cudaProfilerStart/Stop) "
                         "around each implementation's two timed loops, and an NVTX range per "
                         "loop; warm-ups and checks stay outside (for nsys "
-                        "--capture-range=cudaProfilerApi / ncu --profile-from-start off)")
+                        "--capture-range=cudaProfilerApi / ncu --profile-from-start off); "
+                        "CPU: the NVTX ranges only")
     p.add_argument("--kernels", action="store_true",
                    help="CUDA: also time each kernel of cupynn's gradient step alone (grid, "
                         "registers, blocks per SM, waves, share of the step) per workload and "
@@ -85,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the CUDA backend's host cost per call: its real host code against "
                         "a stand-in module whose kernels do nothing (no GPU needed): us per "
                         "call, launches and allocations per call, fused and per-layer paths")
+    p.add_argument("--train", action="store_true",
+                   help="also time one Adam training step (loss, gradient, update) of cupynn "
+                        "(plain and compiled), PyTorch eager + torch.optim.Adam (for-loop, "
+                        "foreach, fused) and JAX + optax, each where importable, per workload "
+                        "and dtype; '--peers' names (cupynn, cupynn-graph, torch, jax) pick "
+                        "among them, '--peers none' gives this table alone")
     p.add_argument("--seed", type=int, default=0, help="random seed for parameters and inputs")
     p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
     return p
@@ -131,6 +140,10 @@ def _host_overhead(args) -> int:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["dask"]:
+        from .dask_bench import main as dask_main
+
+        return dask_main(sys.argv[2:] if argv is None else list(argv)[1:])
     args = build_parser().parse_args(argv)
     if args.host_overhead:
         return _host_overhead(args)
@@ -164,7 +177,8 @@ def main(argv=None) -> int:
         profile=args.profile, seed=args.seed, progress=not args.no_progress,
     )
     if args.profile and device != "cuda":
-        print("note: --profile only marks CUDA runs; on the CPU it does nothing", file=sys.stderr)
+        print("note: --profile on the CPU: NVTX ranges around the timed loops only (no "
+              "cudaProfilerStart/Stop, so no nsys --capture-range=cudaProfilerApi)", file=sys.stderr)
 
     ceilings = None
     if not args.no_roofline:
@@ -188,9 +202,17 @@ def main(argv=None) -> int:
                                  progress=(lambda t: print(t, "...", file=sys.stderr))
                                  if settings.progress else None)
 
+    train = []
+    if args.train:
+        from .train import run_train, select_train
+
+        train = run_train(cases, device, budget_s=max(settings.floor_s, settings.budget_s / 4),
+                          cap_s=settings.cap_s, floor_s=settings.floor_s, seed=args.seed,
+                          progress=settings.progress, impls=select_train(args.peers))
+
     thread = []
     seed = next((w for w in workloads if w.name == "seed"), None)
-    if seed is not None and not args.no_thread:
+    if seed is not None and not args.no_thread and impls:
         from .thread import run_thread
 
         batched = {r["impl"]: (r["forward"]["median_s"], r["gradient"]["median_s"])
@@ -217,6 +239,7 @@ def main(argv=None) -> int:
         "results": results,
         "thread": thread,
         "kernels": kernels,
+        "train": train,
         "wall_s": None,
     }
     print(report.terminal_table(results))
@@ -226,6 +249,9 @@ def main(argv=None) -> int:
         print(report.thread_table(thread))
     for k in kernels:
         print("\n" + report.kernels_table(k))
+    if train:
+        print("\ntraining step: loss, gradient and an Adam update of every parameter")
+        print(report.train_table(train))
     if ceilings:
         rates = ", ".join(f"{k} {v / 1e9:.3g} GFLOP/s"
                           for k, v in ceilings.matmul_flops_per_s.items())
@@ -247,7 +273,7 @@ def main(argv=None) -> int:
             print(f"--plot: matplotlib is not importable ({e}); no chart written",
                   file=sys.stderr)
     print(f"\n{len(results)} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
-    bad = [r for r in results + thread if r.get("impl", "").startswith("cupynn")
+    bad = [r for r in results + thread + train if r.get("impl", "").startswith("cupynn")
            and r["status"] in ("wrong", "error")]
     for r in bad:
         print(f"cupynn FAILED: {r['impl']} {r.get('workload')} {r.get('dtype')}: {r['reason']}",

@@ -93,7 +93,7 @@ def _rows_for(label, model, x, path: str, *, reps: int, loops: int) -> list[dict
     rows = []
     orig = functional.get_backend
     functional.get_backend = lambda device: be  # the public entry point, this backend behind it
-    model._parts_cache = None  # functional keeps the backend with the model's parts
+    functional._PARTS.pop(model, None)  # functional keeps the backend with the model's parts
     try:
         for kind, fn in kinds.items():
             if kind == "value_and_grad out=":
@@ -119,7 +119,7 @@ def _rows_for(label, model, x, path: str, *, reps: int, loops: int) -> list[dict
             })
     finally:
         functional.get_backend = orig
-        model._parts_cache = None
+        functional._PARTS.pop(model, None)
     return rows
 
 
