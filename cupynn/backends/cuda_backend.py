@@ -41,7 +41,8 @@ from ..losses import call_loss, loss_scale
 from . import cuda_optim, cuda_plans, cuda_select
 from .base import Backend, LayerSpec, LossSpec, NetSpec, OptimizerState, Params, write_into
 from .cuda_fused import FusedRunner
-from .cuda_fused_layout import MODE_FORWARD, MODE_GRAD, MODE_VALUE, FusedLayout
+from .cuda_fused_layout import MODE_FORWARD, MODE_GRAD, MODE_VALUE, FusedLayout, fused_kernel_names
+from .cuda_fused_layout import SOURCE as FUSED_SOURCE
 from .cuda_launch import THREADS, CudaLaunchError, Launcher, elem_strides, expect
 from .cuda_plans import UNPLANNABLE, PlannedLaunch
 from .cuda_select import (
@@ -111,16 +112,22 @@ class CudaBackend(Backend):
     def warm_up(self, names=None, *, workers: int | None = None, modules: int | None = None) -> int:
         """Compile kernels ahead of use (default: every instantiation the backend can
         request); see :meth:`Launcher.warm_up`.  Names of the optimizer update go to
-        ``kernels/optim.cu``, all others to ``kernels/dense.cu``."""
+        ``kernels/optim.cu``, the fused step's to ``kernels/fused.cu``, all others to
+        ``kernels/dense.cu``."""
         optim_names = set(cuda_optim.kernel_names_all()[0][1])
+        fused_names = set(fused_kernel_names()[0][1])
         if names is None:
-            names = list(cuda_select.kernel_names_all()[0][1]) + sorted(optim_names)
+            names = (list(cuda_select.kernel_names_all()[0][1]) + sorted(optim_names)
+                     + sorted(fused_names))
         names = list(names)
-        dense = [n for n in names if n not in optim_names]
+        dense = [n for n in names if n not in optim_names and n not in fused_names]
         opt = [n for n in names if n in optim_names]
+        fused = [n for n in names if n in fused_names]
         n = self.kernels.warm_up(SOURCE, dense, workers=workers, modules=modules) if dense else 0
         if opt:
             n += self.kernels.warm_up(cuda_optim.SOURCE, opt, workers=workers, modules=1)
+        if fused:
+            n += self.kernels.warm_up(FUSED_SOURCE, fused, workers=workers, modules=modules)
         return n
 
     # -- arrays ---------------------------------------------------------------------

@@ -218,14 +218,14 @@ class FusedRunner:
         k = self.kernels
         if k.recording is not None:
             raise CudaLaunchError("the fused path cannot be recorded into a per-layer launch plan")
+        if k.keep_alive is not None:  # a graph capture: what the launch reads stays alive
+            k.keep_alive.extend(a for a in args if isinstance(a, k.xp.ndarray))
         if k.capture is not None:  # the emulator's stream capture: replayed by EmulatedGraph
             k.capture.append((rng, name, functools.partial(fn, shared_mem=smem), grid3,
                               tuple(args)))
             return
         if k.launch_log is not None:
             k.launch_log.append((rng, name))
-        if k.keep_alive is not None:  # a graph capture: what the launch reads stays alive
-            k.keep_alive.extend(a for a in args if isinstance(a, k.xp.ndarray))
         if k.emulated:
             fn(grid3, _BLOCK, tuple(args), shared_mem=smem)
         else:

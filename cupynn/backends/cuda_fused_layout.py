@@ -241,7 +241,9 @@ def _fused_layout(net, batch, mode, need_dx, has_target, loss, smem_limit, f64_m
     if not enabled():
         return "the fused path is switched off (CUPYNN_FUSED=0)"
     if mode != MODE_FORWARD and loss not in ("sum_squares", "mse"):
-        return "a callable loss runs on the host between the forward and backward passes"
+        if loss == "callable":
+            return "a callable loss runs on the host between the forward and backward passes"
+        return f"the {loss!r} loss has no fused epilogue"
     if batch <= 0:
         return "an empty batch launches nothing"
     if any(s.in_features <= 0 or s.out_features <= 0 for s in net.layers):
