@@ -61,6 +61,24 @@ constexpr int CFG_WORDS = HEADER + LAYER_WORDS * MAX_LAYERS;
 
 __device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
 
+// The fan-in of a recomputed first layer: 1 (the seed's) as a compile-time constant,
+// f(Fan<1>{}), else f(Fan<0>{}) with k0 <= MAX_K0 at run time (predicated).
+template <int K> struct Fan { static constexpr int value = K; };
+template <class F> __device__ __forceinline__ void with_fanin(int k0, F&& f) {
+    if (k0 == 1) f(Fan<1>{});
+    else f(Fan<0>{});
+}
+
+// z = b + sum_j x[j] w[j] over the fan-in (K0C: 1, or 0 for k0 at run time)
+template <int K0C, typename T>
+__device__ __forceinline__ T z_of(const T (&x)[MAX_K0], const T (&w)[MAX_K0], T b, int k0) {
+    T s = b;
+#pragma unroll
+    for (int j = 0; j < (K0C ? K0C : MAX_K0); ++j)
+        if (K0C || j < k0) s = m_fma(x[j], w[j], s);
+    return s;
+}
+
 // ---- operand sources: element (r, c) of a matrix ------------------------------------------
 template <typename T> struct Rows {  // p[r][c], row stride ld (shared memory, zero-padded)
     const T* p;
@@ -356,21 +374,38 @@ __device__ void wide_forward(const Ctx<T>& c, i64 t0, int rows, int xr_off, T& l
 #pragma unroll
                     for (int v = 0; v < 4; ++v) acc[i][j][v] = T(0);
             for (int u0 = 0; u0 < H; u0 += ROUND) {
+                // thread: units u0 + UQ (tid % (ROUND / UQ)) + 0..UQ-1 (their W0 rows and biases
+                // in registers) for rows tid / (ROUND / UQ), + THREADS / (ROUND / UQ), ...
+                constexpr int UQ = 2, TPR = ROUND / UQ;
+                const int uq = UQ * (threadIdx.x % TPR);
+                T wq[UQ][MAX_K0], bq[UQ];
+#pragma unroll
+                for (int q = 0; q < UQ; ++q) {
+                    const int k = u0 + uq + q;
+                    const bool ok = k < H;
+#pragma unroll
+                    for (int j = 0; j < MAX_K0; ++j) wq[q][j] = (ok && j < k0) ? w0[(i64)k * k0 + j] : T(0);
+                    bq[q] = (ok && b0) ? b0[k] : T(0);
+                }
+                const int qn = min(UQ, H - u0 - uq);  // units of this thread below H
                 with_activation(act0, [&](auto a) {
                     constexpr int A = decltype(a)::id;
-                    #pragma unroll 1
-                    for (int e = threadIdx.x; e < gr * ROUND; e += THREADS) {
-                        const int m = e / ROUND, u = e % ROUND, k = u0 + u;
-                        T s = T(0);
-                        if (k < H) {
-                            s = b0 ? b0[k] : T(0);
+                    with_fanin(k0, [&](auto fan) {
+                        constexpr int K0C = decltype(fan)::value;
+#pragma unroll 1
+                        for (int m = threadIdx.x / TPR; m < gr; m += THREADS / TPR) {
+                            T xm[MAX_K0];
 #pragma unroll
                             for (int j = 0; j < MAX_K0; ++j)
-                                if (j < k0) s = m_fma(xr[(r0 + m) * MAX_K0 + j], w0[(i64)k * k0 + j], s);
-                            s = act_forward<A>(s);
+                                xm[j] = (K0C == 0 || j < K0C) ? xr[(r0 + m) * MAX_K0 + j] : T(0);
+#pragma unroll
+                            for (int q = 0; q < UQ; ++q) {
+                                const T zz = z_of<K0C>(xm, wq[q], bq[q], k0);
+                                // 0 past H (W1 is 0 there too)
+                                scr[m * ST_LD + uq + q] = q < qn ? act_forward<A>(zz) : T(0);
+                            }
                         }
-                        scr[m * ST_LD + u] = s;  // 0 past H (W1 is 0 there too)
-                    }
+                    });
                 });
                 __syncthreads();
                 const int kw = u0 + 16 * warp;
@@ -563,14 +598,17 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
             for (int kb = 0; kb < rp; kb += 16) {
                 with_activation(act0, [&](auto a) {
                     constexpr int A = decltype(a)::id;
+                    with_fanin(k0, [&](auto fan) {
+                        constexpr int K0C = decltype(fan)::value;
 #pragma unroll 1
-                    for (int m = 0; m < 16; ++m) {
-                        T s = bu;
+                        for (int m = 0; m < 16; ++m) {
+                            T xm[MAX_K0];
 #pragma unroll
-                        for (int j = 0; j < MAX_K0; ++j)
-                            if (j < k0) s = m_fma(xr[(kb + m) * MAX_K0 + j], wu[j], s);
-                        pw[lane * PW_LD + m] = own ? act_forward<A>(s) : T(0);
-                    }
+                            for (int j = 0; j < MAX_K0; ++j)
+                                xm[j] = (K0C == 0 || j < K0C) ? xr[(kb + m) * MAX_K0 + j] : T(0);
+                            pw[lane * PW_LD + m] = own ? act_forward<A>(z_of<K0C>(xm, wu, bu, k0)) : T(0);
+                        }
+                    });
                 });
                 __syncwarp();
                 warp_mma<T, MATH, 2, FNW>(acc, Rows<T>{pw, PW_LD}, Rows<T>{dz1 + kb * ld1, ld1}, 0, c0,
@@ -600,20 +638,25 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
             __syncwarp();
             with_activation(act0, [&](auto a) {
                 constexpr int A = decltype(a)::id;
+                with_fanin(k0, [&](auto fan) {
+                    constexpr int K0C = decltype(fan)::value;
 #pragma unroll 1
-                for (int m = 0; m < 16; ++m) {  // rows past Rv: dz1 and x are 0 there
-                    T z = bu;
+                    for (int m = 0; m < 16; ++m) {  // rows past Rv: dz1 and x are 0 there
+                        T xm[MAX_K0];
 #pragma unroll
-                    for (int j = 0; j < MAX_K0; ++j)
-                        if (j < k0) z = m_fma(xr[(m0 + m) * MAX_K0 + j], wu[j], z);
-                    const T d = own ? pw[lane * PW_LD + m] * act_derivative<A>(act_saved<A>(z, act_forward<A>(z)))
-                                    : T(0);
+                        for (int j = 0; j < MAX_K0; ++j)
+                            xm[j] = (K0C == 0 || j < K0C) ? xr[(m0 + m) * MAX_K0 + j] : T(0);
+                        const T z = z_of<K0C>(xm, wu, bu, k0);
+                        const T d = own ? pw[lane * PW_LD + m] *
+                                              act_derivative<A>(act_saved<A>(z, act_forward<A>(z)))
+                                        : T(0);
 #pragma unroll
-                    for (int j = 0; j < MAX_K0; ++j)
-                        if (j < k0) du[j] = m_fma(d, xr[(m0 + m) * MAX_K0 + j], du[j]);
-                    du[MAX_K0] += d;
-                    if (dxw) pw[lane * PW_LD + m] = d;
-                }
+                        for (int j = 0; j < (K0C ? K0C : MAX_K0); ++j)
+                            if (K0C || j < k0) du[j] = m_fma(d, xm[j], du[j]);
+                        du[MAX_K0] += d;
+                        if (dxw) pw[lane * PW_LD + m] = d;
+                    }
+                });
             });
             if (dxw) {
                 __syncwarp();
