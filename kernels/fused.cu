@@ -34,6 +34,7 @@
 #include "common.cuh"
 #include "activations.cuh"
 #include "mma.cuh"
+#include "cp_async.cuh"
 
 namespace cupynn {
 namespace fz {
@@ -60,6 +61,7 @@ enum : int {
 constexpr int CFG_WORDS = HEADER + LAYER_WORDS * MAX_LAYERS;
 
 __device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
+__device__ __forceinline__ int pad8(int n) { return (n + 7) & ~7; }
 
 // The fan-in of a recomputed first layer: 1 (the seed's) as a compile-time constant,
 // f(Fan<1>{}), else f(Fan<0>{}) with k0 <= MAX_K0 at run time (predicated).
@@ -99,87 +101,105 @@ template <typename T> struct GlobalCols {  // p[c][r] in global memory, zero out
     }
 };
 
-// ---- one 16 x 8 x 16 step on m16n8 fragments ----------------------------------------------
+// ---- one 16 x 8 x K step on m16n8 fragments (K = 16, or 8 for a tail) -------------------------
 template <typename T, int MATH> struct Mma;
 template <> struct Mma<double, MATH_DMMA> {
-    static __device__ __forceinline__ void step(double (&c)[4], const double (&a)[8],
-                                                const double (&b)[4]) {
-        mma_m16n8_f64<16>(c, a, b, c);
+    template <int K>
+    static __device__ __forceinline__ void step(double (&c)[4], const double (&a)[K / 2],
+                                                const double (&b)[K / 4]) {
+        mma_m16n8_f64<K>(c, a, b, c);
     }
 };
 template <> struct Mma<float, MATH_TF32> {
-    static __device__ __forceinline__ void step(float (&c)[4], const float (&a)[8],
-                                                const float (&b)[4]) {
-        unsigned ua[8], ub[4];
+    template <int K>
+    static __device__ __forceinline__ void step(float (&c)[4], const float (&a)[K / 2],
+                                                const float (&b)[K / 4]) {
+        unsigned ua[K / 2], ub[K / 4];
 #pragma unroll
-        for (int v = 0; v < 8; ++v) ua[v] = f32_to_tf32(a[v]);
+        for (int v = 0; v < K / 2; ++v) ua[v] = f32_to_tf32(a[v]);
 #pragma unroll
-        for (int v = 0; v < 4; ++v) ub[v] = f32_to_tf32(b[v]);
-        mma_m16n8k16_tf32(c, ua, ub, c);
+        for (int v = 0; v < K / 4; ++v) ub[v] = f32_to_tf32(b[v]);
+        if constexpr (K == 16) mma_m16n8k16_tf32(c, ua, ub, c);
+        else mma_m16n8k8_tf32(c, ua, ub, c);
     }
 };
 template <> struct Mma<float, MATH_3XTF32> {
-    static __device__ __forceinline__ void step(float (&c)[4], const float (&a)[8],
-                                                const float (&b)[4]) {
-        unsigned ah[8], al[8], bh[4], bl[4];
+    template <int K>
+    static __device__ __forceinline__ void step(float (&c)[4], const float (&a)[K / 2],
+                                                const float (&b)[K / 4]) {
+        unsigned ah[K / 2], al[K / 2], bh[K / 4], bl[K / 4];
 #pragma unroll
-        for (int v = 0; v < 8; ++v) split_tf32(a[v], ah[v], al[v]);
+        for (int v = 0; v < K / 2; ++v) split_tf32(a[v], ah[v], al[v]);
 #pragma unroll
-        for (int v = 0; v < 4; ++v) split_tf32(b[v], bh[v], bl[v]);
-        mma_m16n8k16_tf32(c, al, bh, c);  // small terms first
-        mma_m16n8k16_tf32(c, ah, bl, c);
-        mma_m16n8k16_tf32(c, ah, bh, c);
+        for (int v = 0; v < K / 4; ++v) split_tf32(b[v], bh[v], bl[v]);
+        if constexpr (K == 16) {
+            mma_m16n8k16_tf32(c, al, bh, c);  // small terms first
+            mma_m16n8k16_tf32(c, ah, bl, c);
+            mma_m16n8k16_tf32(c, ah, bh, c);
+        } else {
+            mma_m16n8k8_tf32(c, al, bh, c);
+            mma_m16n8k8_tf32(c, ah, bl, c);
+            mma_m16n8k8_tf32(c, ah, bh, c);
+        }
     }
 };
 
-// acc[i][j] += A[r0 + 16i.., 0:kend] * B[0:kend, c0 + 8j..] for the i < mt, j < nt fragments
-// of a warp (mt, nt warp-uniform).  kend: a multiple of 16; the sources are zero past K.
-template <typename T, int MATH, int FM, int FN, class SA, class SB>
-__device__ __forceinline__ void warp_mma(T (&acc)[FM][FN][4], const SA& A, const SB& B, int r0,
-                                         int c0, int mt, int nt, int kend) {
+// One KS-deep step (16, or 8) of warp_mma at k0.
+template <int KS, typename T, int MATH, int FM, int FN, class SA, class SB>
+__device__ __forceinline__ void warp_kstep(T (&acc)[FM][FN][4], const SA& A, const SB& B, int r0,
+                                           int c0, int mt, int nt, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    for (int k0 = 0; k0 < kend; k0 += 16) {
-        if constexpr (MATH != MATH_FMA) {
-            // every B fragment of the step, then one A fragment at a time (fewer live registers)
-            T b[FN][4];
+    if constexpr (MATH != MATH_FMA) {
+        // every B fragment of the step, then one A fragment at a time (fewer live registers)
+        T b[FN][KS / 4];
+#pragma unroll
+        for (int j = 0; j < FN; ++j)
+#pragma unroll
+            for (int v = 0; v < KS / 4; ++v) b[j][v] = j < nt ? B.at(k0 + t + 4 * v, c0 + 8 * j + g) : T(0);
+#pragma unroll
+        for (int i = 0; i < FM; ++i) {
+            if (i >= mt) break;  // warp-uniform
+            T a[KS / 2];
+#pragma unroll
+            for (int v = 0; v < KS / 2; ++v) a[v] = A.at(r0 + 16 * i + g + 8 * (v & 1), k0 + t + 4 * (v >> 1));
+            // all FN columns (B is 0 past nt): a predicated mma.sync costs a WARPSYNC and
+            // four NOPs on sm_90, an idle one a few cycles of the tensor pipe
+#pragma unroll
+            for (int j = 0; j < FN; ++j) Mma<T, MATH>::template step<KS>(acc[i][j], a, b[j]);
+        }
+    } else {
+#pragma unroll 4
+        for (int kk = 0; kk < KS; ++kk) {
+            const int k = k0 + kk;
+            T a[FM][2], b[FN][2];
+#pragma unroll
+            for (int i = 0; i < FM; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) a[i][h] = i < mt ? A.at(r0 + 16 * i + g + 8 * h, k) : T(0);
 #pragma unroll
             for (int j = 0; j < FN; ++j)
 #pragma unroll
-                for (int v = 0; v < 4; ++v) b[j][v] = j < nt ? B.at(k0 + t + 4 * v, c0 + 8 * j + g) : T(0);
+                for (int q = 0; q < 2; ++q) b[j][q] = j < nt ? B.at(k, c0 + 8 * j + 2 * t + q) : T(0);
 #pragma unroll
-            for (int i = 0; i < FM; ++i) {
-                if (i >= mt) break;  // warp-uniform
-                T a[8];
-#pragma unroll
-                for (int v = 0; v < 8; ++v) a[v] = A.at(r0 + 16 * i + g + 8 * (v & 1), k0 + t + 4 * (v >> 1));
-                // all FN columns (B is 0 past nt): a predicated mma.sync costs a WARPSYNC and
-                // four NOPs on sm_90, an idle one a few cycles of the tensor pipe
-#pragma unroll
-                for (int j = 0; j < FN; ++j) Mma<T, MATH>::step(acc[i][j], a, b[j]);
-            }
-        } else {
-#pragma unroll 4
-            for (int kk = 0; kk < 16; ++kk) {
-                const int k = k0 + kk;
-                T a[FM][2], b[FN][2];
-#pragma unroll
-                for (int i = 0; i < FM; ++i)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) a[i][h] = i < mt ? A.at(r0 + 16 * i + g + 8 * h, k) : T(0);
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
                 for (int j = 0; j < FN; ++j)
 #pragma unroll
-                    for (int q = 0; q < 2; ++q) b[j][q] = j < nt ? B.at(k, c0 + 8 * j + 2 * t + q) : T(0);
-#pragma unroll
-                for (int i = 0; i < FM; ++i)
-#pragma unroll
-                    for (int j = 0; j < FN; ++j)
-#pragma unroll
-                        for (int v = 0; v < 4; ++v)
-                            acc[i][j][v] = m_fma(a[i][v >> 1], b[j][v & 1], acc[i][j][v]);
-            }
+                    for (int v = 0; v < 4; ++v)
+                        acc[i][j][v] = m_fma(a[i][v >> 1], b[j][v & 1], acc[i][j][v]);
         }
     }
+}
+
+// acc[i][j] += A[r0 + 16i.., 0:kend] * B[0:kend, c0 + 8j..] for the i < mt, j < nt fragments
+// of a warp (mt, nt warp-uniform).  kend: a multiple of 8 (16-deep steps, then an 8-deep one:
+// a 20-wide K costs 24, not 32); the sources are zero past K.
+template <typename T, int MATH, int FM, int FN, class SA, class SB>
+__device__ __forceinline__ void warp_mma(T (&acc)[FM][FN][4], const SA& A, const SB& B, int r0,
+                                         int c0, int mt, int nt, int kend) {
+    int k0 = 0;
+    for (; k0 + 16 <= kend; k0 += 16) warp_kstep<16, T, MATH, FM, FN>(acc, A, B, r0, c0, mt, nt, k0);
+    if (k0 < kend) warp_kstep<8, T, MATH, FM, FN>(acc, A, B, r0, c0, mt, nt, k0);
 }
 
 // f(row, col, value) for every accumulator of the fragments i < mt, j < nt.
@@ -197,7 +217,7 @@ __device__ __forceinline__ void visit(const T (&acc)[FM][FN][4], int r0, int c0,
                     f(r0 + 16 * i + g + 8 * (v >> 1), c0 + 8 * j + 2 * t + (v & 1), acc[i][j][v]);
 }
 
-// C (M x N) = A (M x kend) * B (kend x N): the FM x FN fragment groups dealt to the warps in
+// C (M x N) = A (M x kend) * B (kend x N), kend a multiple of 8: the FM x FN fragment groups dealt to the warps in
 // order; epi(acc, r0, c0, mt, nt) per group.  No barrier inside.
 template <typename T, int MATH, int FM, int FN, class SA, class SB, class Epi>
 __device__ __forceinline__ void block_gemm(int M, int N, int kend, const SA& A, const SB& B,
@@ -336,7 +356,7 @@ __device__ void narrow_forward(const Ctx<T>& c, int l, i64 t0, int rows, int xr_
     const Cols<T> Bw{c.buf(c.f(l, F_W)), c.f(l, F_W_LD)};  // B(k, n) = W[n][k]
     int ld = 0;
     T* o = c.out_buf(l, ld);
-    block_gemm<T, MATH, FM, FN>(rows, N, pad16(K), A, Bw, [&](auto& acc, int r0, int c0, int mt, int nt) {
+    block_gemm<T, MATH, FM, FN>(rows, N, pad8(K), A, Bw, [&](auto& acc, int r0, int c0, int mt, int nt) {
         store_frags(acc, r0, c0, mt, nt, o, ld);
     });
     __syncthreads();
@@ -344,9 +364,10 @@ __device__ void narrow_forward(const Ctx<T>& c, int l, i64 t0, int rows, int xr_
 }
 
 // z1 = act0(x W0^T + b0) W1^T for the tile into out_buf(1), then layer 1's epilogue.  Per
-// 64-row group and 24-column pass, the hidden units go in rounds of 128: all threads write
-// h0 of the group's rows for the round's units into ST (shared), then warp w multiplies
-// units [16 w, 16 w + 16) of the round into its FMW x FNW fragments.  The eight warps' partial
+// 64-row group and 24-column pass, the hidden units go in rounds of 128: the round's slice of
+// W1 is copied into STW (cp.async) while all threads write h0 of the group's rows for the
+// round's units into ST (shared), then warp w multiplies units [16 w, 16 w + 16) of the round
+// into its FMW x FNW fragments.  The eight warps' partial
 // products are added in the fixed order ((w0 + w4) + (w2 + w6)) + ((w1 + w5) + (w3 + w7)).
 template <typename T, int MATH>
 __device__ void wide_forward(const Ctx<T>& c, i64 t0, int rows, int xr_off, T& loss) {
@@ -357,7 +378,8 @@ __device__ void wide_forward(const Ctx<T>& c, i64 t0, int rows, int xr_off, T& l
     const T* __restrict__ b0 = c.f(0, F_HAS_B) ? c.B[0] : nullptr;
     const T* __restrict__ w1 = c.W[1];
     const T* xr = c.buf(c.h(H_XR)) + xr_off * MAX_K0;
-    T* scr = c.buf(c.h(H_SCR));
+    T* scr = c.buf(c.h(H_SCR));  // ST: h0 [64][ST_LD], then STW: W1 slice [24][ST_LD]
+    T* stw = scr + FMW * 16 * ST_LD;
     int ld = 0;
     T* o = c.out_buf(1, ld);
     const int MT = (rows + 15) >> 4, NT = (N1 + 7) >> 3;
@@ -374,6 +396,14 @@ __device__ void wide_forward(const Ctx<T>& c, i64 t0, int rows, int xr_off, T& l
 #pragma unroll
                     for (int v = 0; v < 4; ++v) acc[i][j][v] = T(0);
             for (int u0 = 0; u0 < H; u0 += ROUND) {
+                // W1[c0 .., u0 .. u0 + ROUND) into STW, in flight while h0 is computed (the
+                // copies do not block: a rolled loop issues them as fast)
+#pragma unroll 1
+                for (int i = 0; i < FNW * 8 * ROUND / THREADS; ++i) {
+                    const int e = threadIdx.x + i * THREADS, n = e / ROUND, u = e % ROUND;
+                    const bool ok = c0 + n < N1 && u0 + u < H;
+                    cp_async_elem(stw + n * ST_LD + u, ok ? w1 + (i64)(c0 + n) * H + u0 + u : w1, ok);
+                }
                 // thread: units u0 + UQ (tid % (ROUND / UQ)) + 0..UQ-1 (their W0 rows and biases
                 // in registers) for rows tid / (ROUND / UQ), + THREADS / (ROUND / UQ), ...
                 constexpr int UQ = 2, TPR = ROUND / UQ;
@@ -407,12 +437,12 @@ __device__ void wide_forward(const Ctx<T>& c, i64 t0, int rows, int xr_off, T& l
                         }
                     });
                 });
+                cp_async_wait_all();
                 __syncthreads();
-                const int kw = u0 + 16 * warp;
-                if (kw < H) {
-                    const Rows<T> As{scr + 16 * warp, ST_LD};
-                    const GlobalCols<T> Bs{w1 + kw, H, H - kw, N1};  // B(k, n) = W1[n][kw + k]
-                    warp_mma<T, MATH, FMW, FNW>(acc, As, Bs, 0, c0, mt, nt, 16);
+                if (u0 + 16 * warp < H) {
+                    const Rows<T> As{scr + 16 * warp, ST_LD};  // A(m, k) = h0(r0 + m, u0 + 16 w + k)
+                    const Cols<T> Bs{stw + 16 * warp, ST_LD};  // B(k, n) = W1[c0 + n][u0 + 16 w + k]
+                    warp_mma<T, MATH, FMW, FNW>(acc, As, Bs, 0, 0, mt, nt, 16);
                 }
                 __syncthreads();
             }
@@ -512,7 +542,7 @@ __device__ void narrow_backward(const Ctx<T>& c, i64 t0, int rows, int xr_off, b
         if (l > 0) {
             T* S = c.buf(c.h(H_S));
             const int sld = c.h(H_S_LD);
-            block_gemm<T, MATH, FM, FN>(rows, K, pad16(N), Rows<T>{dz, dld}, w,
+            block_gemm<T, MATH, FM, FN>(rows, K, pad8(N), Rows<T>{dz, dld}, w,
                                         [&](auto& acc, int r0, int c0, int mt, int nt) {
                 store_frags(acc, r0, c0, mt, nt, S, sld);
             });
@@ -531,7 +561,7 @@ __device__ void narrow_backward(const Ctx<T>& c, i64 t0, int rows, int xr_off, b
                 }
             });
         } else if (c.need_dx) {
-            block_gemm<T, MATH, FM, FN>(rows, K, pad16(N), Rows<T>{dz, dld}, w,
+            block_gemm<T, MATH, FM, FN>(rows, K, pad8(N), Rows<T>{dz, dld}, w,
                                         [&](auto& acc, int r0, int c0, int mt, int nt) {
                 visit(acc, r0, c0, mt, nt, [&](int m, int k, T v) {
                     if (m < rows && k < K) c.dx_out[(t0 + m) * K + k] = v;
@@ -633,7 +663,7 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
                 for (int j = 0; j < 2; ++j)
 #pragma unroll
                     for (int v = 0; v < 4; ++v) acc[ii][j][v] = T(0);
-            warp_mma<T, MATH, 2, 2>(acc, aw, bz, i0, m0, mt, 2, pad16(N1));
+            warp_mma<T, MATH, 2, 2>(acc, aw, bz, i0, m0, mt, 2, pad8(N1));
             store_frags(acc, 0, 0, mt, 2, pw, PW_LD);
             __syncwarp();
             with_activation(act0, [&](auto a) {

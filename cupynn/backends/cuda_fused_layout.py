@@ -39,7 +39,8 @@ WARPS = THREADS // 32
 MAX_LAYERS = 8          # kernels/fused.cu fz::MAX_LAYERS
 MAX_K0 = 4              # fz::MAX_K0
 FMW, FNW = 4, 3         # fz::FMW, fz::FNW (wide forward warp tile: 64 x 24)
-WIDE_STAGE = FMW * 16 * (16 * WARPS + 4)  # wide forward: h0 of 64 rows x 128 units (ST)
+WIDE_STAGE = (FMW * 16 + FNW * 8) * (16 * WARPS + 4)  # wide forward: h0 of 64 rows and
+#                                      W1 of 24 columns, x 128 units (ST, STW)
 WIDE_SPLITK = 4 * FMW * FNW * 4 * 32      # its four split-K slots
 WIDE_PW = WARPS * 32 * 20                 # wide backward: a 32 x 16 (+4) scratch per warp
 NARROW_MAX = 256
