@@ -398,11 +398,19 @@ __device__ void wide_forward(const Ctx<T>& c, i64 t0, int rows, int xr_off, T& l
             for (int u0 = 0; u0 < H; u0 += ROUND) {
                 // W1[c0 .., u0 .. u0 + ROUND) into STW, in flight while h0 is computed (the
                 // copies do not block: a rolled loop issues them as fast)
+                {
+                    constexpr int NSTEP = THREADS / ROUND;  // rows of STW per pass
+                    const int u = threadIdx.x % ROUND, n0 = threadIdx.x / ROUND;
+                    const bool uok = u0 + u < H;
+                    const T* src = w1 + (i64)(c0 + n0) * H + u0 + u;
+                    T* dst = stw + n0 * ST_LD + u;
 #pragma unroll 1
-                for (int i = 0; i < FNW * 8 * ROUND / THREADS; ++i) {
-                    const int e = threadIdx.x + i * THREADS, n = e / ROUND, u = e % ROUND;
-                    const bool ok = c0 + n < N1 && u0 + u < H;
-                    cp_async_elem(stw + n * ST_LD + u, ok ? w1 + (i64)(c0 + n) * H + u0 + u : w1, ok);
+                    for (int n = n0; n < FNW * 8; n += NSTEP) {
+                        const bool ok = uok && c0 + n < N1;
+                        cp_async_elem(dst, ok ? src : w1, ok);
+                        src += (i64)NSTEP * H;
+                        dst += NSTEP * ST_LD;
+                    }
                 }
                 // thread: units u0 + UQ (tid % (ROUND / UQ)) + 0..UQ-1 (their W0 rows and biases
                 // in registers) for rows tid / (ROUND / UQ), + THREADS / (ROUND / UQ), ...
@@ -581,7 +589,7 @@ __device__ void narrow_backward(const Ctx<T>& c, i64 t0, int rows, int xr_off, b
 //        registers; wrt_input: lane m then sums dz0 W0 over the group's units into DXW[w].
 template <typename T, int MATH>
 __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
-    constexpr int PW_LD = 20, PW_SIZE = 32 * PW_LD;
+    constexpr int PW_LD = 20, PWA_LD = 28, PW_SIZE = 32 * (PW_LD + PWA_LD);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int H = c.f(0, F_N), k0 = c.K0, N1 = c.f(1, F_N), act0 = c.f(0, F_ACT);
     const T* __restrict__ w0 = c.W[0];
@@ -590,7 +598,8 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
     const T* dz1 = c.buf(c.h(H_DZ1));
     const int ld1 = c.h(H_DZ1_LD);
     const T* xr = c.buf(c.h(H_XR));
-    T* pw = c.buf(c.h(H_SCR)) + warp * PW_SIZE;
+    T* pw = c.buf(c.h(H_SCR)) + warp * PW_SIZE;  // [32][PW_LD]: h0 or dh0 of 16 rows
+    T* pwa = pw + 32 * PW_LD;                     // [32][PWA_LD]: the group's W1 columns
     T* dxw = c.need_dx ? c.buf(c.h(H_DXW)) + warp * c.h(H_R) * MAX_K0 : nullptr;
     T* dw1 = c.part + c.f(1, F_DW);
     T* dw0 = c.part + c.f(0, F_DW);
@@ -655,6 +664,16 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
         for (int j = 0; j <= MAX_K0; ++j) du[j] = T(0);
         const GlobalCols<T> aw{w1, H, H, N1};  // A(i, n) = W1[n][i]
         const Cols<T> bz{dz1, ld1};             // B(n, m) = dz1[m][n]
+        const int kend1 = pad8(N1);
+        // N1 <= 24 (the seed's 20): the group's W1 columns (the A operand of every row step)
+        // once into the warp's PWA; wider: read from global memory (L1) at every step
+        const bool keep_a = kend1 <= PWA_LD - 4;
+        if (keep_a) {
+#pragma unroll 1
+            for (int n = 0; n < kend1; ++n)
+                pwa[lane * PWA_LD + n] = (own && n < N1) ? w1[(i64)n * H + unit] : T(0);
+            __syncwarp();
+        }
         for (int m0 = 0; m0 < rp; m0 += 16) {
             T acc[2][2][4];
 #pragma unroll
@@ -663,7 +682,8 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
                 for (int j = 0; j < 2; ++j)
 #pragma unroll
                     for (int v = 0; v < 4; ++v) acc[ii][j][v] = T(0);
-            warp_mma<T, MATH, 2, 2>(acc, aw, bz, i0, m0, mt, 2, pad8(N1));
+            if (keep_a) warp_mma<T, MATH, 2, 2>(acc, Rows<T>{pwa, PWA_LD}, bz, 0, m0, mt, 2, kend1);
+            else warp_mma<T, MATH, 2, 2>(acc, aw, bz, i0, m0, mt, 2, kend1);
             store_frags(acc, 0, 0, mt, 2, pw, PW_LD);
             __syncwarp();
             with_activation(act0, [&](auto a) {

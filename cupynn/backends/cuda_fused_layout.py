@@ -42,7 +42,7 @@ FMW, FNW = 4, 3         # fz::FMW, fz::FNW (wide forward warp tile: 64 x 24)
 WIDE_STAGE = (FMW * 16 + FNW * 8) * (16 * WARPS + 4)  # wide forward: h0 of 64 rows and
 #                                      W1 of 24 columns, x 128 units (ST, STW)
 WIDE_SPLITK = 4 * FMW * FNW * 4 * 32      # its four split-K slots
-WIDE_PW = WARPS * 32 * 20                 # wide backward: a 32 x 16 (+4) scratch per warp
+WIDE_PW = WARPS * 32 * (20 + 28)          # wide backward: 32 x 16 (+4) and 32 x 24 (+4) per warp
 NARROW_MAX = 256
 WIDE_MAX = 4096
 WIDE_MIN = 257          # a fan-in <= MAX_K0 first layer this wide is recomputed, not stored
