@@ -48,6 +48,7 @@ WIDE_MAX = 4096
 WIDE_MIN = 257          # a fan-in <= MAX_K0 first layer this wide is recomputed, not stored
 TILE_ROWS = (128, 64, 32, 16)
 SUPER_TILES = (8, 4, 2, 1)  # wide: dz1 of this many tiles is collected before its backward
+SUPER_PREFER = 256          # wide: super-tiles of up to this many rows come before taller tiles
 # Blocks a batch is split into: a fixed number (an H100/H200's SM count), not the device's, so
 # the summation order -- hence the bits -- is the same on every card.
 FUSED_BLOCKS = 132
@@ -262,20 +263,26 @@ def _fused_layout(net, batch, mode, need_dx, has_target, loss, smem_limit, f64_m
     grid = -(-batch // rpb)
     budget = smem_limit - STATIC_SMEM
     grad = mode == MODE_GRAD
-    choice = None
+    # Candidate (tile rows BT, super-tile rows R), the first that fits wins.  Tiles no taller
+    # than the block's rows.  A wide network collects dz1 of several tiles (its dW1 slice
+    # goes to the partials once per R rows): tiles of at least 64 rows first (the wide
+    # forward's warps work on 64 rows at a time), then R up to SUPER_PREFER, then taller tiles.
+    cands = []
     for BT in TILE_ROWS:
         if BT > rpb and BT != TILE_ROWS[-1]:
             continue
-        supers = SUPER_TILES if (wide and grad and not need_dx) else (1,)
-        for s in supers:
+        for s in (SUPER_TILES if (wide and grad and not need_dx) else (1,)):
             R = BT * s
             if s > 1 and R >= rpb + BT:  # no more rows collected than the block has
                 continue
-            per, head, elems = _layout_smem(net, BT, R, wide, mode, need_dx)
-            if elems * itemsize <= budget:
-                choice = (BT, R, per, head, elems)
-                break
-        if choice:
+            cands.append((BT, R))
+    if wide and grad:
+        cands.sort(key=lambda c: (c[0] < FMW * 16, -min(c[1], SUPER_PREFER), -c[0]))
+    choice = None
+    for BT, R in cands:
+        per, head, elems = _layout_smem(net, BT, R, wide, mode, need_dx)
+        if elems * itemsize <= budget:
+            choice = (BT, R, per, head, elems)
             break
     if choice is None:
         per, head, elems = _layout_smem(net, TILE_ROWS[-1], TILE_ROWS[-1], wide, mode, need_dx)
