@@ -267,6 +267,7 @@ def test_input_gradient_and_no_bias(be, rng, small_wide, few_blocks):
                need_dx=True, bias=[False, True, False], wide=True)
     case_fused(be, np, rng, [4, 30, 5], ["elu", "identity"], "float32", 75, need_dx=True,
                bias=False, wide=True)
+    case_fused(be, np, rng, [7, 5], "softplus", "float64", 75, need_dx=True, wide=False)  # one layer
 
 
 @pytest.mark.emulator
@@ -424,13 +425,20 @@ def test_what_is_not_fused(sizes, why):
 
 
 def test_wide_class_bounds():
-    for sizes in ([2, 257, 3], [4, 4096, 256, 1]):
+    for sizes in ([2, 257, 3], [4, 4096, 32, 1], [3, 1000, 256, 1]):
         r = fl.fused_layout(spec(sizes, "tanh"), 100, mode=fl.MODE_GRAD, smem_limit=H200_SMEM)
         assert isinstance(r, fl.FusedLayout) and r.wide, r
+    # 4096 x 256 parameters in layer 1: too many partial gradients per block
+    r = fl.fused_layout(spec([4, 4096, 256, 1], "tanh"), 100, mode=fl.MODE_GRAD,
+                        smem_limit=H200_SMEM)
+    assert isinstance(r, str) and "parameters" in r, r
+    fwd = fl.fused_layout(spec([4, 4096, 256, 1], "tanh"), 100, mode=fl.MODE_FORWARD,
+                          smem_limit=H200_SMEM)
+    assert isinstance(fwd, fl.FusedLayout)  # the forward keeps no partials
 
 
 def test_fan_in_limited_by_shared_memory():
-    r = fl.fused_layout(spec([2000, 256, 256, 1], "relu", "float64"), 4096, mode=fl.MODE_GRAD,
+    r = fl.fused_layout(spec([2000, 64, 1], "relu", "float64"), 4096, mode=fl.MODE_GRAD,
                         smem_limit=166912)
     assert isinstance(r, str) and "shared memory" in r, r
     ok = fl.fused_layout(spec([300, 64, 1], "relu", "float32"), 4096, mode=fl.MODE_GRAD,

@@ -52,6 +52,9 @@ SUPER_PREFER = 256          # wide: super-tiles of up to this many rows come bef
 # Blocks a batch is split into: a fixed number (an H100/H200's SM count), not the device's, so
 # the summation order -- hence the bits -- is the same on every card.
 FUSED_BLOCKS = 132
+# Every block keeps a partial of every parameter (FUSED_BLOCKS x P workspace, all of it read
+# by the reduction): beyond this many parameters the per-layer path's reductions are cheaper.
+MAX_PARAMS = 1 << 18
 STATIC_SMEM = 4096      # bytes of static shared memory the kernel declares (cfg, pointers), rounded up
 CFG_DTYPE = np.int64
 
@@ -257,6 +260,10 @@ def _fused_layout(net, batch, mode, need_dx, has_target, loss, smem_limit, f64_m
     if math is None:
         return "float64 without DMMA (CUPYNN_F64_MMA=0) has no fused kernel"
     layers = net.layers
+    n_params = sum(s.out_features * (s.in_features + int(s.bias)) for s in layers)
+    if mode == MODE_GRAD and n_params > MAX_PARAMS:
+        return (f"{n_params:,} parameters: every block would keep a partial gradient of each "
+                f"(the fused path takes up to {MAX_PARAMS:,})")
     dtype = np.dtype(net.dtype)
     itemsize = dtype.itemsize
     rpb = max(16, pad16(-(-batch // blocks)))
