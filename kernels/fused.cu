@@ -5,29 +5,31 @@
 //
 // What a block owns: a contiguous range of batch rows [blockIdx.x * rows_per_block, +rows),
 // walked in tiles of BT rows (16..128).  For one tile, every layer's activations stay in shared
-// memory: forward (bias + activation in the GEMM epilogues, the loss in the last layer's),
-// then backward (dz = g * act'(saved) in the epilogues, dz overwriting the saved y it was
-// computed from), and the tile's [dW | db] added into the block's own slice of `partials`
-// (no other block touches it: no atomics; the first tile writes, later tiles add, in order).
-// fused_reduce then sums the blocks' slices in block order.  Same inputs, same bits.
+// memory: forward (each product's raw result to shared memory, then an elementwise pass adds
+// the bias and applies the activation -- in the last layer the loss and its dz), then
+// backward (dz = dh * act'(saved), written over the saved y it is computed from), and the
+// tile's [dW | db] added into the block's own slice of `partials` (no other block touches it:
+// no atomics; the first tile writes, later tiles add, in order).  fused_reduce then sums the
+// blocks' slices in block order.  Same inputs, same bits.
 //
 // Two network classes (cuda_fused_layout.fused_layout decides):
 //   narrow: every layer <= 256 wide, the input x staged per tile, every W staged in shared
 //     memory once per block;
 //   wide first layer (fan-in k0 <= 4, width H <= 4096, the seed's 1 -> 1000): layer 0 is never
-//     stored.  z1 = act0(x W0^T + b0) W1^T is one GEMM whose A operand is recomputed from x in
-//     registers and whose K = H is split over the 8 warps (summed in a fixed tree); after
-//     R >= BT rows of dz1 have been collected ("super-tile"), each warp takes groups of hidden
-//     units and computes dW1 = h0^T dz1 (h0 recomputed again) and dh0 = dz1 W1, whose
-//     epilogue forms dz0 = dh0 * act0'(z0) and reduces it against [x | 1] into dW0, db0 in
-//     registers.  W0, b0 and W1 are read from global memory (L2), each element of W1 once per
-//     BT rows.
+//     stored.  z1 = act0(x W0^T + b0) W1^T runs in rounds of 128 hidden units: h0 of the
+//     tile's rows for the round is computed into shared memory, W1's slice copied there by
+//     cp.async meanwhile, and K = H is split over the 8 warps (summed in a fixed tree).  After
+//     R >= BT rows of dz1 have been collected ("super-tile"), each warp takes groups of 32
+//     hidden units and computes dW1 = h0^T dz1 (h0 recomputed) and dh0 = dz1 W1, whose
+//     elementwise pass forms dz0 = dh0 * act0'(z0) and adds it against [x | 1] into dW0, db0
+//     in registers.  W0, b0 and W1 are read from global memory (L2): W1 once per 64 rows.
 //
 // Every matrix product works on 16 x 8 output fragments in the m16n8 layout of mma.cuh
-// (lane: rows g, g + 8, columns 2t, 2t + 1) with 16-deep K steps: one DMMA.16x8x16 on sm_90,
-// 8 DMMA.8x8x4 on sm_80, two (tf32) or six (3xtf32) HMMA.16x8x8, or 16 FMA steps in which each
-// lane loads the operand elements of its own accumulators (MATH_FMA).  All shared-memory
-// operands are zero-padded to multiples of 16 along K, so padding contributes exact zeros.
+// (lane: rows g, g + 8, columns 2t, 2t + 1) with 16-deep K steps and an 8-deep tail: one
+// DMMA.16x8x16 (16x8x8) on sm_90, 8 (4) DMMA.8x8x4 on sm_80, two (one) or six (three)
+// HMMA.16x8x8 for tf32 (3xtf32), or FMA steps in which each lane loads the operand elements
+// of its own accumulators (MATH_FMA).  Shared-memory operands are zero-padded to multiples of
+// 16, so padding contributes exact zeros.
 //
 // Layouts: x (M, K0) strided (sxm, sxk); W_l (N_l, K_l) and b_l (N_l) C-contiguous; target,
 // y_out (M, N_out) and dx_out (M, K0) C-contiguous.  Offsets into global memory are 64-bit.
@@ -102,44 +104,60 @@ template <typename T> struct GlobalCols {  // p[c][r] in global memory, zero out
 };
 
 // ---- one 16 x 8 x K step on m16n8 fragments (K = 16, or 8 for a tail) -------------------------
+// Op<N>: a fragment of N elements as the instruction takes it (prep: float64 as is, tf32 bits
+// rounded once, 3xtf32 hi + lo), so a fragment used by several steps is converted once.
 template <typename T, int MATH> struct Mma;
 template <> struct Mma<double, MATH_DMMA> {
+    template <int N> struct Op { double v[N]; };
+    template <int N>
+    static __device__ __forceinline__ Op<N> prep(const double (&x)[N]) {
+        Op<N> o;
+#pragma unroll
+        for (int i = 0; i < N; ++i) o.v[i] = x[i];
+        return o;
+    }
     template <int K>
-    static __device__ __forceinline__ void step(double (&c)[4], const double (&a)[K / 2],
-                                                const double (&b)[K / 4]) {
-        mma_m16n8_f64<K>(c, a, b, c);
+    static __device__ __forceinline__ void step(double (&c)[4], const Op<K / 2>& a,
+                                                const Op<K / 4>& b) {
+        mma_m16n8_f64<K>(c, a.v, b.v, c);
     }
 };
 template <> struct Mma<float, MATH_TF32> {
+    template <int N> struct Op { unsigned v[N]; };
+    template <int N>
+    static __device__ __forceinline__ Op<N> prep(const float (&x)[N]) {
+        Op<N> o;
+#pragma unroll
+        for (int i = 0; i < N; ++i) o.v[i] = f32_to_tf32(x[i]);
+        return o;
+    }
     template <int K>
-    static __device__ __forceinline__ void step(float (&c)[4], const float (&a)[K / 2],
-                                                const float (&b)[K / 4]) {
-        unsigned ua[K / 2], ub[K / 4];
-#pragma unroll
-        for (int v = 0; v < K / 2; ++v) ua[v] = f32_to_tf32(a[v]);
-#pragma unroll
-        for (int v = 0; v < K / 4; ++v) ub[v] = f32_to_tf32(b[v]);
-        if constexpr (K == 16) mma_m16n8k16_tf32(c, ua, ub, c);
-        else mma_m16n8k8_tf32(c, ua, ub, c);
+    static __device__ __forceinline__ void step(float (&c)[4], const Op<K / 2>& a,
+                                                const Op<K / 4>& b) {
+        if constexpr (K == 16) mma_m16n8k16_tf32(c, a.v, b.v, c);
+        else mma_m16n8k8_tf32(c, a.v, b.v, c);
     }
 };
 template <> struct Mma<float, MATH_3XTF32> {
+    template <int N> struct Op { unsigned h[N], l[N]; };
+    template <int N>
+    static __device__ __forceinline__ Op<N> prep(const float (&x)[N]) {
+        Op<N> o;
+#pragma unroll
+        for (int i = 0; i < N; ++i) split_tf32(x[i], o.h[i], o.l[i]);
+        return o;
+    }
     template <int K>
-    static __device__ __forceinline__ void step(float (&c)[4], const float (&a)[K / 2],
-                                                const float (&b)[K / 4]) {
-        unsigned ah[K / 2], al[K / 2], bh[K / 4], bl[K / 4];
-#pragma unroll
-        for (int v = 0; v < K / 2; ++v) split_tf32(a[v], ah[v], al[v]);
-#pragma unroll
-        for (int v = 0; v < K / 4; ++v) split_tf32(b[v], bh[v], bl[v]);
+    static __device__ __forceinline__ void step(float (&c)[4], const Op<K / 2>& a,
+                                                const Op<K / 4>& b) {
         if constexpr (K == 16) {
-            mma_m16n8k16_tf32(c, al, bh, c);  // small terms first
-            mma_m16n8k16_tf32(c, ah, bl, c);
-            mma_m16n8k16_tf32(c, ah, bh, c);
+            mma_m16n8k16_tf32(c, a.l, b.h, c);  // small terms first
+            mma_m16n8k16_tf32(c, a.h, b.l, c);
+            mma_m16n8k16_tf32(c, a.h, b.h, c);
         } else {
-            mma_m16n8k8_tf32(c, al, bh, c);
-            mma_m16n8k8_tf32(c, ah, bl, c);
-            mma_m16n8k8_tf32(c, ah, bh, c);
+            mma_m16n8k8_tf32(c, a.l, b.h, c);
+            mma_m16n8k8_tf32(c, a.h, b.l, c);
+            mma_m16n8k8_tf32(c, a.h, b.h, c);
         }
     }
 };
@@ -150,22 +168,27 @@ __device__ __forceinline__ void warp_kstep(T (&acc)[FM][FN][4], const SA& A, con
                                            int c0, int mt, int nt, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     if constexpr (MATH != MATH_FMA) {
+        using M = Mma<T, MATH>;
         // every B fragment of the step, then one A fragment at a time (fewer live registers)
-        T b[FN][KS / 4];
+        typename M::template Op<KS / 4> bo[FN];
 #pragma unroll
-        for (int j = 0; j < FN; ++j)
+        for (int j = 0; j < FN; ++j) {
+            T b[KS / 4];
 #pragma unroll
-            for (int v = 0; v < KS / 4; ++v) b[j][v] = j < nt ? B.at(k0 + t + 4 * v, c0 + 8 * j + g) : T(0);
+            for (int v = 0; v < KS / 4; ++v) b[v] = j < nt ? B.at(k0 + t + 4 * v, c0 + 8 * j + g) : T(0);
+            bo[j] = M::prep(b);
+        }
 #pragma unroll
         for (int i = 0; i < FM; ++i) {
             if (i >= mt) break;  // warp-uniform
             T a[KS / 2];
 #pragma unroll
             for (int v = 0; v < KS / 2; ++v) a[v] = A.at(r0 + 16 * i + g + 8 * (v & 1), k0 + t + 4 * (v >> 1));
+            const auto ao = M::prep(a);
             // all FN columns (B is 0 past nt): a predicated mma.sync costs a WARPSYNC and
             // four NOPs on sm_90, an idle one a few cycles of the tensor pipe
 #pragma unroll
-            for (int j = 0; j < FN; ++j) Mma<T, MATH>::template step<KS>(acc[i][j], a, b[j]);
+            for (int j = 0; j < FN; ++j) M::template step<KS>(acc[i][j], ao, bo[j]);
         }
     } else {
 #pragma unroll 4
