@@ -152,7 +152,6 @@ class FusedRunner:
         cfg[...] = xp.asarray(np.asarray(lay.cfg, dtype=np.int64))
         none = k.none(dtype)
         partials = k.empty(lay.grid * lay.partial_stride, dtype) if mode != MODE_FORWARD else none
-        L = len(net.layers)
         n_out = net.out_features
         kind = "sum_squares" if loss is None else loss.kind
         scale = loss_scale(kind, M * n_out)
@@ -168,7 +167,6 @@ class FusedRunner:
                      none] + [none] * (2 * MAX_LAYERS)
         shapes = tuple(((s.out_features, s.in_features), (s.out_features,) if s.bias else None)
                        for s in net.layers)
-        del L
         inp = self._x_input(x)  # the strides are part of the plan's key
         args[_SXM], args[_SXK] = i64(inp.sxm), i64(inp.sxk)
         x_direct = inp.x is x
