@@ -13,6 +13,7 @@ from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
+from .derivatives import input_derivatives, residual_value_and_grad
 from .functional import value_and_grad
 from .graph import compile
 from .io import load
@@ -28,7 +29,9 @@ __all__ = [
     "MLP",
     "compile",
     "cuda_available",
+    "input_derivatives",
     "load",
+    "residual_value_and_grad",
     "show_config",
     "value_and_grad",
     "__version__",

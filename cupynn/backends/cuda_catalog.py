@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import LayerSpec, LossSpec, NetSpec
+from . import cuda_taylor
 from .cuda_backend import CudaBackend
 from .cuda_select import kernel_names_all
 
@@ -31,7 +32,7 @@ class NameCollector:
 
 def all_instantiations() -> list[tuple[str, tuple[str, ...]]]:
     """(source file, name expressions) for every kernel the CUDA backend can request."""
-    return kernel_names_all()
+    return kernel_names_all() + cuda_taylor.kernel_names_all()
 
 
 def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False) -> set[str]:
