@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import LayerSpec, LossSpec, NetSpec
 from . import cuda_taylor
+from .base import LayerSpec, LossSpec, NetSpec
 from .cuda_backend import CudaBackend
 from .cuda_select import kernel_names_all
 
