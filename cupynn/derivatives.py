@@ -20,7 +20,11 @@ needs f''' as well; :mod:`cupynn.activations`). The GEMMs are cupynn's dense ops
 (:func:`cupynn.functional.dense_forward` / ``dense_backward``), the elementwise step
 :func:`cupynn.functional.taylor_activation_forward` / ``_backward`` (one CUDA kernel per
 layer and direction, ``kernels/derivatives.cu``). Batches are processed in chunks of
-rows (cache-sized on the CPU), so memory stays bounded for any batch.
+rows (cache-sized on the CPU), so memory stays bounded for any batch. On the CPU the
+chunks run with BLAS at one thread (through ``threadpoolctl`` when it is installed): a
+threaded BLAS on cache-sized products spins its threads against each other and is 3-10x
+slower as soon as another process holds a core. While a call runs, this limit applies
+to the whole process.
 
 relu and leaky_relu networks are piecewise linear: their Laplacian is 0 wherever it
 exists, so a Laplacian loss gives them no signal (see :mod:`cupynn.activations`).
@@ -32,7 +36,9 @@ Shapes, for a batch of ``B`` points and a model with ``m`` outputs: one output g
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +58,29 @@ RESIDUALS = ("poisson", "helmholtz")
 
 # Rows of the (nb, rows, width) stack per chunk: about this many bytes for the widest
 # layer. On the CPU the chunk's stacks stay in cache; on CUDA a chunk is a big launch.
-_CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 1 << 28}
+_CHUNK_BYTES = {"cpu": 1 << 19, "cuda": 1 << 28}
 _MIN_CHUNK_ROWS = 64
+
+_BLAS = {"controller": None, "looked": False}
+_BLAS_LOCK = threading.Lock()
+
+
+def _cpu_threads(net):
+    """A context in which BLAS runs one thread (CPU only, where threadpoolctl is installed)."""
+    if net.device != "cpu":
+        return contextlib.nullcontext()
+    with _BLAS_LOCK:
+        if not _BLAS["looked"]:
+            _BLAS["looked"] = True
+            try:
+                import threadpoolctl  # noqa: PLC0415 - optional, imported on first use
+
+                ctl = threadpoolctl.ThreadpoolController().select(user_api="blas")
+                _BLAS["controller"] = ctl if ctl.lib_controllers else None
+            except Exception:  # noqa: BLE001 - not installed or no BLAS found: leave BLAS alone
+                _BLAS["controller"] = None
+    ctl = _BLAS["controller"]
+    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1)
 
 
 @dataclass(frozen=True)
@@ -234,8 +261,9 @@ def input_derivatives(model, x, order: int = 2, *, diag: bool = False):
     nb = taylor_blocks(net.d, second)
     B = x.shape[0]
     out = net.xp.empty((nb, B, net.m), dtype=net.dtype)
-    for s, e in _chunks(B, _chunk_rows(net, nb)):
-        out[:, s:e] = _forward(net, x[s:e], second, save=False)[0]
+    with _cpu_threads(net):
+        for s, e in _chunks(B, _chunk_rows(net, nb)):
+            out[:, s:e] = _forward(net, x[s:e], second, save=False)[0]
     u, du, sec = _split(net, out, second)
     return (u, du) if sec is None else (u, du, sec)
 
@@ -350,8 +378,6 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
     """
     net = _net_of(model)
     _check_x(net, x)
-    B = x.shape[0]
-    xp = net.xp
     if isinstance(residual, str):
         if residual not in RESIDUALS:
             raise ValueError(f"unknown residual {residual!r}: use one of {RESIDUALS} or a "
@@ -365,10 +391,19 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
             raise ValueError("rhs= and k= are for the built-in residuals; a callable closes "
                              "over its own data")
         second = "diagonal" if diag else "laplacian"
+        k2 = 0.0
     else:
         raise TypeError(f"residual must be a name in {RESIDUALS} or a callable, got "
                         f"{type(residual).__name__}")
 
+    with _cpu_threads(net):
+        value, grads = _residual_chunks(net, x, residual, second, rhs, k2)
+    return value, model._grads_like_parameters([tuple(p) for p in grads])
+
+
+def _residual_chunks(net: _Net, x, residual, second, rhs, k2):
+    xp = net.xp
+    B = x.shape[0]
     grads = [[xp.zeros_like(W), None if b is None else xp.zeros_like(b)]
              for W, b, _ in net.layers]
     nb = taylor_blocks(net.d, second)
@@ -408,4 +443,4 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
             for s, e in chunks:
                 _, saved = _forward(net, x[s:e], second, save=True)
                 _backward(net, saved, xp.ascontiguousarray(G[:, s:e]), grads, second)
-    return value, model._grads_like_parameters([tuple(p) for p in grads])
+    return value, grads
