@@ -58,7 +58,7 @@ RESIDUALS = ("poisson", "helmholtz")
 
 # Rows of the (nb, rows, width) stack per chunk: about this many bytes for the widest
 # layer. On the CPU the chunk's stacks stay in cache; on CUDA a chunk is a big launch.
-_CHUNK_BYTES = {"cpu": 1 << 19, "cuda": 1 << 28}
+_CHUNK_BYTES = {"cpu": 1 << 18, "cuda": 1 << 28}
 _MIN_CHUNK_ROWS = 64
 
 _BLAS = {"controller": None, "looked": False}

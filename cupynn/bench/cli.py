@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         except ImportError as e:
             print(f"--plot: matplotlib is not importable ({e}); no chart written",
                   file=sys.stderr)
-    print(f"\n{len(results)} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
+    print(f"\n{len(results) + len(derivatives)} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
     bad = [r for r in results + thread + derivatives if r.get("impl", "").startswith("cupynn")
            and r["status"] in ("wrong", "error")]
     for r in bad:
