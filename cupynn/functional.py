@@ -20,7 +20,14 @@ from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import get_activation
 from .backends import get_backend
-from .backends.base import SECOND_ORDER, LayerSpec, NetSpec, taylor_blocks
+from .backends.base import (
+    OPTIMIZER_KINDS,
+    SECOND_ORDER,
+    LayerSpec,
+    NetSpec,
+    OptimizerState,
+    taylor_blocks,
+)
 from .losses import loss_backward, loss_forward, make_loss
 
 __all__ = [
@@ -33,6 +40,11 @@ __all__ = [
     "loss_backward",
     "taylor_activation_forward",
     "taylor_activation_backward",
+    "optimizer_state",
+    "optimizer_step",
+    "optimizer_sync",
+    "optimizer_get_step",
+    "optimizer_set_step",
 ]
 
 
@@ -62,6 +74,18 @@ def _check_batch(model, layers, x, what="x"):
         )
     single = x.ndim == 1
     return (x.reshape(1, -1) if single else x), single
+
+
+def _check_target(model, net, x2, target):
+    """Check a built-in loss's ``target`` against the 2-D batch ``x2``; return it 2-D."""
+    out_shape = (x2.shape[0], net.out_features)
+    check_array(target, what="target", device=model.device, dtype=model.dtype, ndim=(1, 2))
+    if target.ndim == 1 and x2.shape[0] == 1:
+        target = target.reshape(1, -1)
+    if tuple(target.shape) != out_shape:
+        raise ValueError(f"target must have the output's shape {out_shape}, got "
+                         f"{tuple(target.shape)}")
+    return target
 
 
 def forward(model, x):
@@ -272,3 +296,82 @@ def taylor_activation_backward(g, z, y, b, activation, *, d, second="laplacian")
     _check_stack("g", g, device, dtype, z.shape)
     _check_stack("y", y, device, dtype, z.shape[1:])
     return get_backend(device).taylor_activation_backward(g, z, y, b, act, d=d, second=second)
+# -- optimizers (cupynn/optim.py) ------------------------------------------------------
+
+def _check_param_list(params, labels, what="parameter"):
+    """(device, dtype) shared by every array of ``params``; raise on the first that differs."""
+    if len(params) == 0:
+        raise ValueError("an optimizer needs at least one parameter array")
+    first = params[0]
+    device = array_device(first)
+    if device is None:
+        raise TypeError(f"{labels[0]} must be a NumPy or CuPy array, got {type(first).__name__}")
+    dtype = as_float_dtype(first.dtype)
+    for a, label in zip(params, labels):
+        check_array(a, what=label, device=device, dtype=dtype, ndim=(getattr(a, "ndim", 0),))
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{label} must be C-contiguous: pass xp.ascontiguousarray(...)")
+    return device, dtype
+
+
+def optimizer_state(kind: str, params, labels, buffers: tuple[str, ...]) -> OptimizerState:
+    """Zeroed optimizer state (step 0) for the arrays ``params`` on their backend.
+
+    ``params``: a flat list of arrays of one dtype on one device; ``labels``: their names
+    for error messages; ``buffers``: the per-parameter state arrays to keep (e.g.
+    ``("exp_avg", "exp_avg_sq")``).
+    """
+    if kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer kind must be one of {OPTIMIZER_KINDS}, got {kind!r}")
+    device, dtype = _check_param_list(params, labels)
+    state = get_backend(device).optimizer_state(kind, tuple(tuple(p.shape) for p in params),
+                                                dtype, tuple(buffers))
+    state.device = device
+    return state
+
+
+def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -> None:
+    """One optimizer update of ``params`` (flat list) with ``grads`` (flat list), in place.
+
+    Every gradient is checked (count, shape, dtype, device, C-contiguity) against its
+    parameter before anything is written: a bad one raises and changes nothing.
+    """
+    device, dtype = _check_param_list(params, labels)
+    if (dtype != state.dtype or device != state.device
+            or tuple(tuple(p.shape) for p in params) != state.shapes):
+        raise ValueError(
+            f"the optimizer's state was made for {state.dtype} parameters on '{state.device}' "
+            f"but its parameters are {dtype} on '{device}' (the model was moved or changed "
+            "dtype?): make a new optimizer for model.parameters()")
+    if len(grads) != len(params):
+        raise ValueError(f"expected {len(params)} gradient arrays, got {len(grads)}")
+    for p, g, label in zip(params, grads, labels):
+        what = f"the gradient of {label}"
+        if g is None:
+            raise TypeError(f"{what} is None; pass an array shaped like the parameter "
+                            f"{tuple(p.shape)} (e.g. from cupynn.value_and_grad)")
+        check_array(g, what=what, device=device, dtype=dtype, ndim=(p.ndim,))
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"{what} has shape {tuple(g.shape)}; the parameter has "
+                             f"{tuple(p.shape)}")
+        if not g.flags.c_contiguous:
+            raise ValueError(f"{what} is not C-contiguous: pass xp.ascontiguousarray(g) "
+                             "(cupynn does not copy silently)")
+    get_backend(device).optimizer_step(state, tuple(hyper), list(params), list(grads))
+
+
+def optimizer_sync(state: OptimizerState, hyper: tuple, params) -> None:
+    """Make the hyperparameters the next (possibly graph-captured) update reads current."""
+    get_backend(array_device(params[0])).optimizer_sync(state, tuple(hyper))
+
+
+def optimizer_get_step(state: OptimizerState, params) -> int:
+    """The number of updates applied so far (one small device-to-host copy on CUDA)."""
+    return get_backend(array_device(params[0])).optimizer_get_step(state)
+
+
+def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
+    """Set the step count (in place on the device)."""
+    if int(n) != n or n < 0:
+        raise ValueError(f"the step count must be a non-negative integer, got {n!r}")
+    get_backend(array_device(params[0])).optimizer_set_step(state, int(n))

@@ -2,7 +2,9 @@
 
 The file holds every parameter as ``layers.<i>.weight`` / ``layers.<i>.bias``
 (NumPy arrays, whatever the model's device) and a JSON ``meta`` entry with
-the architecture, so :func:`load` rebuilds the same model.
+the architecture, so :func:`load` rebuilds the same model. ``save(model, path,
+optimizer=opt)`` adds the optimizer's state (``optimizer.meta`` and
+``optimizer.<name>.<i>``), which :func:`cupynn.optim.load_state` reads back.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ __all__ = ["save", "load"]
 _FORMAT = "cupynn-model-1"
 
 
-def save(model, path) -> None:
-    """Write ``model`` (a Dense or Chain) to ``path`` (``.npz``)."""
+def save(model, path, *, optimizer=None) -> None:
+    """Write ``model`` (a Dense or Chain), and ``optimizer``'s state if given, to ``path`` (``.npz``)."""
     from .layers import Dense
 
     layers = model._dense_layers()
@@ -35,6 +37,12 @@ def save(model, path) -> None:
         "precision": model.precision,
         "activations": [layer.activation.name for layer in layers],
     }
+    if optimizer is not None:
+        from .optim import state_arrays
+
+        opt_meta, opt_arrays = state_arrays(optimizer.state_dict())
+        arrays["optimizer.meta"] = np.array(opt_meta)
+        arrays.update(opt_arrays)
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
 

@@ -119,11 +119,12 @@ class _Model:
         for layer, (W, b) in zip(layers, staged):
             layer.weight, layer.bias = W, b
 
-    def save(self, path) -> None:
-        """Save the architecture and parameters to an ``.npz`` file (see :func:`cupynn.load`)."""
+    def save(self, path, *, optimizer=None) -> None:
+        """Save the architecture and parameters to an ``.npz`` file (see :func:`cupynn.load`),
+        and ``optimizer``'s state with them if given (see :func:`cupynn.optim.load_state`)."""
         from .io import save
 
-        save(self, path)
+        save(self, path, optimizer=optimizer)
 
 
 class Dense(_Model):

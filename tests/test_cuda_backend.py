@@ -20,6 +20,7 @@ from cupynn.backends.base import LossSpec
 
 from .test_kernels_emulated import (
     REF,
+    _kernels_of_selected_tests,
     case_guard_bands,
     case_layer,
     case_network,
@@ -66,8 +67,12 @@ def cp():
 
 
 @pytest.fixture(scope="module")
-def be(cp):
+def be(cp, request):
     backend = cb.CudaBackend(xp=cp, module_cls=cp.RawModule)
+    # NVRTC in parallel threads, one module per kernel (the modules lazy loading makes, so
+    # CuPy's on-disk cache serves both) for the kernels the selected tests launch, instead
+    # of one compile at a time as each test first needs one.
+    backend.warm_up(_kernels_of_selected_tests(request, xp_fixtures=("cp",)))
     backend.kernels.poison = True
     return backend
 

@@ -201,8 +201,9 @@ def dry_call(fn, **kwargs):
             kwargs["monkeypatch"].undo()
 
 
-def _kernels_of_selected_tests(request) -> list[str]:
-    """Which kernels this module's selected tests need."""
+def _kernels_of_selected_tests(request, xp_fixtures=()) -> list[str]:
+    """Which kernels this module's selected tests need (``xp_fixtures``: fixtures that are
+    an array module, replaced by NumPy in the dry run)."""
     def run(dry):
         for item in request.session.items:
             if getattr(item, "module", None) is not request.module:
@@ -212,6 +213,8 @@ def _kernels_of_selected_tests(request) -> list[str]:
             kwargs = {}
             for arg in inspect.signature(fn).parameters:
                 kwargs[arg] = {"be": dry, "rng": np.random.default_rng(0)}.get(arg, params.get(arg))
+                if arg in xp_fixtures:
+                    kwargs[arg] = np
                 if arg == "monkeypatch":
                     kwargs[arg] = pytest.MonkeyPatch()
             if "be" in kwargs:

@@ -25,8 +25,8 @@ import numpy as np
 
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from . import numpy_taylor
-from .base import Backend, LossSpec, NetSpec, Params
+from . import numpy_optim, numpy_taylor
+from .base import Backend, LossSpec, NetSpec, OptimizerState, Params
 
 # Rows per chunk are chosen so that one chunk of the widest layer takes about
 # this many bytes: large enough for BLAS efficiency, small enough for L2/L3.
@@ -135,6 +135,19 @@ class NumpyBackend(Backend):
 
     def to_host(self, array):
         return np.asarray(array)
+
+    # -- optimizers (numpy_optim: in-place NumPy) ------------------------------
+    def optimizer_state(self, kind, shapes, dtype, buffers) -> OptimizerState:
+        return numpy_optim.make_state(kind, shapes, dtype, buffers)
+
+    def optimizer_step(self, state, hyper, params, grads) -> None:
+        numpy_optim.step(state, hyper, params, grads)
+
+    def optimizer_get_step(self, state) -> int:
+        return state.impl.step
+
+    def optimizer_set_step(self, state, n) -> None:
+        state.impl.step = int(n)
 
     # -- one layer ------------------------------------------------------------
     def dense_forward(self, x, W, b, activation, *, precision="strict"):
