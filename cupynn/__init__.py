@@ -7,6 +7,11 @@ computes the same function on any machine.
 >>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cpu", rng=0)
 >>> x = np.linspace(-1, 1, 10_000).reshape(-1, 1)
 >>> value, grads = cupynn.value_and_grad(model, x, "sum_squares")
+
+In PyTorch and JAX programs (optional extras, imported only when asked for):
+``import cupynn.torch`` (``cupynn.torch.Module(model)``, a ``torch.nn.Module``)
+and ``import cupynn.jax`` (``cupynn.jax.apply(model)``, a ``jax.custom_vjp``
+function). Torch tensors and JAX arrays are accepted wherever an array is.
 """
 
 from . import optim

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import functional as F
+from ._arrays import intake
 from ._validate import check_array
 from .backends import get_backend
 from .backends.base import taylor_blocks
@@ -111,6 +112,8 @@ def _net_of(model) -> _Net:
 
 
 def _check_x(net: _Net, x, what="x"):
+    """``x`` as the backend's array (DLPack producers are taken in place), checked."""
+    x = intake(x, what=what, device=net.device, dtype=net.dtype)
     check_array(x, what=what, device=net.device, dtype=net.dtype, ndim=(2,))
     if x.shape[1] != net.d:
         raise ValueError(f"{net.label} expects {what} of shape (batch, {net.d}), "
@@ -120,6 +123,7 @@ def _check_x(net: _Net, x, what="x"):
             f"the forward Laplacian supports models with at most {MAX_INPUT_DIM} inputs "
             f"(cupynn.derivatives.MAX_INPUT_DIM); this one has {net.d}: its cost is (d + 2) "
             "forward passes, so split the inputs or use a trace estimator for larger d")
+    return x
 
 
 def _second_of(order, diag):
@@ -232,7 +236,8 @@ def input_derivatives(model, x, order: int = 2, *, diag: bool = False):
     Parameters
     ----------
     model : Dense or Chain with ``d = in_features`` inputs (at most ``MAX_INPUT_DIM``)
-    x : array ``(B, d)`` of the model's dtype and device (any strides)
+    x : array ``(B, d)`` of the model's dtype and device (any strides; any DLPack producer,
+        e.g. a torch tensor, is read in place)
     order : 1 (values and gradient) or 2 (also second derivatives)
     diag : with ``order=2``, the ``d`` diagonal second partials instead of their sum
 
@@ -257,7 +262,7 @@ def input_derivatives(model, x, order: int = 2, *, diag: bool = False):
     """
     second = _second_of(order, diag)
     net = _net_of(model)
-    _check_x(net, x)
+    x = _check_x(net, x)
     nb = taylor_blocks(net.d, second)
     B = x.shape[0]
     out = net.xp.empty((nb, B, net.m), dtype=net.dtype)
@@ -315,6 +320,7 @@ def _builtin(net: _Net, kind: str, x, rhs, k):
             f"{net.m}: pass a callable residual(u, du, lap), which gets u of shape (batch, {net.m})")
     B = x.shape[0]
     if rhs is not None and not isinstance(rhs, (int, float)):
+        rhs = intake(rhs, what="rhs", device=net.device, dtype=net.dtype)
         check_array(rhs, what="rhs", device=net.device, dtype=net.dtype, ndim=(1,))
         if rhs.shape[0] != B:
             raise ValueError(f"rhs must have shape ({B},) (one value per point of x), "
@@ -377,7 +383,7 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
     True
     """
     net = _net_of(model)
-    _check_x(net, x)
+    x = _check_x(net, x)
     if isinstance(residual, str):
         if residual not in RESIDUALS:
             raise ValueError(f"unknown residual {residual!r}: use one of {RESIDUALS} or a "

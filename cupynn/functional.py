@@ -8,7 +8,9 @@ respect to the inputs (:mod:`cupynn.derivatives`) are built on these and on the
 elementwise step of the forward Laplacian (:func:`taylor_activation_forward`,
 :func:`taylor_activation_backward`). Every function
 checks its arguments (shape, dtype, device) here, once, so backends only
-ever see well-formed inputs.
+ever see well-formed inputs. Arrays may be any DLPack producer on the
+model's device (a torch tensor, a JAX array): they are read in place, without
+a copy (see ``cupynn/_arrays.py``); results are NumPy/CuPy arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from ._arrays import intake
 from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import get_activation
@@ -24,6 +29,7 @@ from .backends.base import (
     OPTIMIZER_KINDS,
     SECOND_ORDER,
     LayerSpec,
+    LossSpec,
     NetSpec,
     OptimizerState,
     taylor_blocks,
@@ -33,6 +39,7 @@ from .losses import loss_backward, loss_forward, make_loss
 __all__ = [
     "forward",
     "value_and_grad",
+    "vjp",
     "dense_forward",
     "dense_backward",
     "DenseContext",
@@ -76,8 +83,23 @@ def _check_batch(model, layers, x, what="x"):
     return (x.reshape(1, -1) if single else x), single
 
 
+def _intake_loss(loss, device, dtype):
+    """A callable loss whose ``dL/dy`` may be any DLPack producer, read in place."""
+    if not callable(loss):
+        return loss
+
+    def fn(y):
+        out = loss(y)
+        if isinstance(out, tuple) and len(out) == 2:
+            return out[0], intake(out[1], what="dL/dy", device=device, dtype=dtype)
+        return out  # call_loss says what is wrong with it
+
+    return fn
+
+
 def _check_target(model, net, x2, target):
     """Check a built-in loss's ``target`` against the 2-D batch ``x2``; return it 2-D."""
+    target = intake(target, what="target", device=model.device, dtype=model.dtype)
     out_shape = (x2.shape[0], net.out_features)
     check_array(target, what="target", device=model.device, dtype=model.dtype, ndim=(1, 2))
     if target.ndim == 1 and x2.shape[0] == 1:
@@ -89,8 +111,13 @@ def _check_target(model, net, x2, target):
 
 
 def forward(model, x):
-    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``)."""
+    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``).
+
+    ``x`` is a NumPy/CuPy array or any DLPack producer on the model's device
+    (read without a copy); the output is a NumPy/CuPy array.
+    """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
     y = backend.network_forward(net, params, x2)
     return y.reshape(-1) if single else y
@@ -103,6 +130,7 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     ----------
     model : Dense or Chain
     x : array of shape ``(batch, in)`` or ``(in,)``, the model's dtype and device
+        (NumPy/CuPy, or any DLPack producer such as a torch tensor, read without a copy)
     loss : ``"sum_squares"`` (``sum((y - target)**2)``), ``"mse"`` (the same
         divided by ``y.size``), or a callable ``loss(y) -> (value, dL/dy)``
         working on the model's array type
@@ -123,8 +151,11 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     (8, 1)
     """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    if target is not None:
+        target = intake(target, what="target", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
-    spec = make_loss(loss, target)
+    spec = make_loss(_intake_loss(loss, model.device, model.dtype), target)
     if spec.target is not None:
         out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
         check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
@@ -152,6 +183,48 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     return value, grads
 
 
+def vjp(model, x, g, *, wrt_input=True):
+    """The vector-Jacobian product of the model at ``x`` for the cotangent ``g``.
+
+    The gradients of ``L = sum(model(x) * g)`` (whose ``dL/dy`` is ``g``):
+    ``grads[i]["weight"] = sum_b dL/dW_i``, ... and ``dx = g @ dy/dx``, from one
+    backward call — what a framework's autograd asks of a layer (the backward of
+    :class:`cupynn.torch.Module`, the VJP of :func:`cupynn.jax.apply`).
+
+    Parameters
+    ----------
+    model : Dense or Chain
+    x : ``(batch, in)`` or ``(in,)``; ``g`` : the output's shape, ``(batch, out)`` / ``(out,)``;
+        both of the model's dtype, on its device (NumPy/CuPy or any DLPack producer,
+        read without a copy; ``g`` may be strided, e.g. a broadcast)
+    wrt_input : also compute ``dx`` (else it is None, and cheaper)
+
+    Returns ``(grads, dx)``, ``grads`` shaped like ``model.parameters()``.
+
+    >>> import numpy as np, cupynn
+    >>> m = cupynn.MLP([2, 8, 3], "tanh", device="cpu", rng=0)
+    >>> grads, dx = cupynn.functional.vjp(m, np.ones((5, 2)), np.ones((5, 3)))
+    >>> grads[1]["weight"].shape, dx.shape
+    ((3, 8), (5, 2))
+    """
+    layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    g = intake(g, what="g", device=model.device, dtype=model.dtype)
+    x2, single = _check_batch(model, layers, x)
+    out_shape = (net.out_features,) if single else (x.shape[0], net.out_features)
+    check_array(g, what="g", device=model.device, dtype=model.dtype, ndim=(len(out_shape),))
+    if tuple(g.shape) != out_shape:
+        raise ValueError(f"g must have the output's shape {out_shape}, got {tuple(g.shape)}")
+    g2 = g.reshape(1, -1) if single else g
+    if "dot" in backend.loss_kinds:
+        spec = LossSpec("dot", g2, None)
+    else:  # the same loss as a callable: sum(y * g), dL/dy = g
+        spec = LossSpec("callable", None, lambda y: ((y * g2).sum(), g2))
+    _, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input)
+    grads = model._grads_like_parameters(pairs)
+    return grads, (None if dx is None else dx.reshape(-1) if single else dx)
+
+
 # -- one layer at a time ----------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -167,10 +240,22 @@ class DenseContext:
     device: str
 
 
+def _intake_layer_args(x, W, b):
+    """``(x, W, b)`` with DLPack producers read in place, on ``W``'s device and dtype."""
+    W = intake(W, what="W")
+    device = array_device(W)
+    dtype = W.dtype if device is not None and W.dtype in (np.float32, np.float64) else None
+    x = intake(x, what="x", device=device, dtype=dtype)
+    if b is not None:
+        b = intake(b, what="b", device=device, dtype=dtype)
+    return x, W, b
+
+
 def _check_layer_args(x, W, b, activation, precision):
     device = array_device(W)
     if device is None:
-        raise TypeError(f"W must be a NumPy or CuPy array, got {type(W).__name__}")
+        raise TypeError(f"W must be a NumPy or CuPy array (or a DLPack producer such as a "
+                        f"torch tensor), got {type(W).__name__}")
     dtype = as_float_dtype(W.dtype)
     check_precision(precision, dtype)
     check_array(W, what="W", device=device, dtype=dtype, ndim=(2,))
@@ -193,7 +278,9 @@ def dense_forward(x, W, b=None, activation="identity", *, precision="strict", sa
     """``act(x @ W.T + b)`` for ``x (batch, in)``, ``W (out, in)``, ``b (out,)``.
 
     With ``save=True`` returns ``(y, ctx)`` where ``ctx`` feeds :func:`dense_backward`.
+    Arrays may be DLPack producers (read without a copy); ``y`` is a NumPy/CuPy array.
     """
+    x, W, b = _intake_layer_args(x, W, b)
     device, act = _check_layer_args(x, W, b, activation, precision)
     backend = get_backend(device)
     if not save:
@@ -207,6 +294,7 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
 
     ``dz = g * act'(.)``, ``dW = dz.T @ x``, ``db = dz.sum(0)``, ``dx = dz @ W``.
     """
+    g = intake(g, what="g", device=ctx.device, dtype=ctx.W.dtype)
     check_array(g, what="g", device=ctx.device, dtype=ctx.W.dtype, ndim=(2,))
     expected = (ctx.x.shape[0], ctx.W.shape[0])
     if tuple(g.shape) != expected:
@@ -345,11 +433,13 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
             "dtype?): make a new optimizer for model.parameters()")
     if len(grads) != len(params):
         raise ValueError(f"expected {len(params)} gradient arrays, got {len(grads)}")
-    for p, g, label in zip(params, grads, labels):
+    grads = list(grads)
+    for i, (p, g, label) in enumerate(zip(params, grads, labels)):
         what = f"the gradient of {label}"
         if g is None:
             raise TypeError(f"{what} is None; pass an array shaped like the parameter "
                             f"{tuple(p.shape)} (e.g. from cupynn.value_and_grad)")
+        grads[i] = g = intake(g, what=what, device=device, dtype=dtype)
         check_array(g, what=what, device=device, dtype=dtype, ndim=(p.ndim,))
         if tuple(g.shape) != tuple(p.shape):
             raise ValueError(f"{what} has shape {tuple(g.shape)}; the parameter has "

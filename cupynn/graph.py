@@ -82,8 +82,10 @@ class CompiledStep:
                                "optimizer for model.parameters())")
 
     def _check(self, x):
+        from ._arrays import intake
         from .functional import _check_batch
 
+        x = intake(x, what="x", device=self.model.device, dtype=self.model.dtype)
         x2, _single = _check_batch(self.model, self._layers, x)
         return x2
 

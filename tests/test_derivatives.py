@@ -471,3 +471,19 @@ def test_errors_name_what_was_expected(rng):
         cupynn.residual_value_and_grad(model, x, lambda u, du, lap: None, rhs=np.zeros(6))
     with pytest.raises(ValueError, match=r"z must be a stack of shape \(4, batch, width\)"):
         F.taylor_activation_forward(np.zeros((3, 2, 2)), None, "tanh", d=2)
+
+
+def test_dlpack_input_is_read_in_place(rng):
+    torch = pytest.importorskip("torch")
+    model = _model(rng, 2, "tanh")
+    x = rng.uniform(-1, 1, (7, 2))
+    f = rng.standard_normal(7)
+    for a, b in zip(cupynn.input_derivatives(model, torch.from_numpy(x)),
+                    cupynn.input_derivatives(model, x)):
+        assert np.array_equal(a, b)
+    v1, g1 = cupynn.residual_value_and_grad(model, torch.from_numpy(x), "poisson",
+                                            rhs=torch.from_numpy(f))
+    v2, g2 = cupynn.residual_value_and_grad(model, x, "poisson", rhs=f)
+    assert float(v1) == float(v2) and np.array_equal(_flat(g1), _flat(g2))
+    with pytest.raises(TypeError, match="float32"):
+        cupynn.input_derivatives(model, torch.from_numpy(x.astype(np.float32)))

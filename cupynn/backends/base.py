@@ -52,8 +52,10 @@ class LossSpec:
     """The scalar function of the network's output.
 
     ``kind`` is ``"sum_squares"`` (``sum((y - t)**2)``), ``"mse"``
-    (``sum((y - t)**2) / y.size``, and 0 for an empty batch) or
-    ``"callable"`` (``fn(y) -> (value, dL/dy)`` on the backend's arrays).
+    (``sum((y - t)**2) / y.size``, and 0 for an empty batch),
+    ``"callable"`` (``fn(y) -> (value, dL/dy)`` on the backend's arrays) or
+    ``"dot"`` (``sum(y * t)``, so ``dL/dy = t``: a vector-Jacobian product,
+    sent only to backends that list it in :attr:`Backend.loss_kinds`).
     ``target`` is ``None`` (meaning 0) or an array shaped like ``y``.
     """
 
@@ -100,6 +102,9 @@ class Backend(ABC):
     name: str  # "numpy" | "cuda"
     device: str  # "cpu" | "cuda"
     xp: Any  # the array module: numpy or cupy
+    # LossSpec kinds network_value_and_grad takes besides "callable"; functional turns a
+    # "dot" loss into a callable for a backend that does not list it.
+    loss_kinds: tuple[str, ...] = ("sum_squares", "mse")
 
     # -- one layer at a time (the functional API) ------------------------
     @abstractmethod

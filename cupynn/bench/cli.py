@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: one cupyx.profiler.profile() range (cudaProfilerStart/Stop) "
                         "around each implementation's two timed loops, and an NVTX range per "
                         "loop; warm-ups and checks stay outside (for nsys "
-                        "--capture-range=cudaProfilerApi / ncu --profile-from-start off)")
+                        "--capture-range=cudaProfilerApi / ncu --profile-from-start off); "
+                        "CPU: the NVTX ranges only")
     p.add_argument("--kernels", action="store_true",
                    help="CUDA: also time each kernel of cupynn's gradient step alone (grid, "
                         "registers, blocks per SM, waves, share of the step) per workload and "
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
         profile=args.profile, seed=args.seed, progress=not args.no_progress,
     )
     if args.profile and device != "cuda":
-        print("note: --profile only marks CUDA runs; on the CPU it does nothing", file=sys.stderr)
+        print("note: --profile on the CPU: NVTX ranges around the timed loops only (no "
+              "cudaProfilerStart/Stop, so no nsys --capture-range=cudaProfilerApi)", file=sys.stderr)
 
     ceilings = None
     if not args.no_roofline and cases:
