@@ -59,8 +59,10 @@ PUBLIC_WORKLOADS = (
 
 def hot_kernels() -> set[str]:
     """Every kernel the public workloads launch, their training steps' optimizer update
-    included (the compile check forbids spills there)."""
+    and the pinn workload's elementwise step (kernels/derivatives.cu) included (the compile
+    check forbids spills there)."""
     names: set[str] = {n for _, ns in cuda_optim.kernel_names_all() for n in ns}
+    names |= {n for _, ns in cuda_taylor.kernel_names_all() for n in ns}
     for sizes, act, batch, dtypes, precisions in PUBLIC_WORKLOADS:
         acts = [act] * (len(sizes) - 2) + ["identity"]
         for dt in dtypes:
