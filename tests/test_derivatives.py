@@ -487,3 +487,39 @@ def test_dlpack_input_is_read_in_place(rng):
     assert float(v1) == float(v2) and np.array_equal(_flat(g1), _flat(g2))
     with pytest.raises(TypeError, match="float32"):
         cupynn.input_derivatives(model, torch.from_numpy(x.astype(np.float32)))
+
+
+def test_public_names_have_runnable_examples():
+    import doctest
+
+    from cupynn import activations, derivatives, functional
+
+    for fn in (cupynn.input_derivatives, cupynn.residual_value_and_grad,
+               F.taylor_activation_forward, F.taylor_activation_backward,
+               get_activation("tanh").higher_derivatives):
+        assert fn.__doc__ and ">>>" in fn.__doc__, fn
+    for mod in (derivatives, activations):
+        failed, attempted = doctest.testmod(mod)
+        assert attempted > 0 and failed == 0, mod.__name__
+    for name in ("taylor_activation_forward", "taylor_activation_backward"):
+        finder = doctest.DocTestFinder()
+        for test in finder.find(getattr(functional, name), name):
+            assert doctest.DocTestRunner().run(test).failed == 0, name
+
+
+def test_host_constants_match_the_kernel_source():
+    import re
+
+    from cupynn import _loader
+    from cupynn.backends import cuda_catalog, cuda_launch, cuda_taylor
+
+    src = (_loader.KERNEL_DIR / cuda_taylor.SOURCE).read_text()
+    assert int(re.search(r"TAYLOR_THREADS = (\d+)", src).group(1)) == cuda_launch.THREADS
+    for second, mode in cuda_taylor.MODES.items():  # the kernel's comment lists mode -> blocks
+        blocks = re.search(rf"mode {mode} \(.*?nb = ([^\n]+)", src).group(1).strip()
+        assert blocks == {0: "1 + d", 1: "2 + d", 2: "1 + 2 d"}[mode], (second, blocks)
+        assert taylor_blocks(3, second) == eval(blocks.replace("2 d", "2 * d"), {"d": 3})
+    names = {n for _, ns in cuda_taylor.kernel_names_all() for n in ns}
+    assert len(names) == 4
+    assert names <= {n for _, ns in cuda_catalog.all_instantiations() for n in ns}
+    assert names <= cuda_catalog.hot_kernels()
