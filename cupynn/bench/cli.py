@@ -253,8 +253,6 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(report.markdown(doc))
-            if derivatives:
-                f.write("\n" + pinn.markdown_table(derivatives) + "\n")
     if args.plot:
         try:
             from .plot import write_png
