@@ -115,6 +115,11 @@ class Activation:
     def __repr__(self) -> str:
         return f"Activation({self.name})"
 
+    def __reduce__(self):
+        # by name: the formulas are module-level lambdas, which pickle cannot carry, and an
+        # unpickled model must share the registry's instances
+        return get_activation, (self.name,)
+
 
 def _one(dtype):
     return np.asarray(1, dtype=dtype)

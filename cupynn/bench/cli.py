@@ -9,6 +9,7 @@ Examples::
     python -m cupynn bench --sizes 8,256,256,1 --activation tanh --batch 65536
     python -m cupynn bench --quick --json out.json --plot out.png   # CI smoke run
     python -m cupynn bench pinn --device cpu          # Poisson residual gradient (cupynn.bench.pinn)
+    python -m cupynn bench dask --quick               # cupynn.dask on a local cluster (own options)
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                  f"{'→'.join(map(str, pinn.SIZES))} tanh, batch {pinn.BATCH:,}, float64 "
                  "(only when named; peers: JAX and PyTorch)"
                + ".\nimplementations: " + ", ".join(IMPLEMENTATIONS)
-               + " (default: all but torch.compile; 'all' adds it).",
+               + " (default: all but torch.compile; 'all' adds it).\n"
+               + "`python -m cupynn bench dask --help`: cupynn.dask on a local Dask cluster.",
     )
     p.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                    help=f"one or more of {', '.join(WORKLOADS)} (default: seed; with --quick "
@@ -121,6 +123,10 @@ def _resolve_device(device: str) -> str:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["dask"]:
+        from .dask_bench import main as dask_main
+
+        return dask_main(sys.argv[2:] if argv is None else list(argv)[1:])
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     device = _resolve_device(args.device)
