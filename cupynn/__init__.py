@@ -21,6 +21,7 @@ from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
+from .derivatives import input_derivatives, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
 from .graph import compile
@@ -51,9 +52,11 @@ __all__ = [
     "execution_path",
     "flat_value_and_grad",
     "get_flat",
+    "input_derivatives",
     "load",
     "num_parameters",
     "optim",
+    "residual_value_and_grad",
     "set_flat",
     "show_config",
     "value_and_grad",

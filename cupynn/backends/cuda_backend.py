@@ -38,7 +38,7 @@ import numpy as np
 
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from . import cuda_optim, cuda_plans, cuda_select
+from . import cuda_optim, cuda_plans, cuda_select, cuda_taylor
 from .base import Backend, LayerSpec, LossSpec, NetSpec, OptimizerState, Params, write_into
 from .cuda_fused import FusedRunner
 from .cuda_fused_layout import MODE_FORWARD, MODE_GRAD, MODE_VALUE, FusedLayout, fused_kernel_names
@@ -111,24 +111,22 @@ class CudaBackend(Backend):
 
     def warm_up(self, names=None, *, workers: int | None = None, modules: int | None = None) -> int:
         """Compile kernels ahead of use (default: every instantiation the backend can
-        request); see :meth:`Launcher.warm_up`.  Names of the optimizer update go to
-        ``kernels/optim.cu``, the fused step's to ``kernels/fused.cu``, all others to
-        ``kernels/dense.cu``."""
-        optim_names = set(cuda_optim.kernel_names_all()[0][1])
-        fused_names = set(fused_kernel_names()[0][1])
+        request); see :meth:`Launcher.warm_up`.  Each name goes to the source file the catalog
+        lists it under (``kernels/dense.cu``, ``fused.cu``, ``optim.cu``, ``derivatives.cu``);
+        names it does not know, to ``kernels/dense.cu``."""
+        catalog = (cuda_select.kernel_names_all() + fused_kernel_names()
+                   + cuda_optim.kernel_names_all() + cuda_taylor.kernel_names_all())
+        owner = {n: src for src, ns in catalog for n in ns}
         if names is None:
-            names = (list(cuda_select.kernel_names_all()[0][1]) + sorted(optim_names)
-                     + sorted(fused_names))
-        names = list(names)
-        dense = [n for n in names if n not in optim_names and n not in fused_names]
-        opt = [n for n in names if n in optim_names]
-        fused = [n for n in names if n in fused_names]
-        n = self.kernels.warm_up(SOURCE, dense, workers=workers, modules=modules) if dense else 0
-        if opt:
-            n += self.kernels.warm_up(cuda_optim.SOURCE, opt, workers=workers, modules=1)
-        if fused:
-            n += self.kernels.warm_up(FUSED_SOURCE, fused, workers=workers, modules=modules)
-        return n
+            names = list(owner)
+        by_source: dict[str, list[str]] = {}
+        for n in names:
+            by_source.setdefault(owner.get(n, SOURCE), []).append(n)
+        total = 0
+        for src, ns in by_source.items():
+            spread = modules if src in (SOURCE, FUSED_SOURCE) else 1
+            total += self.kernels.warm_up(src, ns, workers=workers, modules=spread)
+        return total
 
     # -- arrays ---------------------------------------------------------------------
     def owns(self, array) -> bool:
@@ -384,6 +382,14 @@ class CudaBackend(Backend):
             else:
                 dx[...] = 0
         return dx, dW, db
+
+    # -- derivatives with respect to the inputs (kernels/derivatives.cu) --------------
+    def taylor_activation_forward(self, z, b, activation: str, *, d: int, second: str):
+        return cuda_taylor.forward(self.kernels, z, b, get_activation(activation).id, d, second)
+
+    def taylor_activation_backward(self, g, z, y, b, activation: str, *, d: int, second: str):
+        return cuda_taylor.backward(self.kernels, g, z, y, b, get_activation(activation).id, d,
+                                    second)
 
     # -- whole networks ------------------------------------------------------------
     @staticmethod

@@ -8,6 +8,7 @@ Examples::
         --json bench.json --plot bench.png --markdown bench.md
     python -m cupynn bench --sizes 8,256,256,1 --activation tanh --batch 65536
     python -m cupynn bench --quick --json out.json --plot out.png   # CI smoke run
+    python -m cupynn bench pinn --device cpu          # Poisson residual gradient (cupynn.bench.pinn)
     python -m cupynn bench dask --quick               # cupynn.dask on a local cluster (own options)
 """
 
@@ -18,7 +19,7 @@ import json
 import sys
 import time
 
-from . import report
+from . import pinn, report
 from .impls import IMPLEMENTATIONS, select
 from .reference import ACTIVATION_NAMES
 from .runner import Settings, run_cases
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "public workloads, after checking each against a float64 reference.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="workloads: " + "; ".join(f"{k} = {w.describe()}" for k, w in WORKLOADS.items())
+               + f"; pinn = the gradient of a Poisson residual loss, "
+                 f"{'→'.join(map(str, pinn.SIZES))} tanh, batch {pinn.BATCH:,}, float64 "
+                 "(only when named; peers: JAX and PyTorch)"
                + ".\nimplementations: " + ", ".join(IMPLEMENTATIONS)
                + " (default: all but torch.compile; 'all' adds it).\n"
                + "`python -m cupynn bench dask --help`: cupynn.dask on a local Dask cluster.",
@@ -156,6 +160,8 @@ def main(argv=None) -> int:
 
     default = list(WORKLOADS) if args.quick else ["seed"]
     names = list(args.workloads) or ([] if args.sizes else default)
+    run_pinn = "pinn" in names  # its own runner: cupynn.bench.pinn
+    names = [n for n in names if n != "pinn"]
     try:
         workloads = [get_workload(n, quick=args.quick, batch=args.batch) for n in names]
         if args.sizes:
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
               "cudaProfilerStart/Stop, so no nsys --capture-range=cudaProfilerApi)", file=sys.stderr)
 
     ceilings = None
-    if not args.no_roofline:
+    if not args.no_roofline and cases:
         from .roofline import measure_ceilings
 
         if settings.progress:
@@ -190,6 +196,14 @@ def main(argv=None) -> int:
 
     results = run_cases(settings)
     report.finalize(results, ceilings)
+    derivatives = []
+    if run_pinn:
+        libraries = {"jax" if i.name == "jax" else "torch" for i in impls
+                     if i.name == "jax" or i.name.startswith("torch")}
+        derivatives = pinn.run(device, quick=args.quick, batch=args.batch,
+                               budget_s=2.0 if args.quick else 30.0,
+                               cap_s=settings.cap_s if args.quick else 3.0, seed=args.seed,
+                               libraries=libraries, progress=settings.progress)
 
     kernels = []
     if args.kernels and device != "cuda":
@@ -239,16 +253,20 @@ def main(argv=None) -> int:
         "results": results,
         "thread": thread,
         "kernels": kernels,
+        "derivatives": derivatives,
         "train": train,
         "wall_s": None,
     }
-    print(report.terminal_table(results))
+    if results:
+        print(report.terminal_table(results))
     if thread:
         print("\nseed thread (float64): one call per input, gradients accumulated, "
               "vs one batched call")
         print(report.thread_table(thread))
     for k in kernels:
         print("\n" + report.kernels_table(k))
+    if derivatives:
+        print("\n" + pinn.table(derivatives))
     if train:
         print("\ntraining step: loss, gradient and an Adam update of every parameter")
         print(report.train_table(train))
@@ -272,8 +290,10 @@ def main(argv=None) -> int:
         except ImportError as e:
             print(f"--plot: matplotlib is not importable ({e}); no chart written",
                   file=sys.stderr)
-    print(f"\n{len(results)} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
-    bad = [r for r in results + thread + train if r.get("impl", "").startswith("cupynn")
+    n_cases = len(results) + len(derivatives)
+    print(f"\n{n_cases} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
+    bad = [r for r in results + thread + train + derivatives
+           if r.get("impl", "").startswith("cupynn")
            and r["status"] in ("wrong", "error")]
     for r in bad:
         print(f"cupynn FAILED: {r['impl']} {r.get('workload')} {r.get('dtype')}: {r['reason']}",
