@@ -10,8 +10,11 @@ ever see well-formed inputs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
@@ -43,7 +46,24 @@ def _model_parts(model):
         model.precision,
     )
     params = [(l.weight, l.bias) for l in layers]
-    return layers, net, params, get_backend(model.device)
+    backend = get_backend(model.device)
+    if net.precision != "strict" and backend.device == "cpu":
+        _warn_cpu_precision(net.precision)
+    return layers, net, params, backend
+
+
+_CPU_PRECISION_WARNED: set = set()
+
+
+def _warn_cpu_precision(precision: str) -> None:
+    """Say once per process (per precision) that the setting does nothing on the CPU."""
+    if precision in _CPU_PRECISION_WARNED:
+        return
+    _CPU_PRECISION_WARNED.add(precision)
+    warnings.warn(
+        f"precision={precision!r} has no effect on the CPU: the NumPy backend computes float32 "
+        "products in strict FP32; the setting selects the CUDA kernels' tensor-core mode after "
+        "model.to('cuda')", UserWarning, stacklevel=4)
 
 
 def _check_batch(model, layers, x, what="x"):
@@ -99,10 +119,15 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     if spec.target is not None:
         out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
         check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
-                    ndim=(len(out_shape),))
-        if tuple(spec.target.shape) != out_shape:
+                    ndim=(spec.target.ndim,) if hasattr(spec.target, "ndim") else (len(out_shape),))
+        got = tuple(spec.target.shape)
+        if got != out_shape:
+            hint = ""
+            if int(np.prod(got)) == int(np.prod(out_shape)):
+                hint = f": reshape it with target.reshape{out_shape}"
             raise ValueError(
-                f"target must have the output's shape {out_shape}, got {tuple(spec.target.shape)}"
+                f"target must have the output's shape {out_shape} "
+                f"{'(out_features,)' if single else '(batch, out_features)'}, got {got}{hint}"
             )
         if single:
             spec = type(spec)(spec.kind, spec.target.reshape(1, -1), None)
