@@ -27,7 +27,7 @@ import contextlib
 import os
 import threading
 
-__all__ = ["lanes_available", "blas_single_thread", "run_lanes", "thread_control"]
+__all__ = ["lanes_available", "blas_single_thread", "run_lanes", "thread_control", "usable_cores"]
 
 _MAX_LANES = 16
 _LOCK = threading.Lock()
@@ -36,7 +36,8 @@ _CONTROLLER: object | None = None
 _CONTROLLER_REASON: str | None = None
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """How many cores this process may run on (its CPU affinity), at least 1."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # not Linux
@@ -84,7 +85,7 @@ def lanes_available() -> int:
         if n < 1:
             raise ValueError(f"CUPYNN_CPU_THREADS must be a positive integer, got {env!r}")
     else:
-        n = min(_MAX_LANES, _usable_cores())
+        n = min(_MAX_LANES, usable_cores())
     if n > 1 and _blas_controller() is None:
         return 1
     return n

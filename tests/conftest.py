@@ -1,7 +1,14 @@
-"""Shared helpers for the tests: random models and the reference comparison."""
+"""Shared helpers for the tests: random models and the reference comparison.
+
+Tests marked ``slow`` (the sanitizer runs, the wheel install, the full benchmark smoke
+run, NVRTC compilations) are skipped unless pytest runs with ``--slow`` (or
+``CUPYNN_SLOW_TESTS=1``); CI (``.ci/run``) passes it. The README's test command leaves
+them out so that it finishes in a few minutes.
+"""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -10,6 +17,47 @@ import pytest
 import cupynn
 
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (sanitizers, wheel install, NVRTC, the "
+                          "full benchmark smoke run); CI does")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or os.environ.get("CUPYNN_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: `python -m pytest --slow` runs it (CI does)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
+def emulated_cuda_backend(request=None):
+    """A CudaBackend running on the CPU emulator, every kernel instantiation built.
+
+    All instantiations of the backend's source go into two modules (two g++ at a time,
+    about half a minute on two cores when nothing is cached), the same two for every
+    test module and every run: the loader caches the modules in the process and the
+    emulator caches the builds on disk by the hash of the sources (``CUPYNN_EMU_CACHE``),
+    so an unchanged kernel is built once. Building them all also checks that every
+    instantiation compiles under the emulator's dialect."""
+    import time
+
+    from cupynn import _loader
+    from cupynn.backends import cuda_backend as cb
+    from cupynn.emulator import EmulatedModule
+
+    names = [n for src, ns in _loader.all_instantiations() if src == cb.SOURCE for n in ns]
+    backend = cb.CudaBackend(xp=np, module_cls=EmulatedModule)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter") if request else None
+    t0 = time.perf_counter()
+    built = backend.warm_up(names, workers=2, modules=2)
+    if reporter is not None and built and time.perf_counter() - t0 > 2:
+        reporter.write_line(f"\n(emulator: built {built} kernel instantiations in 2 modules in "
+                            f"{time.perf_counter() - t0:.0f} s; cached for later runs)")
+    return backend
 
 
 def random_model(sizes, activations, dtype, rng, *, bias=True, device="cpu", scale=1.0):

@@ -25,6 +25,7 @@ def _run_bench(tmp_path, *args, timeout=240):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # every workload with every peer (PyTorch, JAX compilations)
 def test_quick_suite_writes_json_png_markdown_and_every_run_is_correct(tmp_path):
     pytest.importorskip("matplotlib")
     out = _run_bench(tmp_path, "--quick", "--device", "cpu", "--json", "b.json",

@@ -14,8 +14,6 @@ tests/test_cuda_backend.py on a real GPU.
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 
@@ -23,6 +21,8 @@ from cupynn.activations import ACTIVATIONS
 from cupynn.backends import cuda_backend as cb
 from cupynn.backends.base import LayerSpec, LossSpec, NetSpec
 from cupynn.backends.numpy_backend import NumpyBackend
+
+from .conftest import emulated_cuda_backend
 
 pytestmark = pytest.mark.emulator
 
@@ -199,38 +199,13 @@ def dry_call(fn, **kwargs):
             kwargs["monkeypatch"].undo()
 
 
-def _kernels_of_selected_tests(request) -> list[str]:
-    """Which kernels this module's selected tests need."""
-    def run(dry):
-        for item in request.session.items:
-            if getattr(item, "module", None) is not request.module:
-                continue
-            fn = getattr(item, "obj", None)
-            params = dict(getattr(getattr(item, "callspec", None), "params", {}) or {})
-            kwargs = {}
-            for arg in inspect.signature(fn).parameters:
-                kwargs[arg] = {"be": dry, "rng": np.random.default_rng(0)}.get(arg, params.get(arg))
-                if arg == "monkeypatch":
-                    kwargs[arg] = pytest.MonkeyPatch()
-            if "be" in kwargs:
-                dry_call(fn, **kwargs)
-
-    return kernels_used(run)
-
-
 @pytest.fixture(scope="module")
 def be(request):
-    emu = pytest.importorskip("cupynn.emulator", reason="the CPU emulator (issue 3) is not there")
+    pytest.importorskip("cupynn.emulator", reason="the CPU emulator is not there")
     try:
-        backend = cb.CudaBackend(xp=np, module_cls=emu.EmulatedModule)
+        backend = emulated_cuda_backend(request)
     except Exception as exc:  # pragma: no cover - no compiler
         pytest.skip(f"emulator unusable: {exc}")
-    # Every emulated module carries its own fiber pool (~500 memory mappings), and one
-    # process may hold ~65k mappings: build the kernels of the selected tests into a few
-    # modules up front (two g++ at a time) instead of one module per kernel.
-    names = _kernels_of_selected_tests(request)
-    if names:
-        backend.warm_up(names, workers=2, modules=min(4, len(names)))
     backend.poison = True
     return backend
 
