@@ -3,7 +3,7 @@
 The check a fresh install (or the Docker image, before its benchmark) runs: build a small
 MLP, evaluate ``value_and_grad`` on the GPU and with the NumPy backend from the same
 parameters and inputs, and compare value and every gradient against the tolerances of
-DESIGN.md section 5. The first GPU call compiles the kernels through NVRTC, so its time is
+docs/design.md (section 4). The first GPU call compiles the kernels through NVRTC, so its time is
 reported separately.
 
 ``--compile-only`` compiles every kernel instantiation through NVRTC and launches nothing:
@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["CheckResult", "run_check", "compile_kernels", "sample_instantiations", "main"]
 
-# Relative to the norm of the NumPy reference (DESIGN.md section 5, "strict" precision).
+# Relative to the norm of the NumPy reference (docs/design.md section 4, "strict" precision).
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
 
 DEFAULT_SIZES = (1, 64, 20, 1)

@@ -18,7 +18,18 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class DeviceMismatchError(TypeError):
-    """An array lives on a different device (or library) than the model."""
+    """An array lives on a different device (or library) than the model.
+
+    A subclass of ``TypeError``; the message says how to move the array or the model.
+
+    >>> import numpy as np, cupynn
+    >>> model = cupynn.Dense(2, 1, device="cpu")
+    >>> try:
+    ...     model(np.ones((3, 2)).tolist())
+    ... except TypeError as exc:
+    ...     print(type(exc).__name__)
+    TypeError
+    """
 
 
 def as_float_dtype(dtype) -> np.dtype:

@@ -80,7 +80,17 @@ def _check_batch(model, layers, x, what="x"):
 
 
 def forward(model, x):
-    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``)."""
+    """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``).
+
+    ``y = act_n(... act_1(x @ W_1.T + b_1) ...)``, shape ``(batch, out)`` (``(out,)`` for
+    one sample); the same as ``model(x)``.
+
+    >>> import numpy as np, cupynn
+    >>> from cupynn import functional
+    >>> m = cupynn.MLP([3, 4, 2], "relu", device="cpu", rng=0)
+    >>> functional.forward(m, np.ones((5, 3))).shape, functional.forward(m, np.ones(3)).shape
+    ((5, 2), (2,))
+    """
     layers, net, params, backend = _model_parts(model)
     x2, single = _check_batch(model, layers, x)
     y = backend.network_forward(net, params, x2)
@@ -152,7 +162,18 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
 
 @dataclass(frozen=True)
 class DenseContext:
-    """What :func:`dense_backward` needs from a :func:`dense_forward` call."""
+    """What :func:`dense_backward` needs from a :func:`dense_forward` call.
+
+    Made by ``dense_forward(..., save=True)``; holds ``x``, ``W``, whether there is a
+    bias, the activation, the array saved for the derivative (``y`` or ``z``), the
+    precision and the device.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> y, ctx = F.dense_forward(np.ones((2, 3)), np.ones((4, 3)), None, "tanh", save=True)
+    >>> ctx.activation, ctx.has_bias, ctx.saved.shape
+    ('tanh', False, (2, 4))
+    """
 
     x: Any
     W: Any
@@ -188,7 +209,15 @@ def _check_layer_args(x, W, b, activation, precision):
 def dense_forward(x, W, b=None, activation="identity", *, precision="strict", save=False):
     """``act(x @ W.T + b)`` for ``x (batch, in)``, ``W (out, in)``, ``b (out,)``.
 
-    With ``save=True`` returns ``(y, ctx)`` where ``ctx`` feeds :func:`dense_backward`.
+    Returns ``y`` of shape ``(batch, out)``; with ``save=True`` returns ``(y, ctx)`` where
+    ``ctx`` feeds :func:`dense_backward`. The device is ``W``'s (NumPy or CuPy arrays).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> x, W, b = np.ones((2, 3)), np.full((4, 3), 0.5), np.zeros(4)
+    >>> F.dense_forward(x, W, b, "relu")
+    array([[1.5, 1.5, 1.5, 1.5],
+           [1.5, 1.5, 1.5, 1.5]])
     """
     device, act = _check_layer_args(x, W, b, activation, precision)
     backend = get_backend(device)
@@ -201,7 +230,16 @@ def dense_forward(x, W, b=None, activation="identity", *, precision="strict", sa
 def dense_backward(g, ctx: DenseContext, *, need_dx=True):
     """Given ``g = dL/dy``, return ``(dx, dW, db)`` (``dx``/``db`` None when not needed/no bias).
 
-    ``dz = g * act'(.)``, ``dW = dz.T @ x``, ``db = dz.sum(0)``, ``dx = dz @ W``.
+    ``dz = g * act'(.)``, ``dW = dz.T @ x``, ``db = dz.sum(0)``, ``dx = dz @ W``; ``g`` is
+    ``(batch, out)``, the results have the shapes of ``x``, ``W`` and ``b``.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> x, W, b = np.ones((2, 3)), np.full((4, 3), 0.5), np.zeros(4)
+    >>> y, ctx = F.dense_forward(x, W, b, "identity", save=True)
+    >>> dx, dW, db = F.dense_backward(np.ones_like(y), ctx)
+    >>> dx.shape, dW.shape, db
+    ((2, 3), (4, 3), array([2., 2., 2., 2.]))
     """
     check_array(g, what="g", device=ctx.device, dtype=ctx.W.dtype, ndim=(2,))
     expected = (ctx.x.shape[0], ctx.W.shape[0])

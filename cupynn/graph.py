@@ -2,13 +2,15 @@
 
 Every kernel of a step is one of ours (no cuBLAS, which CuPy refuses under
 capture), so the step can be captured once and replayed: the Python cost per
-step drops from one call per kernel to one graph launch (DESIGN.md §4).
+step drops from one call per kernel to one graph launch (docs/design.md, section 3).
 
->>> import cupy, cupynn                                  # doctest: +SKIP
->>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cuda", rng=0)
->>> step = cupynn.compile(model, "sum_squares")
->>> x = cupy.linspace(-1, 1, 10_000).reshape(-1, 1)
->>> value, grads = step(x)      # same structure as cupynn.value_and_grad(model, x)
+On a GPU (these lines need one, so they are not run as a test):
+
+>>> import cupy, cupynn                                                    # doctest: +SKIP
+>>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cuda", rng=0)  # doctest: +SKIP
+>>> step = cupynn.compile(model, "sum_squares")                            # doctest: +SKIP
+>>> x = cupy.linspace(-1, 1, 10_000).reshape(-1, 1)                        # doctest: +SKIP
+>>> value, grads = step(x)   # the structure of value_and_grad(model, x)   # doctest: +SKIP
 
 Semantics (what a captured graph implies):
 
@@ -31,7 +33,18 @@ __all__ = ["compile", "CompiledStep"]
 
 
 class CompiledStep:
-    """The callable returned by :func:`compile`: ``step(x) -> (value, grads)``."""
+    """The callable returned by :func:`compile`: ``step(x) -> (value, grads)``.
+
+    ``x`` is ``(batch, in)`` of the model's dtype and device; ``value`` and ``grads`` have
+    the structure of :func:`cupynn.value_and_grad`'s (on a GPU: buffers the next call
+    overwrites).
+
+    >>> import numpy as np, cupynn
+    >>> step = cupynn.compile(cupynn.Dense(2, 1, device="cpu", rng=0))
+    >>> value, grads = step(np.ones((3, 2)))
+    >>> sorted(grads)
+    ['bias', 'weight']
+    """
 
     def __init__(self, model, loss: Any = "sum_squares", *, target=None):
         from .functional import _model_parts
@@ -130,5 +143,15 @@ def compile(model, loss: Any = "sum_squares", *, target=None) -> CompiledStep:  
     ``step(x)`` returns ``(value, grads)`` like :func:`cupynn.value_and_grad`,
     from static buffers that the next call overwrites; ``x`` is copied into the
     graph's static input buffer. ``step.forward(x)`` replays the loss value alone.
+    On a CPU model ``step`` is a plain wrapper of :func:`cupynn.value_and_grad`.
+
+    Example
+    -------
+    >>> import numpy as np, cupynn
+    >>> model = cupynn.MLP([1, 16, 1], "tanh", device="cpu", rng=0)
+    >>> step = cupynn.compile(model, "sum_squares")
+    >>> value, grads = step(np.linspace(-1, 1, 50).reshape(-1, 1))
+    >>> grads[0]["weight"].shape
+    (16, 1)
     """
     return CompiledStep(model, loss, target=target)

@@ -73,6 +73,15 @@ def load(path, *, device: str = "auto"):
     ``path`` may omit the ``.npz`` suffix that :func:`save` appended. A file
     that is not a cupynn model (another ``.npz``, a missing entry) is a
     ``ValueError`` that says what the file holds.
+
+    Example
+    -------
+    >>> import cupynn, numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "layer.npz")
+    >>> cupynn.Dense(3, 2, "relu", device="cpu", rng=0).save(path)
+    >>> layer = cupynn.load(path, device="cpu")
+    >>> layer, layer(np.ones((4, 3))).shape
+    (Dense(3 => 2, relu), (4, 2))
     """
     from .layers import Chain, Dense
 

@@ -58,14 +58,17 @@ class _Model:
 
     @property
     def device(self) -> str:
+        """``"cpu"`` (NumPy arrays) or ``"cuda"`` (CuPy arrays): where the parameters live."""
         return self._dense_layers()[0]._device
 
     @property
     def dtype(self) -> np.dtype:
+        """The parameters' dtype, ``float32`` or ``float64``; inputs must have it too."""
         return self._dense_layers()[0]._dtype
 
     @property
     def precision(self) -> str:
+        """The float32 matrix-product mode on CUDA: ``"strict"``, ``"tf32"`` or ``"3xtf32"``."""
         return self._precision
 
     @precision.setter

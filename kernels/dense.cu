@@ -46,7 +46,7 @@ __device__ __forceinline__ void finish_each(const Raw (&raw)[N], unsigned valid,
 // The input of a layer, X(m, k): either a strided load of x, or -- when k0 > 0 --
 // recomputed from a tiny previous layer: act0(x0[m, :] . w0[k, :] + b0[k]) with
 // x0 (M, k0) strided.  Recomputing costs k0 multiply-adds per element and saves
-// writing and reading the whole (M, K) hidden layer (DESIGN.md §4).  Raw: x, or the
+// writing and reading the whole (M, K) hidden layer (docs/design.md, section 3).  Raw: x, or the
 // pre-activation z0 (its k0 <= 4 loads are L1-resident); act0 is applied in finish.
 template <typename T> struct InputLoad {
     static constexpr bool C_FAST = true;
