@@ -2,9 +2,8 @@
 
 One module per (device, source file, set of instantiations), compiled on first
 use and cached; the backend asks for exactly the instantiations a network needs,
-so a run compiles only what it uses.  ``all_instantiations()`` lists every
-instantiation the CUDA backend can request -- it is derived from the backend's
-own selection tables, so the compile check cannot drift from what runs.
+so a run compiles only what it uses.  Which instantiations exist is the backend's
+business (``cupynn.backends.cuda_catalog``); the loader only compiles and caches.
 
 The module class is injectable: ``cupy.RawModule`` on a GPU, the emulator's
 ``EmulatedModule`` on the CPU (same constructor keywords).
@@ -17,8 +16,7 @@ import hashlib
 import threading
 from pathlib import Path
 
-__all__ = ["KERNEL_DIR", "all_instantiations", "compile_options", "load_module", "have_mma",
-           "hot_kernels"]
+__all__ = ["KERNEL_DIR", "compile_options", "load_module", "have_mma"]
 
 
 def _kernel_dir() -> Path:
@@ -101,17 +99,3 @@ def load_module(source_file: str, name_expressions, *, module_cls=None, arch: st
             mod = module_cls(code=code, options=compile_options(arch), name_expressions=names)
             _CACHE[key] = mod
     return mod
-
-
-def all_instantiations() -> list[tuple[str, tuple[str, ...]]]:
-    """(source file, name expressions) for every kernel the CUDA backend can request."""
-    from .backends.cuda_backend import kernel_names_all
-
-    return kernel_names_all()
-
-
-def hot_kernels() -> set[str]:
-    """Name expressions of the kernels the public workloads launch (must not spill)."""
-    from .backends.cuda_backend import hot_kernel_names
-
-    return hot_kernel_names()

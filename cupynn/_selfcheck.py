@@ -201,7 +201,7 @@ def _compile_program(job) -> tuple[str, str, int, float, str | None]:
 def compile_kernels(
     archs=DEFAULT_ARCHS, *, sample: bool = False, jobs: int | None = None, verbose: bool = True
 ) -> list[str]:
-    """NVRTC-compile the instantiations of ``cupynn._loader.all_instantiations()``.
+    """NVRTC-compile the instantiations of ``cuda_catalog.all_instantiations()``.
 
     Uses ``cupy_backends.cuda.libs.nvrtc`` directly, so it needs NVRTC (pip's
     ``nvidia-cuda-nvrtc-cu12``) but neither a GPU nor a driver; the sources and options
@@ -213,10 +213,11 @@ def compile_kernels(
     import os
 
     from cupynn import _loader
+    from cupynn.backends import cuda_catalog
 
     jobs = max(1, jobs or os.cpu_count() or 1)
     work = []
-    for source_file, name_expressions in _loader.all_instantiations():
+    for source_file, name_expressions in cuda_catalog.all_instantiations():
         names = sample_instantiations(name_expressions) if sample else tuple(name_expressions)
         code = (Path(_loader.KERNEL_DIR) / source_file).read_text()
         chunks = max(1, min(jobs, len(names) // 8))
@@ -257,10 +258,11 @@ def _compile_only(archs, *, sample: bool, jobs: int | None) -> int:
         return 1
     try:
         from cupynn import _loader
+        from cupynn.backends import cuda_catalog
 
-        sources = _loader.all_instantiations()
+        sources = cuda_catalog.all_instantiations()
     except Exception as exc:
-        print(f"cupynn._loader is not usable ({type(exc).__name__}: {exc})")
+        print(f"the kernel catalog is not usable ({type(exc).__name__}: {exc})")
         return 1
     what = "a sample of the" if sample else "all"
     print(f"NVRTC {major}.{minor}: compiling {what} kernel instantiations from "

@@ -2,13 +2,13 @@
 
     python -m cupynn.compile_check [--arch sm_80 --arch sm_90] [--jobs N] [--json FILE]
 
-For each (source file, name expressions) of ``cupynn._loader.all_instantiations()`` and
+For each (source file, name expressions) of ``cupynn.backends.cuda_catalog.all_instantiations()`` and
 each architecture, the same source text, name expressions and options
 (``cupynn._loader.compile_options(arch)``) that the loader hands to cupy.RawModule are
 compiled by NVRTC to SASS (cubin) with ``--ptxas-options=-v``; ptxas' report gives every
 kernel's registers, static shared memory, stack frame and spill bytes.  The check fails
 (exit status 1) when a compilation fails, when a requested kernel is missing from the
-report, or when a *hot* kernel spills.  Hot kernels: ``_loader.hot_kernels()`` (a set of
+report, or when a *hot* kernel spills.  Hot kernels: ``cuda_catalog.hot_kernels()`` (a set of
 name expressions) when the loader defines it, otherwise every kernel.
 
 NVRTC comes from pip's nvidia-cuda-nvrtc-cu12 (or any CUDA toolkit) through
@@ -195,8 +195,8 @@ def compile_chunk(source_name: str, code: str, names: tuple[str, ...], arch: str
         nvrtc.destroyProgram(prog)
 
 
-def _hot_predicate(loader):
-    hot = getattr(loader, "hot_kernels", None)
+def _hot_predicate(catalog):
+    hot = getattr(catalog, "hot_kernels", None)
     if callable(hot):
         names = set(hot())
         return lambda n: n in names
@@ -404,11 +404,13 @@ def main(argv=None) -> int:
         def is_hot(n):
             return True
     else:
-        instantiations = [(s, tuple(n)) for s, n in _loader.all_instantiations()]
+        from .backends import cuda_catalog
+
+        instantiations = [(s, tuple(n)) for s, n in cuda_catalog.all_instantiations()]
 
         def read_source(s):
             return (Path(_loader.KERNEL_DIR) / s).read_text()
-        is_hot = _hot_predicate(_loader)
+        is_hot = _hot_predicate(cuda_catalog)
 
     def options_for_arch(arch):
         return tuple(_loader.compile_options(arch)) + tuple(args.option)

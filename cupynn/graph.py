@@ -87,7 +87,7 @@ class CompiledStep:
         stream.synchronize()
         keep: list = []
         with stream:
-            be.keep_alive = keep  # every buffer the graph touches stays owned by it
+            be.kernels.keep_alive = keep  # every buffer the graph touches stays owned by it
             try:
                 stream.begin_capture()
                 try:
@@ -95,7 +95,7 @@ class CompiledStep:
                 finally:
                     graph = stream.end_capture()
             finally:
-                be.keep_alive = None
+                be.kernels.keep_alive = None
         stream.synchronize()
         entry = (xs, graph, out, keep, stream)
         self._graphs[key] = entry

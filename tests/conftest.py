@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 def emulated_cuda_backend(request=None):
     """A CudaBackend running on the CPU emulator, every kernel instantiation built.
 
-    All instantiations of the backend's source go into two modules (two g++ at a time,
+    The instantiations of each kernel source go into two modules (two g++ at a time,
     about half a minute on two cores when nothing is cached), the same two for every
     test module and every run: the loader caches the modules in the process and the
     emulator caches the builds on disk by the hash of the sources (``CUPYNN_EMU_CACHE``),
@@ -45,15 +45,15 @@ def emulated_cuda_backend(request=None):
     instantiation compiles under the emulator's dialect."""
     import time
 
-    from cupynn import _loader
-    from cupynn.backends import cuda_backend as cb
+    from cupynn.backends import cuda_catalog
+    from cupynn.backends.cuda_backend import CudaBackend
     from cupynn.emulator import EmulatedModule
 
-    names = [n for src, ns in _loader.all_instantiations() if src == cb.SOURCE for n in ns]
-    backend = cb.CudaBackend(xp=np, module_cls=EmulatedModule)
+    backend = CudaBackend(xp=np, module_cls=EmulatedModule)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter") if request else None
     t0 = time.perf_counter()
-    built = backend.warm_up(names, workers=2, modules=2)
+    built = sum(backend.kernels.warm_up(source, names, workers=2, modules=2)
+                for source, names in cuda_catalog.all_instantiations())
     if reporter is not None and built and time.perf_counter() - t0 > 2:
         reporter.write_line(f"\n(emulator: built {built} kernel instantiations in 2 modules in "
                             f"{time.perf_counter() - t0:.0f} s; cached for later runs)")

@@ -22,7 +22,7 @@ H200 = {"count": 132, "registers": 65536, "shared_memory": 233472, "threads": 20
 @pytest.fixture(scope="module")
 def be(request):
     backend = emulated_cuda_backend(request)  # the same modules as test_kernels_emulated's
-    backend.poison = True
+    backend.kernels.poison = True
     return backend
 
 
@@ -32,12 +32,12 @@ def test_planned_launches_reproduce_the_call(be):
     net, params = make_net(rng, [1, 40, 9, 1], "tanh", "float64")
     x = rng.standard_normal((150, 1))
     loss = LossSpec("sum_squares")
-    be.launch_log = []
+    be.kernels.launch_log = []
     try:
         be.network_value_and_grad(net, params, x, loss)
-        log = be.launch_log
+        log = be.kernels.launch_log
     finally:
-        be.launch_log = None
+        be.kernels.launch_log = None
     launches, (value, grads, dx) = be.planned_launches(net, params, x, loss)
     assert [(p.range, p.name) for p in launches] == log
     assert np.isnan(value) and all(np.isnan(dW).all() for dW, _ in grads)  # poisoned, not run

@@ -1,7 +1,7 @@
 """The CUDA backend on a real GPU: the emulated test matrix at GPU sizes.
 
 Skipped with a reason where CuPy or a GPU is not usable. Every output and
-workspace is poisoned with NaN before the kernels run (``backend.poison``).
+workspace is poisoned with NaN before the kernels run (``backend.kernels.poison``).
 Set ``CUPYNN_TEST_NO_POOL=1`` to run without CuPy's memory pool (what
 compute-sanitizer needs to see small overruns; .ci/gpu does this).
 """
@@ -15,10 +15,12 @@ import pytest
 
 from cupynn.activations import ACTIVATIONS
 from cupynn.backends import cuda_backend as cb
+from cupynn.backends import cuda_select as cs
 from cupynn.backends.base import LossSpec
 
 from .test_kernels_emulated import (
     REF,
+    _kernels_of_selected_tests,
     case_guard_bands,
     case_layer,
     case_network,
@@ -65,9 +67,13 @@ def cp():
 
 
 @pytest.fixture(scope="module")
-def be(cp):
+def be(cp, request):
     backend = cb.CudaBackend(xp=cp, module_cls=cp.RawModule)
-    backend.poison = True
+    # NVRTC in parallel threads, one module per kernel (the modules lazy loading makes, so
+    # CuPy's on-disk cache serves both) for the kernels the selected tests launch, instead
+    # of one compile at a time as each test first needs one.
+    backend.warm_up(_kernels_of_selected_tests(request, xp_fixtures=("cp",)))
+    backend.kernels.poison = True
     return backend
 
 
@@ -96,7 +102,7 @@ def test_gpu_layer_odd_sizes(be, cp, rng, M, K, N, dtype):
 @pytest.mark.parametrize("dtype,precision", [("float64", "strict"), ("float32", "strict"),
                                              ("float32", "tf32"), ("float32", "3xtf32")])
 def test_gpu_big_tile(be, cp, rng, monkeypatch, dtype, precision):
-    monkeypatch.setattr(cb, "_BIG_TILE_MIN_BLOCKS", 1)
+    monkeypatch.setattr(cs, "BIG_TILE_MIN_BLOCKS", 1)
     case_layer(be, cp, rng, "relu", dtype, 1025, 257, 1000, precision=precision)
 
 
@@ -213,13 +219,13 @@ def test_gpu_compile_graph(be, cp, rng):
 
 def test_gpu_launches_inside_nvtx_ranges(be, cp, rng):
     net, params = make_net(rng, SEED_FULL, "identity", "float64")
-    be.launch_log = []
+    be.kernels.launch_log = []
     try:
         be.network_value_and_grad(net, to_dev(cp, params), cp.asarray(rng.standard_normal((500, 1))),
                                   LossSpec("sum_squares"))
-        log = be.launch_log
+        log = be.kernels.launch_log
     finally:
-        be.launch_log = None
+        be.kernels.launch_log = None
     assert len(log) <= 8 and all(r.startswith(("Dense[", "Dense.backward", "loss")) for r, _ in log)
 
 

@@ -1,6 +1,6 @@
 """What a captured CUDA graph reads must be owned by the graph (or by the caller).
 
-During capture (``backend.keep_alive`` set) every buffer a launch reads or writes must be
+During capture (``backend.kernels.keep_alive`` set) every buffer a launch reads or writes must be
 either one of the caller's arrays (x, the parameters, a C-contiguous target) or a buffer the
 backend allocated through ``_empty`` (which the capture keeps). A temporary made elsewhere
 -- a contiguous copy of a strided target, say -- is freed when the capturing call returns,
@@ -49,16 +49,16 @@ def test_capture_owns_every_buffer_it_reads(what, sizes, acts):
     for _ in range(2):  # the first call records a launch plan, the second replays it
         _RecordingModule.launches = []
         keep: list = []
-        be.keep_alive = keep
+        be.kernels.keep_alive = keep
         try:
             if what == "grad":
                 be.network_value_and_grad(net, params, x, loss)
             else:
                 be.network_value(net, params, x, loss)
         finally:
-            be.keep_alive = None
+            be.kernels.keep_alive = None
         owned = {id(a) for a in keep} | {id(x)} | {id(a) for pair in params for a in pair}
-        owned |= {id(d) for d in be._dummy.values()}
+        owned |= {id(d) for d in be.kernels.dummies()}
         assert _RecordingModule.launches
         for name, args in _RecordingModule.launches:
             for i, a in enumerate(args):
@@ -83,11 +83,11 @@ def test_strided_callable_gradient_is_owned():
     be = cb.CudaBackend(xp=np, module_cls=_RecordingModule)
     _RecordingModule.launches = []
     keep: list = []
-    be.keep_alive = keep
+    be.kernels.keep_alive = keep
     be.network_value_and_grad(net, params, x, LossSpec("callable", None, loss))
-    be.keep_alive = None
+    be.kernels.keep_alive = None
     owned = {id(a) for a in keep} | {id(x)} | {id(a) for pair in params for a in pair}
-    owned |= {id(d) for d in be._dummy.values()}
+    owned |= {id(d) for d in be.kernels.dummies()}
     for name, args in _RecordingModule.launches:
         for a in args:
             if isinstance(a, np.ndarray):
@@ -99,6 +99,6 @@ def test_callable_loss_gradient_of_wrong_dtype_is_refused():
     net = _net((3, 2), ("identity",), "float64")
     params = [(rng.standard_normal((2, 3)), rng.standard_normal(2))]
     be = cb.CudaBackend(xp=np, module_cls=_RecordingModule)
-    bad = LossSpec("callable", None, lambda y: (0.0, (2 * y).astype(np.float32)))
+    bad = LossSpec("callable", None, lambda y: (0.0, np.ones(y.shape, np.float32)))
     with pytest.raises(TypeError, match="dtype float32"):
         be.network_value_and_grad(net, params, rng.standard_normal((5, 3)), bad)

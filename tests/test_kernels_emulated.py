@@ -14,11 +14,15 @@ tests/test_cuda_backend.py on a real GPU.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
 from cupynn.activations import ACTIVATIONS
 from cupynn.backends import cuda_backend as cb
+from cupynn.backends import cuda_catalog
+from cupynn.backends import cuda_select as cs
 from cupynn.backends.base import LayerSpec, LossSpec, NetSpec
 from cupynn.backends.numpy_backend import NumpyBackend
 
@@ -165,7 +169,7 @@ def case_network(be, xp, rng, sizes, acts, dtype, M, *, precision="strict", loss
 
 # -- the emulated suite --------------------------------------------------------------------
 
-class _Collector(cb._NameCollector):
+class _Collector(cuda_catalog.NameCollector):
     seen: set = set()
 
     def get_function(self, name):  # (modules are cached by the loader; lookups are not)
@@ -199,6 +203,28 @@ def dry_call(fn, **kwargs):
             kwargs["monkeypatch"].undo()
 
 
+def _kernels_of_selected_tests(request, xp_fixtures=()) -> list[str]:
+    """Which kernels this module's selected tests need (``xp_fixtures``: fixtures that are
+    an array module, replaced by NumPy in the dry run)."""
+    def run(dry):
+        for item in request.session.items:
+            if getattr(item, "module", None) is not request.module:
+                continue
+            fn = getattr(item, "obj", None)
+            params = dict(getattr(getattr(item, "callspec", None), "params", {}) or {})
+            kwargs = {}
+            for arg in inspect.signature(fn).parameters:
+                kwargs[arg] = {"be": dry, "rng": np.random.default_rng(0)}.get(arg, params.get(arg))
+                if arg in xp_fixtures:
+                    kwargs[arg] = np
+                if arg == "monkeypatch":
+                    kwargs[arg] = pytest.MonkeyPatch()
+            if "be" in kwargs:
+                dry_call(fn, **kwargs)
+
+    return kernels_used(run)
+
+
 @pytest.fixture(scope="module")
 def be(request):
     pytest.importorskip("cupynn.emulator", reason="the CPU emulator is not there")
@@ -206,7 +232,7 @@ def be(request):
         backend = emulated_cuda_backend(request)
     except Exception as exc:  # pragma: no cover - no compiler
         pytest.skip(f"emulator unusable: {exc}")
-    backend.poison = True
+    backend.kernels.poison = True
     return backend
 
 
@@ -235,8 +261,8 @@ def test_layer_float32_precision_modes(be, rng, precision):
 @pytest.mark.parametrize("dtype,precision", [("float64", "strict"), ("float32", "strict"),
                                              ("float32", "3xtf32"), ("float32", "tf32")])
 def test_big_tile(be, rng, monkeypatch, dtype, precision):
-    monkeypatch.setattr(cb, "_BIG_TILE_MIN_BLOCKS", 1)
-    assert cb.pick_tile(129, 129) == 4
+    monkeypatch.setattr(cs, "BIG_TILE_MIN_BLOCKS", 1)
+    assert cs.pick_tile(129, 129) == 4
     case_layer(be, np, rng, "relu", dtype, 129, 11, 130, precision=precision)
 
 
@@ -245,8 +271,8 @@ def test_layer_strided_input(be, rng):
 
 
 def test_split_batch_reductions(be, rng, monkeypatch):
-    monkeypatch.setattr(cb, "_MIN_ROWS_PER_SPLIT", 16)
-    assert cb._splits(300, 1)[0] > 1
+    monkeypatch.setattr(cs, "MIN_ROWS_PER_SPLIT", 16)
+    assert cs.splits(300, 1)[0] > 1
     case_network(be, np, rng, [1, 70, 20, 1], "tanh", "float64", 300, target=True)
     case_network(be, np, rng, [5, 9, 3], ["elu", "sigmoid"], "float32", 100, need_dx=True)
 
@@ -309,7 +335,7 @@ def test_nan_propagates(be, rng):
 
 
 def test_deterministic(be, rng, monkeypatch):
-    monkeypatch.setattr(cb, "_MIN_ROWS_PER_SPLIT", 8)
+    monkeypatch.setattr(cs, "MIN_ROWS_PER_SPLIT", 8)
     net, params = make_net(rng, SEED, "tanh", "float64")
     x = rng.standard_normal((100, 1))
     runs = [be.network_value_and_grad(net, params, x, LossSpec("sum_squares")) for _ in range(2)]
@@ -321,12 +347,12 @@ def test_deterministic(be, rng, monkeypatch):
 def test_seed_launch_count(be, rng):
     net, params = make_net(rng, SEED, "identity", "float64")
     x = rng.standard_normal((50, 1))
-    be.launch_log = []
+    be.kernels.launch_log = []
     try:
         be.network_value_and_grad(net, params, x, LossSpec("sum_squares"))
-        log = be.launch_log
+        log = be.kernels.launch_log
     finally:
-        be.launch_log = None
+        be.kernels.launch_log = None
     ranges = [r for r, _ in log]
     assert len(log) <= 8, log  # 2 forward + loss value + 4 backward + 1 reduction
     assert "Dense[0].forward" not in ranges  # the fan-in-1 layer is recomputed, never stored
@@ -371,16 +397,16 @@ def case_sanitizer_subset(be, xp, rng, monkeypatch):
     the chain, the reductions) and every math path (DMMA, 3xTF32, FMA with and without
     vector fragment reads, float32 and float64): what compute-sanitizer checks on the GPU
     and the emulator's address / thread modes check on the CPU."""
-    monkeypatch.setattr(cb, "_MIN_ROWS_PER_SPLIT", 16)
+    monkeypatch.setattr(cs, "MIN_ROWS_PER_SPLIT", 16)
     case_network(be, xp, rng, [1, 70, 20, 1], "tanh", "float64", 300, target=True)
     case_network(be, xp, rng, [5, 33, 3], ["elu", "sigmoid"], "float32", 130, need_dx=True,
                  precision="3xtf32")
     case_layer(be, xp, rng, "relu", "float32", 129, 17, 9)
     case_layer(be, xp, rng, "relu", "float32", 65, 17, 65)
     case_guard_bands(be, xp, rng, "float64", 131, 9, 33)
-    monkeypatch.setattr(cb, "_BIG_TILE_MIN_BLOCKS", 1)
+    monkeypatch.setattr(cs, "BIG_TILE_MIN_BLOCKS", 1)
     case_layer(be, xp, rng, "tanh", "float32", 129, 9, 130)
-    monkeypatch.setattr(cb, "_F64_MMA_ENV", "0")
+    monkeypatch.setattr(cs, "_F64_MMA_ENV", "0")
     case_layer(be, xp, rng, "elu", "float64", 129, 9, 130)
 
 
@@ -395,7 +421,7 @@ def test_checks_say_what_to_change(be, rng):
 
 
 def test_instantiation_table_is_sane():
-    (src, names), = cb.kernel_names_all()
+    (src, names), = cs.kernel_names_all()
     assert src == "dense.cu" and len(names) == len(set(names)) and len(names) < 400
 
 
@@ -414,8 +440,8 @@ def test_launch_plan_replays_with_new_arrays(be, rng):
 @pytest.mark.parametrize("M,K,N", [(70, 17, 65), (129, 9, 130)])
 def test_float64_fma_fallback(be, rng, monkeypatch, M, K, N):
     """CUPYNN_F64_MMA=0 (debug switch): float64 on the FMA path, vector reads of 2 doubles."""
-    monkeypatch.setattr(cb, "_F64_MMA_ENV", "0")
-    monkeypatch.setattr(cb, "_BIG_TILE_MIN_BLOCKS", 1 if N > 128 else 10**9)
+    monkeypatch.setattr(cs, "_F64_MMA_ENV", "0")
+    monkeypatch.setattr(cs, "BIG_TILE_MIN_BLOCKS", 1 if N > 128 else 10**9)
     case_layer(be, np, rng, "elu", "float64", M, K, N)
 
 

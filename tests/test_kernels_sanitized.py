@@ -35,5 +35,5 @@ def test_kernels_clean_under_sanitizer(sanitizer, monkeypatch):
     be = cb.CudaBackend(xp=np, module_cls=functools.partial(emu.EmulatedModule,
                                                             sanitizer=sanitizer))
     be.warm_up(names, workers=2, modules=2)
-    be.poison = True
+    be.kernels.poison = True
     case_sanitizer_subset(be, np, np.random.default_rng(11), monkeypatch)

@@ -7,10 +7,13 @@ The host code is written against an injected array module and kernel provider:
   where the same tiling choices, workspace sizes, launch parameters and checks
   run the real kernels through the emulator (tests/test_kernels_emulated.py).
 
-CuPy-only things (NVTX ranges, streams, graphs) go through small hooks that do
-nothing in emulation.
+This module decides what runs for a layer or a network and with which arguments; the
+rest lives beside it: ``cuda_select`` (tiles, math modes, batch splits, kernel names),
+``cuda_launch`` (compiling on demand, the pre-launch checks, buffers, the launch with its
+NVTX range), ``cuda_plans`` (recording a call's launches once and replaying them) and
+``cuda_catalog`` (every instantiation, for the compile check).
 
-What runs per layer (DESIGN.md §3-4):
+What runs per layer:
 
 * forward: ``dense_forward`` -- GEMM with bias + activation (+ the fused loss's
   per-block partials) in the epilogue; saves y (ids 0-4) or z (ids 5-9);
@@ -29,226 +32,37 @@ What runs per layer (DESIGN.md §3-4):
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
-from .. import _loader
-from .._nvtx import nvtx_range
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
+from . import cuda_plans, cuda_select
 from .base import Backend, LayerSpec, LossSpec, NetSpec, Params
-
-__all__ = ["CudaBackend", "kernel_names_all", "CudaLaunchError", "PlannedLaunch"]
-
-SOURCE = "dense.cu"
-THREADS = 256
-REDUCE_JOBS = 4  # kernels/dense.cu REDUCE_JOBS
-
-# -- selection tables (the loader's all_instantiations() is derived from these) --
-MATH_FMA, MATH_DMMA, MATH_TF32, MATH_3XTF32 = 0, 1, 2, 3
-# tile id -> (BM, BN), as TileShape<TILE> in kernels/gemm.cuh
-TILES = {0: (256, 1), 1: (128, 8), 2: (128, 32), 3: (64, 64), 4: (128, 128)}
-CHAIN_TILE = 5  # kernels/dense.cu CHAIN_TILE (64 x 64, used by the chain kernel only)
-CHAIN_BN = 64
-RECOMPUTE_MAX_FANIN = 4  # kernels/dense.cu CHAIN_MAX_K0
-_CTYPE = {np.dtype(np.float64): "double", np.dtype(np.float32): "float"}
-_PRECISION_MATH = {"strict": MATH_FMA, "tf32": MATH_TF32, "3xtf32": MATH_3XTF32}
-# Split-batch reductions aim at this many blocks (a fixed number, not the device's
-# SM count, so the summation order -- hence the bits -- is the same on every card).
-_TARGET_BLOCKS = 528
-_MIN_ROWS_PER_SPLIT = 64
-# Big tiles only when there are enough of them to fill the card twice.
-_BIG_TILE_MIN_BLOCKS = 264
-
-
-def _f64_mma_enabled() -> bool:
-    """float64 on DMMA unless CUPYNN_F64_MMA=0 (a debugging switch: plain FMA kernels)."""
-    return _F64_MMA_ENV != "0" and _loader.have_mma()
-
-
-_F64_MMA_ENV = os.environ.get("CUPYNN_F64_MMA", "1")
-
-
-@functools.lru_cache(maxsize=4096)
-def maths_for(dtype: np.dtype, tile: int) -> tuple[int, ...]:
-    """Math modes a (dtype, tile) pair can be compiled with."""
-    if tile == 0 or not _loader.have_mma():
-        return (MATH_FMA,)
-    if np.dtype(dtype) == np.float64:
-        return (MATH_FMA, MATH_DMMA)
-    return (MATH_FMA, MATH_TF32, MATH_3XTF32)
-
-
-def pick_math(dtype: np.dtype, precision: str, tile: int) -> int:
-    """The math mode for a GEMM: DMMA for float64, the precision mode for float32."""
-    return _pick_math(np.dtype(dtype), precision, tile, _f64_mma_enabled())
-
-
-@functools.lru_cache(maxsize=4096)
-def _pick_math(dtype: np.dtype, precision: str, tile: int, f64_mma: bool) -> int:
-    if tile == 0 or not _loader.have_mma():
-        return MATH_FMA
-    if dtype == np.float64:
-        return MATH_DMMA if f64_mma else MATH_FMA
-    try:
-        return _PRECISION_MATH[precision]
-    except KeyError:
-        raise ValueError(
-            f"precision must be one of {tuple(_PRECISION_MATH)}, got {precision!r}"
-        ) from None
-
-
-def pick_tile(rows: int, cols: int) -> int:
-    """The tile for a GEMM with a rows x cols output: narrow tiles for skinny shapes."""
-    if cols <= 1:
-        return 0
-    if cols <= 8:
-        return 1
-    if cols <= 32:
-        return 2
-    if cols >= 128 and rows >= 128 and -(-rows // 128) * -(-cols // 128) >= _BIG_TILE_MIN_BLOCKS:
-        return 4
-    return 3
-
-
-def _splits(rows_total: int, tiles: int) -> tuple[int, int]:
-    """(number of batch splits, rows per split) for a reduction over the batch."""
-    want = max(1, -(-_TARGET_BLOCKS // max(tiles, 1)))
-    cap = max(1, rows_total // _MIN_ROWS_PER_SPLIT)
-    s = max(1, min(want, cap, 65535))
-    rows = -(-rows_total // s)
-    return -(-rows_total // rows), rows
-
-
-@functools.lru_cache(maxsize=4096)
-def _fwd_name(ctype, act, tile, math):
-    return f"cupynn::dense_forward<{ctype}, {act}, {tile}, {math}>"
-
-
-@functools.lru_cache(maxsize=4096)
-def _dx_name(ctype, tile, math):
-    return f"cupynn::dense_backward_dx<{ctype}, {tile}, {math}>"
-
-
-@functools.lru_cache(maxsize=4096)
-def _dw_name(ctype, tile, math, dz_rows):
-    return f"cupynn::dense_backward_dw<{ctype}, {tile}, {math}, {dz_rows}>"
-
-
-@functools.lru_cache(maxsize=4096)
-def _chain_name(ctype, math):
-    return f"cupynn::dense_backward_chain<{ctype}, {math}>"
-
-
-@functools.lru_cache(maxsize=4096)
-def _reduce_name(ctype):
-    return f"cupynn::reduce_partials<{ctype}>"
-
-
-@functools.lru_cache(maxsize=4096)
-def _reduce_multi_name(ctype):
-    return f"cupynn::reduce_partials_multi<{ctype}>"
-
-
-@functools.lru_cache(maxsize=4096)
-def _loss_name(ctype):
-    return f"cupynn::loss_reduce<{ctype}>"
-
-
-def kernel_names_all() -> list[tuple[str, tuple[str, ...]]]:
-    """Every instantiation the backend can request, as (source file, names)."""
-    names: list[str] = []
-    for dtype, ctype in _CTYPE.items():
-        for tile in TILES:
-            for math in maths_for(dtype, tile):
-                for act in range(10):
-                    names.append(_fwd_name(ctype, act, tile, math))
-                names.append(_dx_name(ctype, tile, math))
-                names.append(_dw_name(ctype, tile, math, 0))
-                names.append(_dw_name(ctype, tile, math, 1))
-        for math in maths_for(dtype, CHAIN_TILE):
-            names.append(_chain_name(ctype, math))
-        names.append(_reduce_name(ctype))
-        names.append(_reduce_multi_name(ctype))
-        names.append(_loss_name(ctype))
-    return [(SOURCE, tuple(names))]
-
-
-class _NameCollector:
-    """A module class that compiles nothing: it records which kernels a run asks for."""
-
-    def __init__(self, code=None, options=(), name_expressions=(), **_):
-        self.names = tuple(name_expressions)
-
-    def get_function(self, name):
-        return lambda *args, **kwargs: None
-
-
-def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False) -> set[str]:
-    """The kernels value_and_grad and forward of ``net`` at ``batch`` launch (nothing runs)."""
-    be = CudaBackend(xp=np, module_cls=_NameCollector)
-    params = [(np.empty((s.out_features, s.in_features), net.dtype),
-               np.empty((s.out_features,), net.dtype) if s.bias else None) for s in net.layers]
-    x = np.empty((batch, net.in_features), net.dtype)
-    be.launch_log = []
-    be.network_value_and_grad(net, params, x, LossSpec("sum_squares"), need_dx=need_dx)
-    be.network_forward(net, params, x)
-    return {name for _, name in be.launch_log}
-
-
-# The public benchmark workloads (DESIGN.md §6): their kernels are the hot ones.
-PUBLIC_WORKLOADS = (
-    ((1, 1000, 20, 1), "identity", 10_000, ("float64", "float32"), ("strict",)),
-    ((1, 1000, 20, 1), "identity", 1_000_000, ("float64", "float32"), ("strict",)),
-    ((32, 64, 64, 64, 64, 1), "relu", 1 << 20, ("float32",), ("strict",)),
-    ((1024, 4096, 4096, 1024), "relu", 8192, ("float32",), ("strict", "tf32", "3xtf32")),
+from .cuda_launch import THREADS, CudaLaunchError, Launcher, elem_strides, expect
+from .cuda_plans import UNPLANNABLE, PlannedLaunch
+from .cuda_select import (
+    CHAIN_BN,
+    CHAIN_TILE,
+    CTYPE,
+    RECOMPUTE_MAX_FANIN,
+    REDUCE_JOBS,
+    SOURCE,
+    TILES,
+    chain_name,
+    dw_name,
+    dx_name,
+    fwd_name,
+    loss_name,
+    pick_math,
+    pick_tile,
+    reduce_multi_name,
+    reduce_name,
+    splits,
 )
 
-
-def hot_kernel_names() -> set[str]:
-    """Every kernel the public workloads launch (the compile check forbids spills there)."""
-    names: set[str] = set()
-    for sizes, act, batch, dtypes, precisions in PUBLIC_WORKLOADS:
-        acts = [act] * (len(sizes) - 2) + ["identity"]
-        for dt in dtypes:
-            for prec in precisions:
-                net = NetSpec(tuple(LayerSpec(i, o, a) for i, o, a in zip(sizes, sizes[1:], acts)),
-                              np.dtype(dt), prec)
-                names |= kernel_names_for(net, batch)
-    return names
-
-
-class CudaLaunchError(ValueError):
-    """An argument a kernel cannot take (shape, dtype, layout); the message says what to change."""
-
-
-def _expect(arr, what: str, shape: tuple, dtype: np.dtype, *, contiguous: bool = True) -> None:
-    """The one pre-launch check: shape, dtype and (unless strided) C-contiguity."""
-    if tuple(arr.shape) != tuple(shape):
-        raise CudaLaunchError(f"{what}: expected shape {tuple(shape)}, got {tuple(arr.shape)}")
-    if arr.dtype != dtype:
-        raise CudaLaunchError(
-            f"{what}: expected dtype {dtype}, got {arr.dtype}; convert with .astype({dtype.name!r})"
-        )
-    if contiguous and not arr.flags.c_contiguous:
-        raise CudaLaunchError(
-            f"{what}: the kernel needs a C-contiguous array; pass xp.ascontiguousarray({what})"
-        )
-
-
-def _elem_strides(x) -> tuple[int, int]:
-    """Element strides of a 2-D array (the first layer's loads take them: no copy)."""
-    item = x.dtype.itemsize
-    sm, sk = x.strides
-    if sm % item or sk % item:
-        raise CudaLaunchError("x: strides must be multiples of the item size; "
-                              "pass xp.ascontiguousarray(x)")
-    return sm // item, sk // item
+__all__ = ["CudaBackend", "CudaLaunchError", "PlannedLaunch", "two_scale_of"]
 
 
 @dataclass
@@ -273,108 +87,30 @@ class CudaBackend(Backend):
     def __init__(self, xp=None, module_cls=None, *, arch: str | None = None):
         if xp is None:
             import cupy as xp  # noqa: PLC0415 - optional dependency, imported lazily
+        if module_cls is None:
+            module_cls = xp.RawModule
         self.xp = xp
-        self._module_cls = module_cls
-        self._arch = arch
+        self.kernels = Launcher(xp, module_cls, arch=arch)  # functions, buffers, launches
         self._emulated = xp is np
-        self._funcs: dict[str, object] = {}
-        self._dummy: dict[np.dtype, object] = {}
-        self.launch_log: list[tuple[str, str]] | None = None  # (nvtx range, kernel) when set
-        self.poison = False  # tests: fill every output and workspace with NaN before use
-        self.keep_alive: list | None = None  # graph capture: holds every buffer allocated
-        self._recording: tuple[list, list] | None = None  # (launches, allocations)
         self._plans: dict = {}
         self._inp_override: tuple | None = None
         self._deferred: list | None = None  # split-batch reductions waiting for one launch
 
     def _empty(self, shape, dtype):
-        """Every output and workspace comes from here (so tests can poison them)."""
-        a = self.xp.empty(shape, dtype=dtype)
-        if self.poison:
-            a.fill(np.nan)
-        if self.keep_alive is not None:
-            self.keep_alive.append(a)
-        if self._recording is not None:
-            self._recording[1].append(a)
-        return a
-
-    # -- kernel access ---------------------------------------------------------
-    def _device(self) -> int:
-        """The current device (modules, dummies and plans are per device)."""
-        if self._emulated:
-            return -1
-        return self.xp.cuda.runtime.getDevice()
-
-    def prepare(self, names) -> None:
-        """Compile (one module) every name in ``names`` not loaded yet on this device."""
-        dev = self._device()
-        missing = [n for n in names if (dev, n) not in self._funcs]
-        if not missing:
-            return
-        mod = _loader.load_module(SOURCE, missing, module_cls=self._module_cls, arch=self._arch)
-        for n in missing:
-            self._funcs[(dev, n)] = mod.get_function(n)
-
-    def warm_up(self, names=None, *, workers: int | None = None, modules: int | None = None) -> int:
-        """Compile kernels ahead of use, in parallel threads; returns how many were compiled.
-
-        ``names``: name expressions (default: every instantiation the backend can
-        request). ``modules``: how many modules to spread them over (default: one per
-        kernel, the same modules lazy loading makes, so CuPy's on-disk cache serves both).
-        NVRTC runs outside the GIL; the emulator builds with g++ in subprocesses.
-        """
-        if names is None:
-            names = kernel_names_all()[0][1]
-        dev = self._device()
-        todo = sorted(n for n in set(names) if (dev, n) not in self._funcs)
-        if not todo:
-            return 0
-        n_mod = len(todo) if modules is None else max(1, min(modules, len(todo)))
-        groups = [todo[i::n_mod] for i in range(n_mod)]
-
-        def build(group):
-            if not self._emulated:
-                self.xp.cuda.Device(dev).use()
-            mod = _loader.load_module(SOURCE, group, module_cls=self._module_cls,
-                                      arch=self._arch)
-            return [(name, mod.get_function(name)) for name in group]
-
-        import concurrent.futures as cf
-
-        workers = workers or max(1, min(16, os.cpu_count() or 1))
-        with cf.ThreadPoolExecutor(max_workers=workers) as ex:
-            for pairs in ex.map(build, groups):
-                for name, fn in pairs:
-                    self._funcs[(dev, name)] = fn
-        return len(todo)
-
-    def _fn(self, name):
-        key = (self._device(), name)
-        f = self._funcs.get(key)
-        if f is None:
-            self.prepare([name])
-            f = self._funcs[key]
-        return f
-
-    def _launch(self, rng: str, name: str, grid, args) -> None:
-        if min(grid) <= 0:
-            return
-        fn = self._fn(name)
-        if self._recording is not None:
-            self._recording[0].append((rng, name, fn, grid, args))
-            return
-        if self.launch_log is not None:
-            self.launch_log.append((rng, name))
-        with nvtx_range(rng, not self._emulated):
-            fn((int(grid[0]), int(grid[1]), int(grid[2])), (THREADS,), args)
+        return self.kernels.empty(shape, dtype)
 
     def _none(self, dtype):
-        """A 1-element array passed where a kernel's optional pointer is unused (flag 0)."""
-        key = (self._device(), np.dtype(dtype))
-        d = self._dummy.get(key)
-        if d is None:
-            d = self._dummy[key] = self.xp.zeros(1, dtype=dtype)
-        return d
+        return self.kernels.none(dtype)
+
+    def _launch(self, rng: str, name: str, grid, args) -> None:
+        self.kernels.launch(rng, SOURCE, name, grid, args)
+
+    def warm_up(self, names=None, *, workers: int | None = None, modules: int | None = None) -> int:
+        """Compile kernels of ``kernels/dense.cu`` ahead of use (default: every instantiation
+        the backend can request); see :meth:`Launcher.warm_up`."""
+        if names is None:
+            names = cuda_select.kernel_names_all()[0][1]
+        return self.kernels.warm_up(SOURCE, names, workers=workers, modules=modules)
 
     # -- arrays ---------------------------------------------------------------------
     def owns(self, array) -> bool:
@@ -396,19 +132,19 @@ class CudaBackend(Backend):
         N, K = W.shape
         none = self._none(dtype)
         self._check_input(inp, M, K, dtype)
-        _expect(W, "W", (N, K), dtype)
+        expect(W, "W", (N, K), dtype)
         if b is not None:
-            _expect(b, "b", (N,), dtype)
+            expect(b, "b", (N,), dtype)
         for arr, what in ((y, "y"), (z, "z"), (target, "target")):
             if arr is not None:
-                _expect(arr, what, (M, N), dtype)
+                expect(arr, what, (M, N), dtype)
         tile = pick_tile(M, N)
         math = pick_math(dtype, precision, tile)
         bm, bn = TILES[tile]
         grid = (-(-M // bm), -(-N // bn), 1)
         nparts = grid[0] * grid[1]
         if loss_partials is not None:
-            _expect(loss_partials, "loss_partials", (nparts,), dtype)
+            expect(loss_partials, "loss_partials", (nparts,), dtype)
         i64, i32, T = np.int64, np.int32, dtype.type
         args = (
             inp.x, i64(inp.sxm), i64(inp.sxk),
@@ -422,7 +158,7 @@ class CudaBackend(Backend):
             i32(loss_partials is not None), loss_partials if loss_partials is not None else none,
         )
         del T
-        self._launch(rng, _fwd_name(_CTYPE[dtype], act, tile, math), grid, args)
+        self._launch(rng, fwd_name(CTYPE[dtype], act, tile, math), grid, args)
         return nparts
 
     def _check_input(self, inp: _Input, M, K, dtype):
@@ -430,24 +166,24 @@ class CudaBackend(Backend):
             if inp.x.dtype != dtype:
                 raise CudaLaunchError(f"x: expected dtype {dtype}, got {inp.x.dtype}")
             if inp.k0:
-                _expect(inp.w0, "W[0]", (K, inp.k0), dtype)
+                expect(inp.w0, "W[0]", (K, inp.k0), dtype)
         elif inp.k0:
-            _expect(inp.x, "x", (M, inp.k0), dtype, contiguous=False)
-            _expect(inp.w0, "W[0]", (K, inp.k0), dtype)
+            expect(inp.x, "x", (M, inp.k0), dtype, contiguous=False)
+            expect(inp.w0, "W[0]", (K, inp.k0), dtype)
             if inp.b0 is not None:
-                _expect(inp.b0, "b[0]", (K,), dtype)
+                expect(inp.b0, "b[0]", (K,), dtype)
         else:
-            _expect(inp.x, "x", (M, K), dtype, contiguous=False)
+            expect(inp.x, "x", (M, K), dtype, contiguous=False)
 
     def _dz_args(self, g, saved, target, act, loss_two_scale, M, N, dtype):
         """Arguments of the kernels' DzLoad: (g, s, t, act, loss, has_t, two_scale)."""
         none = self._none(dtype)
-        _expect(saved, "saved activation", (M, N), dtype)
+        expect(saved, "saved activation", (M, N), dtype)
         loss = loss_two_scale is not None
         if not loss:
-            _expect(g, "g (dL/dy)", (M, N), dtype)
+            expect(g, "g (dL/dy)", (M, N), dtype)
         if target is not None:
-            _expect(target, "target", (M, N), dtype)
+            expect(target, "target", (M, N), dtype)
         return (
             g if g is not None else none, saved, target if target is not None else none,
             np.int32(act), np.int32(loss), np.int32(target is not None),
@@ -456,9 +192,9 @@ class CudaBackend(Backend):
 
     def _backward_dw(self, rng, dz_args, inp: _Input, M, N, K, has_bias, dW, db, precision):
         dtype = dW.dtype
-        _expect(dW, "dW", (N, K), dtype)
+        expect(dW, "dW", (N, K), dtype)
         if has_bias:
-            _expect(db, "db", (N,), dtype)
+            expect(db, "db", (N,), dtype)
         self._check_input(inp, M, K, dtype)
         K1 = K + int(has_bias)
         dz_rows = int(N >= K1)  # the narrower side goes on the tile's columns
@@ -467,7 +203,7 @@ class CudaBackend(Backend):
         math = pick_math(dtype, precision, tile)
         bm, bn = TILES[tile]
         tiles = -(-R // bm) * -(-C // bn)
-        S, rows = _splits(M, tiles)
+        S, rows = splits(M, tiles)
         none = self._none(dtype)
         parts = self._empty(S * N * K1, dtype=dtype) if S > 1 else none
         i64, i32 = np.int64, np.int32
@@ -478,7 +214,7 @@ class CudaBackend(Backend):
             i64(M), i64(N), i64(K), i32(has_bias),
             dW, db if has_bias else none, parts, i64(rows),
         )
-        self._launch(rng, _dw_name(_CTYPE[dtype], tile, math, dz_rows),
+        self._launch(rng, dw_name(CTYPE[dtype], tile, math, dz_rows),
                      (-(-R // bm), -(-C // bn), S), args)
         if S > 1:
             self._reduce(rng, parts, S, N, K, has_bias, dW, db)
@@ -486,13 +222,13 @@ class CudaBackend(Backend):
     def _reduce(self, rng, parts, S, N, K, has_bias, dW, db):
         dtype = dW.dtype
         total = N * (K + int(has_bias))
-        _expect(parts, "partials", (S * total,), dtype)
+        expect(parts, "partials", (S * total,), dtype)
         if self._deferred is not None:  # a whole backward pass: one launch at the end
             self._deferred.append((parts, S, N, K, has_bias, dW, db))
             return
         args = (parts, np.int64(S), np.int64(N), np.int64(K), np.int32(has_bias), dW,
                 db if has_bias else self._none(dtype))
-        self._launch(rng, _reduce_name(_CTYPE[dtype]), (-(-total // THREADS), 1, 1), args)
+        self._launch(rng, reduce_name(CTYPE[dtype]), (-(-total // THREADS), 1, 1), args)
 
     def _flush_reductions(self):
         """All deferred [dW | db] reductions, REDUCE_JOBS per launch, in a fixed order."""
@@ -508,19 +244,19 @@ class CudaBackend(Backend):
                 args += [parts, i64(S), i64(N), i64(K), i32(hb), dW, db if hb else none]
             for job in chunk:
                 blocks += -(-(job[2] * (job[3] + int(job[4]))) // THREADS)
-            self._launch("Dense.backward.reduce", _reduce_multi_name(_CTYPE[dtype]),
+            self._launch("Dense.backward.reduce", reduce_multi_name(CTYPE[dtype]),
                          (blocks, 1, 1), tuple(args))
 
     def _backward_dx(self, rng, dz_args, W, M, dx, precision):
         dtype = W.dtype
         N, K = W.shape
-        _expect(W, "W", (N, K), dtype)
-        _expect(dx, "dx", (M, K), dtype)
+        expect(W, "W", (N, K), dtype)
+        expect(dx, "dx", (M, K), dtype)
         tile = pick_tile(M, K)
         math = pick_math(dtype, precision, tile)
         bm, bn = TILES[tile]
         args = dz_args + (W, np.int64(M), np.int64(N), np.int64(K), dx)
-        self._launch(rng, _dx_name(_CTYPE[dtype], tile, math), (-(-M // bm), -(-K // bn), 1), args)
+        self._launch(rng, dx_name(CTYPE[dtype], tile, math), (-(-M // bm), -(-K // bn), 1), args)
 
     def _backward_chain(self, rng, dz1_args, W1, inp0: _Input, M, dW0, db0, precision):
         """[dW0 | db0] of a recomputed first layer, through layer 1's dz (one launch + reduce)."""
@@ -528,14 +264,14 @@ class CudaBackend(Backend):
         N1, N0 = W1.shape
         k0 = inp0.k0
         has_bias = inp0.b0 is not None
-        _expect(W1, "W[1]", (N1, N0), dtype)
-        _expect(dW0, "dW[0]", (N0, k0), dtype)
+        expect(W1, "W[1]", (N1, N0), dtype)
+        expect(dW0, "dW[0]", (N0, k0), dtype)
         if has_bias:
-            _expect(db0, "db[0]", (N0,), dtype)
+            expect(db0, "db[0]", (N0,), dtype)
         self._check_input(inp0, M, N0, dtype)
         math = pick_math(dtype, precision, CHAIN_TILE)
         tiles = -(-N0 // CHAIN_BN)
-        S, rows = _splits(M, tiles)
+        S, rows = splits(M, tiles)
         K1 = k0 + int(has_bias)
         none = self._none(dtype)
         parts = self._empty(S * N0 * K1, dtype=dtype) if S > 1 else none
@@ -545,14 +281,14 @@ class CudaBackend(Backend):
             inp0.w0, inp0.b0 if has_bias else none, i32(k0), i32(inp0.act0), i32(has_bias),
             i64(M), i64(N0), dW0, db0 if has_bias else none, parts, i64(rows),
         )
-        self._launch(rng, _chain_name(_CTYPE[dtype], math), (tiles, S, 1), args)
+        self._launch(rng, chain_name(CTYPE[dtype], math), (tiles, S, 1), args)
         if S > 1:
             self._reduce(rng, parts, S, N0, k0, has_bias, dW0, db0)
 
     def _loss_value(self, parts, nparts, scale, dtype):
         value = self._empty((), dtype=dtype)  # 0-d: the kernel writes value[0]
         args = (parts, np.int64(nparts), dtype.type(scale), value)
-        self._launch("loss.value", _loss_name(_CTYPE[dtype]), (1, 1, 1), args)
+        self._launch("loss.value", loss_name(CTYPE[dtype]), (1, 1, 1), args)
         return value
 
     # -- the functional API ---------------------------------------------------------
@@ -560,7 +296,7 @@ class CudaBackend(Backend):
         """The first layer reads x through its strides (no copy on the GPU)."""
         if self._inp_override is not None and self._inp_override[0] is x:
             return self._inp_override[1]
-        sm, sk = _elem_strides(x)
+        sm, sk = elem_strides(x)
         if self._emulated and not x.flags.c_contiguous:
             # The emulator takes C-contiguous arrays only: hand it a 1-D window onto
             # the same memory starting at x[0, 0] (or a copy for negative strides).
@@ -828,10 +564,9 @@ class CudaBackend(Backend):
             return None
         if any(s.out_features == 0 or s.in_features == 0 for s in net.layers):
             return None
-        return (what, self._device(), net, tuple(x.shape), tuple(x.strides), x.dtype.str, need_dx,
+        return (what, self.kernels.device(), net, tuple(x.shape), tuple(x.strides), x.dtype.str, need_dx,
                 None if loss is None else loss.kind,
-                loss is not None and loss.target is not None, _f64_mma_enabled(),
-                _BIG_TILE_MIN_BLOCKS, _MIN_ROWS_PER_SPLIT, _TARGET_BLOCKS)
+                loss is not None and loss.target is not None, cuda_select.plan_settings())
 
     @staticmethod
     def _externals(x_read, params, target):
@@ -852,7 +587,7 @@ class CudaBackend(Backend):
         if key is None:
             return run()
         plan = self._plans.get(key)
-        if plan is _UNPLANNABLE:
+        if plan is UNPLANNABLE:
             return run()
         inp = self._x_input(x)
         externals = self._externals(inp.x, params, target)
@@ -861,65 +596,22 @@ class CudaBackend(Backend):
         if plan is None:
             self._inp_override = (x, inp)
             try:
-                plan = self._record(externals, run)
+                plan = cuda_plans.record(self.kernels, externals, run)
             finally:
                 self._inp_override = None
             self._plans[key] = plan
-            if plan is _UNPLANNABLE:
+            if plan is UNPLANNABLE:
                 return run()
         dtype = np.dtype(net.dtype)
         for l, (spec, (W, b)) in enumerate(zip(net.layers, params)):
-            _expect(W, f"W[{l}]", (spec.out_features, spec.in_features), dtype)
+            expect(W, f"W[{l}]", (spec.out_features, spec.in_features), dtype)
             if spec.bias:
-                _expect(b, f"b[{l}]", (spec.out_features,), dtype)
+                expect(b, f"b[{l}]", (spec.out_features,), dtype)
             elif b is not None:
                 raise CudaLaunchError(f"b[{l}]: layer {l} has no bias but an array was given")
         if target is not None:
-            _expect(target, "target", (x.shape[0], net.out_features), dtype)
-        return self._replay(plan, externals)
-
-    def _record(self, externals, run):
-        launches: list = []
-        allocs: list = []
-        self._recording = (launches, allocs)
-        try:
-            result = run()
-        finally:
-            self._recording = None
-        slot_of = {id(a): i for i, a in enumerate(externals)}
-        n_ext = len(externals)
-        for j, a in enumerate(allocs):
-            slot_of[id(a)] = n_ext + j
-        dummies = {id(d) for d in self._dummy.values()}
-        steps = []
-        for rng, name, fn, grid, args in launches:
-            const = list(args)
-            slots = []
-            for i, a in enumerate(args):
-                if isinstance(a, self.xp.ndarray) and id(a) not in dummies:
-                    k = slot_of.get(id(a))
-                    if k is None:
-                        return _UNPLANNABLE  # an array made outside _empty (a copy, a view)
-                    slots.append((i, k))
-                    const[i] = None
-            grid3 = (int(grid[0]), int(grid[1]), int(grid[2]))
-            steps.append((rng, name, fn, grid3, const, tuple(slots)))
-
-        def encode(obj):
-            if obj is None:
-                return None
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(encode(o) for o in obj)
-            k = slot_of.get(id(obj))
-            if k is None:
-                raise LookupError
-            return _Slot(k)
-
-        try:
-            out = encode(result)
-        except LookupError:
-            return _UNPLANNABLE
-        return _Plan([(a.shape, a.dtype) for a in allocs], steps, out)
+            expect(target, "target", (x.shape[0], net.out_features), dtype)
+        return cuda_plans.replay(self.kernels, plan, externals)
 
     def planned_launches(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
                          need_dx: bool = False) -> tuple[list[PlannedLaunch], tuple]:
@@ -932,39 +624,10 @@ class CudaBackend(Backend):
         self.network_value_and_grad(net, params, x, loss, need_dx=need_dx)  # records the plan
         plan = None if key is None else self._plans.get(key)
         externals = self._externals(self._x_input(x).x, params, self._target_of(loss))
-        if plan is None or plan is _UNPLANNABLE or externals is None:
+        if plan is None or plan is UNPLANNABLE or externals is None:
             raise ValueError("this call has no launch plan (batch 0, a callable loss, a layer "
                              "of width 0, or one array passed in two roles)")
-        bufs = self._plan_buffers(plan, externals)
-        out = []
-        for rng, name, fn, grid, const, slots in plan.steps:
-            args = list(const)
-            for i, k in slots:
-                args[i] = bufs[k]
-            out.append(PlannedLaunch(rng, name, grid, functools.partial(fn, grid, (THREADS,),
-                                                                        tuple(args)), fn))
-        return out, _decode(plan.result, bufs)
-
-    def _plan_buffers(self, plan, externals):
-        bufs = list(externals)
-        for shape, dtype in plan.allocs:
-            bufs.append(self._empty(shape, dtype))
-        return bufs
-
-    def _replay(self, plan, externals):
-        bufs = self._plan_buffers(plan, externals)
-        log = self.launch_log
-        emulated = self._emulated
-        block = (THREADS,)
-        for rng, name, fn, grid, const, slots in plan.steps:
-            args = list(const)
-            for i, k in slots:
-                args[i] = bufs[k]
-            if log is not None:
-                log.append((rng, name))
-            with nvtx_range(rng, not emulated):
-                fn(grid, block, tuple(args))
-        return _decode(plan.result, bufs)
+        return cuda_plans.bind(self.kernels, plan, externals)
 
 
 def two_scale_of(loss: LossSpec, M: int, N_out: int):
@@ -972,37 +635,3 @@ def two_scale_of(loss: LossSpec, M: int, N_out: int):
     if loss.kind not in ("sum_squares", "mse"):
         return None
     return 2.0 * loss_scale(loss.kind, M * N_out)
-
-
-class PlannedLaunch(NamedTuple):
-    """One kernel launch of a recorded call (``CudaBackend.planned_launches``)."""
-
-    range: str                    # the NVTX range, e.g. "Dense[1].forward"
-    name: str                     # the kernel's name expression
-    grid: tuple[int, int, int]    # blocks of THREADS threads
-    launch: Callable[[], None]    # launches it again, on the same buffers
-    kernel: object                # the module's function (CuPy: .num_regs, .shared_size_bytes)
-
-
-class _Slot(int):
-    """A buffer index in a launch plan's result structure."""
-
-
-class _Plan:
-    __slots__ = ("allocs", "steps", "result")
-
-    def __init__(self, allocs, steps, result):
-        self.allocs = allocs
-        self.steps = steps
-        self.result = result
-
-
-_UNPLANNABLE = object()
-
-
-def _decode(obj, bufs):
-    if obj is None:
-        return None
-    if isinstance(obj, _Slot):
-        return bufs[obj]
-    return type(obj)(_decode(o, bufs) for o in obj)

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from cupynn.backends.cuda_backend import THREADS
+from cupynn.backends.cuda_launch import THREADS
 
 from .timing import measure
 
