@@ -1,0 +1,128 @@
+"""The repository's docs stand on their own and match the code.
+
+- docs/api.md is what ``python docs/gen_api.py`` writes from the docstrings (rerun it after
+  changing a public docstring or adding a public module);
+- every public function and class has a docstring with an example, and every example in a
+  public module's docstrings runs (doctest);
+- no tracked file points at a repository file that does not exist (a path such as
+  ``kernels/README.md``, an upper-case ``NAME.md``, a Markdown link), and none says
+  "issue" followed by a number (a tracker that is not part of the repository).
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import re
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gen_api():
+    spec = importlib.util.spec_from_file_location("gen_api", ROOT / "docs" / "gen_api.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_api_reference_is_up_to_date(gen_api, capsys):
+    rc = gen_api.main(["--check"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+
+
+def test_every_public_name_has_an_example(gen_api):
+    missing = gen_api.missing_examples()
+    assert not missing, (f"public names without a docstring example (>>>): {missing}; add one, "
+                         "then run python docs/gen_api.py")
+
+
+def test_every_public_docstring_example_runs(gen_api):
+    failures = []
+    for modname in gen_api.public_modules():
+        module = importlib.import_module(modname)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = doctest.testmod(module, optionflags=doctest.ELLIPSIS |
+                                     doctest.NORMALIZE_WHITESPACE, report=False)
+        if result.failed:
+            failures.append(f"{modname}: {result.failed} of {result.attempted} examples failed "
+                            f"(python -m pytest --doctest-modules {module.__file__})")
+    assert not failures, failures
+
+
+# -- references -------------------------------------------------------------------------
+
+_EXT = r"(?:md|py|cu|cuh|h|hpp|cpp|toml|sh|txt|json|png|ya?ml|cfg|ini)"
+# a relative path with at least one directory: kernels/README.md, ../kernels/README.md
+_PATH = re.compile(r"(?<![\w/.$~:{}<-])((?:\.\.?/)*(?:[\w.-]+/)+[\w.-]+\." + _EXT + r")\b")
+# an upper-case Markdown file name on its own: README.md, RESULTS.md
+_BARE = re.compile(r"(?<![\w/.$~:-])([A-Z][A-Z0-9_-]*\.md)\b")
+_LINK = re.compile(r"\]\(([^)\s]+)\)")  # Markdown links, in .md files
+_ISSUE = re.compile(r"\bissues?\s*#?\s*\d+", re.IGNORECASE)
+
+
+def _repo_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        names = out.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    return [ROOT / n for n in names if (ROOT / n).is_file()]
+
+
+def references(path: Path, text: str):
+    """(line number, referenced path) pairs in ``text``."""
+    for ln, line in enumerate(text.splitlines(), 1):
+        found = {m.group(1) for m in _PATH.finditer(line)}
+        found |= {m.group(1) for m in _BARE.finditer(line)}
+        if path.suffix == ".md":
+            for m in _LINK.finditer(line):
+                target = m.group(1).split("#")[0]
+                if target and not re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                    found.add(target)
+        for ref in sorted(found):
+            yield ln, ref
+
+
+def test_no_reference_to_a_missing_file_and_no_issue_numbers():
+    missing, issues = [], []
+    for path in _repo_files():
+        if path.suffix in (".png", ".npz"):
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        rel = path.relative_to(ROOT)
+        if path == Path(__file__).resolve():  # its examples are meant to be missing
+            continue
+        for ln, ref in references(path, text):
+            if not any((base / ref).exists() for base in (ROOT, path.parent)):
+                missing.append(f"{rel}:{ln}: {ref}")
+        for ln, line in enumerate(text.splitlines(), 1):
+            if _ISSUE.search(line):
+                issues.append(f"{rel}:{ln}: {line.strip()[:100]}")
+    assert not missing, "references to files that are not in the repository:\n" + "\n".join(missing)
+    assert not issues, ("'issue N' points at a tracker outside the repository; say what is "
+                        "meant instead:\n" + "\n".join(issues))
+
+
+@pytest.mark.parametrize("text,found", [
+    ("see DESIGN.md section 3", ["DESIGN.md"]),
+    ("the dialect of notes/CONTRACTS.md", ["notes/CONTRACTS.md"]),
+    ("[api](docs/missing.md#x) and [site](https://example.org/a.md)", ["docs/missing.md"]),
+    ("$OUT/bench.json, /tmp/k.json, ~/x/y.txt, x.astype(cp.float64)", []),
+])
+def test_the_reference_scanner(text, found):
+    refs = [r for _, r in references(ROOT / "x.md", text)]
+    assert sorted(refs) == sorted(found)
+    assert all(not (ROOT / r).exists() for r in refs)
