@@ -11,7 +11,8 @@ namespace cupynn {
 enum : int {
     ACT_IDENTITY = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2, ACT_TANH = 3, ACT_SIGMOID = 4,
     ACT_SOFTPLUS = 5, ACT_SILU = 6, ACT_GELU = 7, ACT_GELU_ERF = 8, ACT_ELU = 9,
-    ACT_NONE = -1  // "no previous layer" in the recompute templates
+    ACT_NONE = -1,  // "no previous layer" in the recompute templates
+    ACT_RUNTIME = -2  // a kernel template argument: the activation is a kernel argument
 };
 
 // True when f' is computed from the output y (ids 0-4), false when from z (5-9).

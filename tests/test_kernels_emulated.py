@@ -422,7 +422,19 @@ def test_checks_say_what_to_change(be, rng):
 
 def test_instantiation_table_is_sane():
     (src, names), = cs.kernel_names_all()
-    assert src == "dense.cu" and len(names) == len(set(names)) and len(names) < 400
+    assert src == "dense.cu" and len(names) == len(set(names)) and len(names) < 160
+    forward_acts = {int(n.split("<")[1].split(",")[1]) for n in names if "dense_forward<" in n}
+    assert forward_acts == {*cs.FORWARD_ACTIVATIONS, cs.ACT_RUNTIME}
+    assert all(cs.forward_act(a.id) == (a.id if a.id in cs.FORWARD_ACTIVATIONS else -2)
+               for a in ACTIVATIONS.values())
+
+
+def test_hot_kernels_have_their_activation_compiled_in():
+    """The public workloads' forward kernels never switch on the activation at run time."""
+    for _sizes, act, *_ in cuda_catalog.PUBLIC_WORKLOADS:
+        assert ACTIVATIONS[act].id in cs.FORWARD_ACTIVATIONS and 0 in cs.FORWARD_ACTIVATIONS
+    hot = cuda_catalog.hot_kernels()
+    assert not [n for n in hot if "dense_forward<" in n and f", {cs.ACT_RUNTIME}," in n]
 
 
 def test_launch_plan_replays_with_new_arrays(be, rng):

@@ -156,6 +156,7 @@ class CudaBackend(Backend):
             z if z is not None else none, i32(z is not None),
             target if target is not None else none, i32(target is not None),
             i32(loss_partials is not None), loss_partials if loss_partials is not None else none,
+            i32(act),
         )
         del T
         self._launch(rng, fwd_name(CTYPE[dtype], act, tile, math), grid, args)
