@@ -49,9 +49,12 @@ COLUMNS = """\
 Columns: median = the median over the samples of one call's time (a sample of a call
 faster than 2 ms times a loop of k calls and divides by k); p10-p90 = the 10th and 90th
 percentiles of those samples; spread = (p90 - p10) / median; "NOISY" marks a spread above
-20%: that row's median is not to be trusted (rerun on a quieter machine). Ratios are of
-medians measured in the same interleaved rounds. load = extra processes spinning on a core,
-started by this script; loadavg = /proc/loadavg (1, 5, 15 min) before and after."""
+20%: that row's median is not to be trusted (rerun on a quieter machine); cpu = the median
+CPU time of this process per call, all its threads together (BLAS's, JAX's, cupynn's lanes):
+on a busy machine it shows the work done where the wall clock also shows the waiting. Ratios
+are of wall-clock medians measured in the same interleaved rounds. load = extra processes
+spinning on a core, started by this script; loadavg = /proc/loadavg (1, 5, 15 min) before
+and after."""
 
 
 # -- the plain NumPy network, as a user writes it ---------------------------------
@@ -101,26 +104,30 @@ def loop_count(fn) -> int:
 
 
 def time_interleaved(calls: dict, repeats: int) -> dict:
-    """name -> {median, p10, p90, spread, loops} in seconds per call."""
+    """name -> {median, p10, p90, spread, cpu, loops} in seconds per call (cpu: the median
+    of this process's CPU time per call, all its threads)."""
     for fn in calls.values():  # warm-up (workspaces, JIT)
         fn()
         fn()
     loops = {k: loop_count(fn) for k, fn in calls.items()}
     samples = {k: [] for k in calls}
+    cpu = {k: [] for k in calls}
     names = list(calls)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
             fn, n = calls[k], loops[k]
+            c = time.process_time()
             t = time.perf_counter()
             for _ in range(n):
                 fn()
             samples[k].append((time.perf_counter() - t) / n)
+            cpu[k].append((time.process_time() - c) / n)
     out = {}
     for k, v in samples.items():
         med = float(np.median(v))
         p10, p90 = float(np.percentile(v, 10)), float(np.percentile(v, 90))
         out[k] = {"median": med, "p10": p10, "p90": p90, "spread": (p90 - p10) / med,
-                  "loops": loops[k]}
+                  "cpu": float(np.median(cpu[k])), "loops": loops[k]}
     return out
 
 
@@ -135,8 +142,8 @@ def print_rows(stats: dict) -> bool:
         noisy = s["spread"] > SPREAD_LIMIT
         ok &= not noisy
         print(f"  {k:<28} {fmt_time(s['median'])}   ({fmt_time(s['p10']).strip()} – "
-              f"{fmt_time(s['p90']).strip()})  spread {s['spread'] * 100:4.0f}%"
-              f"{'  NOISY' if noisy else ''}")
+              f"{fmt_time(s['p90']).strip()})  spread {s['spread'] * 100:4.0f}%  cpu "
+              f"{fmt_time(s['cpu']).strip()}{'  NOISY' if noisy else ''}")
     return ok
 
 

@@ -4,30 +4,31 @@ A threaded BLAS (OpenBLAS, MKL) splits every product over all cores and makes it
 threads wait for each other by spinning.  On the NumPy backend's cache-sized chunks that
 pays little on a quiet machine and collapses when another process holds a core (the
 spinning threads wait for one that is not scheduled: 3-15x slower).  So the hot loop
-runs BLAS with one thread and parallelises over *lanes* itself: the batch is cut into
-as many contiguous ranges of chunks as there are usable cores, each range runs on its
-own Python thread (NumPy releases the GIL inside BLAS and ufuncs), and the lanes'
-partial gradients are added in lane order at the end.  Nothing spins: a busy core
-slows one lane, not every product.
+runs BLAS with one thread and parallelises itself over *lanes*, one Python thread per
+usable core (NumPy releases the GIL inside BLAS and ufuncs): the batch is cut into groups
+of contiguous chunks, each lane takes the next group when it finishes one, and the groups'
+partial gradients are added in group order at the end.  Nothing spins, and a lane on a
+busy core simply takes fewer groups.
 
 BLAS threads are set through ``threadpoolctl`` (a dependency of cupynn).  Without it
 the backend runs one lane and leaves BLAS alone (the behaviour of plain NumPy).
 
 ``CUPYNN_CPU_THREADS=N`` sets the number of lanes (BLAS stays at one thread inside the
 hot loop either way); the default is the number of cores this process may run on
-(``os.sched_getaffinity``), at most 16.  The lane count fixes the order in which the
-partial gradients are added, so results are bit-identical run to run on one machine
-and setting, busy or not.
+(``os.sched_getaffinity``), at most 16.  The group count (from the batch and the lane
+count, never from timing) fixes the order in which partial gradients are added, so
+results are bit-identical run to run on one machine and setting, busy or not.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import itertools
 import os
 import threading
 
-__all__ = ["lanes_available", "blas_single_thread", "run_lanes", "thread_control", "usable_cores"]
+__all__ = ["lanes_available", "blas_single_thread", "run_groups", "thread_control", "usable_cores"]
 
 _MAX_LANES = 16
 _LOCK = threading.Lock()
@@ -110,23 +111,32 @@ def _pool(workers: int) -> cf.ThreadPoolExecutor:
         return _POOL
 
 
-def run_lanes(fn, n_lanes: int) -> list:
-    """``[fn(0), ..., fn(n_lanes - 1)]``; lane 0 runs on the calling thread, the others on
-    a shared pool.  An exception in any lane is raised here (after every lane ended)."""
-    if n_lanes <= 1:
-        return [fn(0)]
-    futures = [_pool(n_lanes - 1).submit(fn, i) for i in range(1, n_lanes)]
-    first_error = None
-    try:
-        results = [fn(0)]
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finish
-        results, first_error = [None], exc
+def run_groups(fn, n_groups: int, n_threads: int) -> list:
+    """``[fn(0), ..., fn(n_groups - 1)]`` computed on ``n_threads`` threads (the caller's and
+    a shared pool's): each thread takes the next group when it finishes one, so a thread on
+    a busy core does fewer.  Results are in group order, whichever thread ran a group.  An
+    exception in a group stops the others taking new groups and is raised here after every
+    thread ended."""
+    if n_threads <= 1 or n_groups <= 1:
+        return [fn(g) for g in range(n_groups)]
+    results: list = [None] * n_groups
+    counter = itertools.count()
+    errors: list = []
+
+    def worker():
+        while not errors:
+            g = next(counter)  # atomic under the GIL
+            if g >= n_groups:
+                return
+            try:
+                results[g] = fn(g)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+                errors.append(exc)
+
+    futures = [_pool(n_threads - 1).submit(worker) for _ in range(min(n_threads, n_groups) - 1)]
+    worker()
     for fut in futures:
-        try:
-            results.append(fut.result())
-        except BaseException as exc:  # noqa: BLE001
-            results.append(None)
-            first_error = first_error or exc
-    if first_error is not None:
-        raise first_error
+        fut.result()
+    if errors:
+        raise errors[0]
     return results

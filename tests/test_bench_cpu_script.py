@@ -47,8 +47,10 @@ def test_runs_quiet_and_loaded_and_writes_json(script, tmp_path, capsys, monkeyp
 
 
 def test_a_wide_spread_is_flagged(script, capsys):
-    ok = script.print_rows({"a": {"median": 1.0, "p10": 0.95, "p90": 1.1, "spread": 0.15},
-                            "b": {"median": 1.0, "p10": 0.8, "p90": 1.3, "spread": 0.5}})
+    ok = script.print_rows({"a": {"median": 1.0, "p10": 0.95, "p90": 1.1, "spread": 0.15,
+                                  "cpu": 0.9},
+                            "b": {"median": 1.0, "p10": 0.8, "p90": 1.3, "spread": 0.5,
+                                  "cpu": 1.9}})
     lines = capsys.readouterr().out.splitlines()
     assert not ok
     assert "NOISY" not in lines[0] and lines[1].endswith("NOISY")

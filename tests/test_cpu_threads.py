@@ -4,6 +4,7 @@ any lane count, bit-identical run to run, BLAS limits restored, safe from severa
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -41,8 +42,9 @@ def test_any_lane_count_matches_the_reference(monkeypatch, rng, lanes, sizes, ac
     monkeypatch.setenv("CUPYNN_CPU_THREADS", lanes)
     monkeypatch.setattr(nb, "_SMALL_WORK", 1)  # lanes (and the BLAS limit) for every batch
     calls = []
-    run_lanes = _threads.run_lanes
-    monkeypatch.setattr(_threads, "run_lanes", lambda fn, n: calls.append(n) or run_lanes(fn, n))
+    run_groups = _threads.run_groups
+    monkeypatch.setattr(_threads, "run_groups",
+                        lambda fn, groups, threads: calls.append(threads) or run_groups(fn, groups, threads))
     model = random_model(sizes, act, np.float64, rng)
     rows = nb._chunk_rows(model_spec(model))
     batch = 4 * rows + 3  # five chunks, the last one partial
@@ -96,18 +98,34 @@ def test_bad_thread_setting_says_what_to_set(monkeypatch):
         _threads.lanes_available()
 
 
-def test_an_error_in_a_lane_is_raised_after_every_lane_ended():
-    ended = []
+def test_groups_go_to_whichever_thread_is_free_and_come_back_in_order():
+    ran_on = {}
 
-    def fn(i):
-        if i == 1:
-            raise RuntimeError("lane 1 failed")
-        ended.append(i)
-        return i
+    def fn(g):
+        ran_on[g] = threading.get_ident()
+        if g == 0:
+            time.sleep(0.3)  # a thread on a busy core
+        return g * g
 
-    with pytest.raises(RuntimeError, match="lane 1 failed"):
-        _threads.run_lanes(fn, 3)
-    assert sorted(ended) == [0, 2]
+    assert _threads.run_groups(fn, 8, 2) == [g * g for g in range(8)]
+    slow = ran_on[0]  # while it slept, the other thread took every other group
+    assert all(ran_on[g] != slow for g in range(1, 8))
+
+
+def test_an_error_in_a_group_is_raised_after_every_thread_ended():
+    started = []
+
+    def fn(g):
+        started.append(g)
+        if g == 1:
+            raise RuntimeError("group 1 failed")
+        time.sleep(0.01)
+        return g
+
+    with pytest.raises(RuntimeError, match="group 1 failed"):
+        _threads.run_groups(fn, 50, 3)
+    assert len(started) < 50  # the others stopped taking groups
+    assert _threads.run_groups(lambda g: g, 3, 1) == [0, 1, 2]
 
 
 def test_calls_from_several_threads_at_once(monkeypatch, rng):

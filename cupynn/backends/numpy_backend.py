@@ -193,7 +193,7 @@ class _Workspace:
 class _Shape:
     """One network shape: its layers, and the free workspaces per (rows, train)."""
 
-    __slots__ = ("net", "layers", "free", "chunk_rows", "macs_per_row")
+    __slots__ = ("net", "layers", "free", "chunk_rows", "macs_per_row", "acc_bytes")
 
     def __init__(self, net: NetSpec):
         self.net = net
@@ -202,6 +202,8 @@ class _Shape:
         self.free: dict = {}
         self.chunk_rows = _chunk_rows(net)
         self.macs_per_row = sum(s.in_features * s.out_features for s in net.layers)
+        self.acc_bytes = net.dtype.itemsize * sum((s.in_features + 1) * s.out_features
+                                                  for s in net.layers)
 
     def checkout(self, rows: int, train: bool) -> _Workspace:
         free = self.free.get((rows, train))
@@ -286,8 +288,8 @@ class _Acc:
         return self.buf.T if self.t else self.buf
 
 
-class _LaneState:
-    """One lane's partial results: the per-layer accumulators and the loss sum."""
+class _Partial:
+    """One group's partial results: the per-layer accumulators and the loss sum."""
 
     __slots__ = ("w", "b", "p", "q", "total")
 
@@ -303,7 +305,7 @@ class _LaneState:
             self.p = self.q = None
         self.total = 0.0
 
-    def merge(self, other: _LaneState) -> None:
+    def merge(self, other: _Partial) -> None:
         for a, o in zip(self.w, other.w):
             a.merge(o)
         for a, o in zip(self.b, other.b):
@@ -316,19 +318,38 @@ class _LaneState:
         self.total += other.total
 
 
+# Partial gradients kept at once (one per group, see _groups) take at most this much memory.
+_GROUP_ACC_BYTES = 64 << 20
+
+
 def _lanes(batch: int, rows: int, work: int) -> int:
-    """How many lanes a batch is split into (1 for a small one)."""
+    """How many threads a batch runs on (1 for a small one)."""
     n_chunks = -(-batch // rows)
     if n_chunks < 2 or work < 8 * _SMALL_WORK:
         return 1
     return min(_threads.lanes_available(), n_chunks)
 
 
-def _lane_ranges(batch: int, rows: int, lanes: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges, whole chunks each, one per lane."""
+def _groups(batch: int, rows: int, lanes: int, acc_bytes: int) -> int:
+    """How many groups of whole chunks a gradient call is cut into.
+
+    Each group accumulates its own partial gradients, and the groups are added in
+    order at the end, so the result depends on the group count only (a function of the
+    batch and of the lane count), never on which thread ran which group. Threads take
+    the next group when they finish one, so a thread slowed by a busy core takes fewer:
+    four groups per lane, as far as the partials' memory allows."""
     n_chunks = -(-batch // rows)
-    bounds = [min(batch, (n_chunks * i // lanes) * rows) for i in range(lanes + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(lanes)]
+    if lanes <= 1:
+        return 1
+    by_memory = max(lanes, _GROUP_ACC_BYTES // max(acc_bytes, 1))
+    return max(1, min(n_chunks, 4 * lanes, by_memory))
+
+
+def _ranges(batch: int, rows: int, groups: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges, whole chunks each, one per group."""
+    n_chunks = -(-batch // rows)
+    bounds = [min(batch, (n_chunks * i // groups) * rows) for i in range(groups + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(groups)]
 
 
 class NumpyBackend(Backend):
@@ -421,8 +442,10 @@ class NumpyBackend(Backend):
         work = batch * shape.macs_per_row
         lanes = _lanes(batch, rows, work)
         mats = self._weights(shape.layers, params)
+        # every chunk is a group: outputs are independent, any order gives the same bits
+        ranges = _ranges(batch, rows, -(-batch // rows) if lanes > 1 else 1)
 
-        def lane(i, ranges):
+        def group(i):
             ws = shape.checkout(rows, False)
             try:
                 lo, hi = ranges[i]
@@ -432,12 +455,11 @@ class NumpyBackend(Backend):
             finally:
                 shape.checkin(ws, False)
 
-        ranges = _lane_ranges(batch, rows, lanes)
         if work < _SMALL_WORK:
-            lane(0, ranges)
+            group(0)
         else:
             with _threads.blas_single_thread():
-                _threads.run_lanes(lambda i: lane(i, ranges), lanes)
+                _threads.run_groups(group, len(ranges), lanes)
         return y
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
@@ -466,14 +488,18 @@ class NumpyBackend(Backend):
             and net.layers[0].activation == "identity"
             and net.layers[1].out_features < net.layers[0].out_features
         )
-        ws0 = shape.checkout(rows, True)
         layers = shape.layers
         mats = self._weights(layers, params)
         forward_chunk = self._forward_chunk
+        if work < _SMALL_WORK:
+            lanes, ranges = 1, [(0, batch)]
+        else:
+            lanes = _lanes(batch, rows, work)
+            ranges = _ranges(batch, rows, _groups(batch, rows, lanes, shape.acc_bytes))
 
-        def lane(i, ranges):
-            ws = ws0 if i == 0 else shape.checkout(rows, True)
-            st = _LaneState(layers, reassociate)
+        def group(i):
+            ws = shape.checkout(rows, True)
+            st = _Partial(layers, reassociate)
             try:
                 lo, hi = ranges[i]
                 for s in range(lo, hi, rows):
@@ -495,23 +521,16 @@ class NumpyBackend(Backend):
                     self._backward_chunk(ws, views, st, params, xc, g, reassociate,
                                          None if dx is None else dx[s:s + n])
             finally:
-                if i != 0:
-                    shape.checkin(ws, True)
+                shape.checkin(ws, True)
             return st
 
-        try:
-            if batch == 0:
-                states = [_LaneState(layers, reassociate)]
-            else:
-                lanes = _lanes(batch, rows, work)
-                ranges = _lane_ranges(batch, rows, lanes)
-                if work < _SMALL_WORK:
-                    states = [lane(0, ranges)]
-                else:
-                    with _threads.blas_single_thread():
-                        states = _threads.run_lanes(lambda i: lane(i, ranges), lanes)
-        finally:
-            shape.checkin(ws0, True)
+        if batch == 0:
+            states = [_Partial(layers, reassociate)]
+        elif work < _SMALL_WORK:
+            states = [group(0)]
+        else:
+            with _threads.blas_single_thread():
+                states = _threads.run_groups(group, len(ranges), lanes)
         st = states[0]
         for other in states[1:]:
             st.merge(other)
