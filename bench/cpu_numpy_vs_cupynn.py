@@ -40,7 +40,7 @@ from cupynn.bench.reference import relative_error
 from cupynn.bench.runner import compute_reference, make_problem
 from cupynn.bench.workloads import custom_workload, get_workload
 
-SPREAD_LIMIT = 0.20  # (p90 - p10) / median above this: the row is flagged, not trusted
+SPREAD_LIMIT = 0.20  # (p90 - p10) / (2 median) above this (as python -m cupynn bench): NOISY
 SAMPLE_S = 2e-3      # a sample of a fast call times a loop of calls lasting about this long
 
 NARROW = (((4, 32, 16, 4), 10_000), ((24, 8, 2), 200))
@@ -48,13 +48,13 @@ NARROW = (((4, 32, 16, 4), 10_000), ((24, 8, 2), 200))
 COLUMNS = """\
 Columns: median = the median over the samples of one call's time (a sample of a call
 faster than 2 ms times a loop of k calls and divides by k); p10-p90 = the 10th and 90th
-percentiles of those samples; spread = (p90 - p10) / median; "NOISY" marks a spread above
-20%: that row's median is not to be trusted (rerun on a quieter machine); cpu = the median
-CPU time of this process per call, all its threads together (BLAS's, JAX's, cupynn's lanes):
-on a busy machine it shows the work done where the wall clock also shows the waiting. Ratios
-are of wall-clock medians measured in the same interleaved rounds. load = extra processes
-spinning on a core, started by this script; loadavg = /proc/loadavg (1, 5, 15 min) before
-and after."""
+percentiles of those samples; ±N% = the spread, (p90 - p10) / 2 / median, as in
+python -m cupynn bench; "NOISY" marks a spread above ±20%: that row's median is not to be
+trusted (rerun on a quieter machine); cpu = the median CPU time of this process per call,
+all its threads together (BLAS's, JAX's, cupynn's lanes): on a busy machine it shows the
+work done where the wall clock also shows the waiting. Ratios are of wall-clock medians
+measured in the same interleaved rounds. load = extra processes spinning on a core, started
+by this script; loadavg = /proc/loadavg (1, 5, 15 min) before and after."""
 
 
 # -- the plain NumPy network, as a user writes it ---------------------------------
@@ -126,7 +126,7 @@ def time_interleaved(calls: dict, repeats: int) -> dict:
     for k, v in samples.items():
         med = float(np.median(v))
         p10, p90 = float(np.percentile(v, 10)), float(np.percentile(v, 90))
-        out[k] = {"median": med, "p10": p10, "p90": p90, "spread": (p90 - p10) / med,
+        out[k] = {"median": med, "p10": p10, "p90": p90, "spread": (p90 - p10) / 2 / med,
                   "cpu": float(np.median(cpu[k])), "loops": loops[k]}
     return out
 
@@ -142,7 +142,7 @@ def print_rows(stats: dict) -> bool:
         noisy = s["spread"] > SPREAD_LIMIT
         ok &= not noisy
         print(f"  {k:<28} {fmt_time(s['median'])}   ({fmt_time(s['p10']).strip()} – "
-              f"{fmt_time(s['p90']).strip()})  spread {s['spread'] * 100:4.0f}%  cpu "
+              f"{fmt_time(s['p90']).strip()})  ±{s['spread'] * 100:.0f}%  cpu "
               f"{fmt_time(s['cpu']).strip()}{'  NOISY' if noisy else ''}")
     return ok
 

@@ -81,6 +81,7 @@ def test_seed_command_prints_times_ratio_and_loss(tmp_path):
                 and "cupynn" in ln)
     assert "ms" in line or "µs" in line
     assert f"{r['loss']:.6g}" in line and f"{r['ratio']:.2f}" in line
+    assert out.stdout.count("Columns: forward / gradient") == 1  # explained once
 
 
 def test_bad_arguments_are_reported(tmp_path):

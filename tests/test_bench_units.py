@@ -148,3 +148,19 @@ def test_finalize_ratios_against_the_best_peer():
     assert c["pct_of_floor"]["gradient"] == pytest.approx(100 * floor / 1.5e-3)
     table = report.terminal_table(results)
     assert "0.25×" in table and "1.50" in table
+
+
+def test_a_time_with_a_wide_spread_is_marked_noisy():
+    def res(spread):
+        return {"workload": "seed", "shape": "1→1000→20→1", "batch": 10, "dtype": "float64",
+                "label": "x", "status": "ok", "loss": 1.0, "ratio": 2.0,
+                "forward": {"median_s": 1e-3, "spread": spread},
+                "gradient": {"median_s": 2e-3, "spread": 0.01}}
+
+    rows = report.terminal_table([res(0.19), res(0.25)]).splitlines()[2:]
+    assert "±19%" in rows[0] and "NOISY" not in rows[0]
+    assert "1 ms ±25% NOISY" in rows[1] and rows[1].count("NOISY") == 1
+    doc = {"machine": {"device": "cpu", "cpu": "x", "cpu_count": 2, "date": "d"},
+           "results": [res(0.5)]}
+    md = report.markdown(doc)
+    assert "NOISY" in md and "Columns: forward / gradient" in md

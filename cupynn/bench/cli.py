@@ -197,6 +197,7 @@ def main(argv=None) -> int:
         "wall_s": None,
     }
     print(report.terminal_table(results))
+    print("\n" + report.COLUMNS)
     if thread:
         print("\nseed thread (float64): one call per input, gradients accumulated, "
               "vs one batched call")
