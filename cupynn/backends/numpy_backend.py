@@ -15,14 +15,15 @@ Speed comes from the memory hierarchy and from doing each pass once:
   leaky_relu, tanh and sigmoid);
 * the loss and the whole backward pass run on a chunk right after its
   forward, while its activations are still in cache; weight gradients
-  accumulate over chunks in a fixed order (deterministic);
+  accumulate over chunks, and then over groups, in a fixed order (deterministic);
 * the first layer's weight gradient, when its activation is the identity and
   the input gradient is not asked for, is reassociated:
   ``dW0 = (dz1 @ W1).T @ x = W1.T @ (dz1.T @ x)`` -- the same products in a
   cheaper order, which never forms the ``(batch, width0)`` gradient;
-* BLAS runs with one thread inside the loop, and a large batch is split into
-  lanes that run on threads of their own (see ``cupynn/_threads.py``): a busy
-  core then slows one lane instead of every product;
+* BLAS runs with one thread inside the loop, and a large batch is cut into
+  groups of chunks that lanes (threads of cupynn's own, one per core) take as
+  they finish (see ``cupynn/_threads.py``): a busy core then slows one lane,
+  which takes fewer groups, instead of every product;
 * workspaces are kept between calls (per network shape, a few per shape), so
   a small batch costs little more than its arithmetic.
 
