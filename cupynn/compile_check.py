@@ -289,10 +289,20 @@ def run_check(instantiations, options_for_arch, archs=DEFAULT_ARCHS, *, read_sou
             f"{sum(len(t[2]) for t in tasks)} in {len(tasks)} NVRTC programs on {jobs} "
             f"process{'es' if jobs != 1 else ''}")
 
+    def entries(t, res) -> dict:
+        """name -> {"lowered", "stats"} of one successful program."""
+        stats = parse_ptxas_log(res["log"]) if t[5] else {}
+        return {n: {"lowered": res["lowered"][n], "stats": stats.get(res["lowered"][n])}
+                for n in t[2]}
+
     def done(i, res, started):
         results[i] = res
         k = sum(r is not None for r in results)
         t = tasks[i]
+        if res["ok"]:  # cached as soon as compiled: an interrupted run keeps its progress
+            for n, entry in entries(t, res).items():
+                if not t[5] or (entry["stats"] and "registers" in entry["stats"]):
+                    cache.put(keys[(t[0], n, t[3])], entry)
         if progress:
             log(f"  [{k}/{len(tasks)}] {t[0]} {t[3]}{'' if t[5] else ' (ptx)'}: {len(t[2])} "
                 f"kernels from {t[2][0]!r} {'ok' if res['ok'] else 'FAILED'} "
@@ -333,16 +343,13 @@ def run_check(instantiations, options_for_arch, archs=DEFAULT_ARCHS, *, read_sou
             failures.append(f"{source} [{arch}] {n}: {row.problem}")
         rows.append(row)
 
-    for (source, _code, names, arch, options, sass), res in zip(tasks, results):
+    for t, res in zip(tasks, results):
+        source, _code, names, arch, options, sass = t
         if not res["ok"]:
             failures.append(f"{source} [{arch}] {len(names)} kernels starting with {names[0]!r}: "
                             f"NVRTC failed with options {list(options)}:\n{res['log']}")
             continue
-        stats = parse_ptxas_log(res["log"]) if sass else {}
-        for n in names:
-            entry = {"lowered": res["lowered"][n], "stats": stats.get(res["lowered"][n])}
-            if not sass or (entry["stats"] and "registers" in entry["stats"]):
-                cache.put(keys[(source, n, arch)], entry)
+        for n, entry in entries(t, res).items():
             add_row(source, n, arch, sass, entry)
     for source, n, arch, sass, entry in cached:
         add_row(source, n, arch, sass, entry)
