@@ -7,12 +7,19 @@ computes the same function on any machine.
 >>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cpu", rng=0)
 >>> x = np.linspace(-1, 1, 10_000).reshape(-1, 1)
 >>> value, grads = cupynn.value_and_grad(model, x, "sum_squares")
+
+In PyTorch and JAX programs (optional extras, imported only when asked for):
+``import cupynn.torch`` (``cupynn.torch.Module(model)``, a ``torch.nn.Module``)
+and ``import cupynn.jax`` (``cupynn.jax.apply(model)``, a ``jax.custom_vjp``
+function). Torch tensors and JAX arrays are accepted wherever an array is.
 """
 
+from . import optim
 from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
+from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import value_and_grad
 from .graph import compile
 from .io import load
@@ -28,7 +35,12 @@ __all__ = [
     "MLP",
     "compile",
     "cuda_available",
+    "flat_value_and_grad",
+    "get_flat",
     "load",
+    "num_parameters",
+    "optim",
+    "set_flat",
     "show_config",
     "value_and_grad",
     "__version__",

@@ -5,7 +5,9 @@ their own computations can call the single-layer operations
 (:func:`dense_forward`, :func:`dense_backward`) and the losses
 (:func:`loss_forward`, :func:`loss_backward`) directly. Every function
 checks its arguments (shape, dtype, device) here, once, so backends only
-ever see well-formed inputs.
+ever see well-formed inputs. Arrays may be any DLPack producer on the
+model's device (a torch tensor, a JAX array): they are read in place, without
+a copy (see ``cupynn/_arrays.py``); results are NumPy/CuPy arrays.
 """
 
 from __future__ import annotations
@@ -16,21 +18,28 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import intake
 from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import get_activation
 from .backends import get_backend
-from .backends.base import LayerSpec, NetSpec
+from .backends.base import OPTIMIZER_KINDS, LayerSpec, LossSpec, NetSpec, OptimizerState
 from .losses import loss_backward, loss_forward, make_loss
 
 __all__ = [
     "forward",
     "value_and_grad",
+    "vjp",
     "dense_forward",
     "dense_backward",
     "DenseContext",
     "loss_forward",
     "loss_backward",
+    "optimizer_state",
+    "optimizer_step",
+    "optimizer_sync",
+    "optimizer_get_step",
+    "optimizer_set_step",
 ]
 
 
@@ -79,11 +88,49 @@ def _check_batch(model, layers, x, what="x"):
     return (x.reshape(1, -1) if single else x), single
 
 
+def _intake_loss(loss, device, dtype):
+    """A callable loss whose ``dL/dy`` may be any DLPack producer, read in place."""
+    if not callable(loss):
+        return loss
+
+    def fn(y):
+        out = loss(y)
+        if isinstance(out, tuple) and len(out) == 2:
+            return out[0], intake(out[1], what="dL/dy", device=device, dtype=dtype)
+        return out  # call_loss says what is wrong with it
+
+    return fn
+
+
+def _check_target(model, net, x2, target):
+    """Check a built-in loss's ``target`` against the 2-D batch ``x2``; return it 2-D."""
+    target = intake(target, what="target", device=model.device, dtype=model.dtype)
+    out_shape = (x2.shape[0], net.out_features)
+    check_array(target, what="target", device=model.device, dtype=model.dtype, ndim=(1, 2))
+    if target.ndim == 1 and x2.shape[0] == 1:
+        target = target.reshape(1, -1)
+    if tuple(target.shape) != out_shape:
+        raise _target_shape_error(tuple(target.shape), out_shape, single=False)
+    return target
+
+
+def _target_shape_error(got: tuple, out_shape: tuple, *, single: bool) -> ValueError:
+    """What a target of the wrong shape is told: the expected shape, and the reshape when
+    the sizes agree (a 1-D target for a (batch, 1) output)."""
+    hint = ""
+    if int(np.prod(got)) == int(np.prod(out_shape)):
+        hint = f": reshape it with target.reshape{out_shape}"
+    return ValueError(f"target must have the output's shape {out_shape} "
+                      f"{'(out_features,)' if single else '(batch, out_features)'}, got {got}"
+                      f"{hint}")
+
+
 def forward(model, x):
     """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``).
 
     ``y = act_n(... act_1(x @ W_1.T + b_1) ...)``, shape ``(batch, out)`` (``(out,)`` for
-    one sample); the same as ``model(x)``.
+    one sample); the same as ``model(x)``. ``x`` is a NumPy/CuPy array or any DLPack
+    producer on the model's device (read without a copy); the output is a NumPy/CuPy array.
 
     >>> import numpy as np, cupynn
     >>> from cupynn import functional
@@ -92,6 +139,7 @@ def forward(model, x):
     ((5, 2), (2,))
     """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
     y = backend.network_forward(net, params, x2)
     return y.reshape(-1) if single else y
@@ -104,6 +152,7 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     ----------
     model : Dense or Chain
     x : array of shape ``(batch, in)`` or ``(in,)``, the model's dtype and device
+        (NumPy/CuPy, or any DLPack producer such as a torch tensor, read without a copy)
     loss : ``"sum_squares"`` (``sum((y - target)**2)``), ``"mse"`` (the same
         divided by ``y.size``), or a callable ``loss(y) -> (value, dL/dy)``
         working on the model's array type
@@ -124,21 +173,17 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     (8, 1)
     """
     layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    if target is not None:
+        target = intake(target, what="target", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
-    spec = make_loss(loss, target)
+    spec = make_loss(_intake_loss(loss, model.device, model.dtype), target)
     if spec.target is not None:
         out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
         check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
                     ndim=(spec.target.ndim,) if hasattr(spec.target, "ndim") else (len(out_shape),))
-        got = tuple(spec.target.shape)
-        if got != out_shape:
-            hint = ""
-            if int(np.prod(got)) == int(np.prod(out_shape)):
-                hint = f": reshape it with target.reshape{out_shape}"
-            raise ValueError(
-                f"target must have the output's shape {out_shape} "
-                f"{'(out_features,)' if single else '(batch, out_features)'}, got {got}{hint}"
-            )
+        if tuple(spec.target.shape) != out_shape:
+            raise _target_shape_error(tuple(spec.target.shape), out_shape, single=single)
         if single:
             spec = type(spec)(spec.kind, spec.target.reshape(1, -1), None)
     if spec.kind == "callable" and single:
@@ -156,6 +201,48 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     if wrt_input:
         return value, grads, (dx.reshape(-1) if single else dx)
     return value, grads
+
+
+def vjp(model, x, g, *, wrt_input=True):
+    """The vector-Jacobian product of the model at ``x`` for the cotangent ``g``.
+
+    The gradients of ``L = sum(model(x) * g)`` (whose ``dL/dy`` is ``g``):
+    ``grads[i]["weight"] = sum_b dL/dW_i``, ... and ``dx = g @ dy/dx``, from one
+    backward call — what a framework's autograd asks of a layer (the backward of
+    :class:`cupynn.torch.Module`, the VJP of :func:`cupynn.jax.apply`).
+
+    Parameters
+    ----------
+    model : Dense or Chain
+    x : ``(batch, in)`` or ``(in,)``; ``g`` : the output's shape, ``(batch, out)`` / ``(out,)``;
+        both of the model's dtype, on its device (NumPy/CuPy or any DLPack producer,
+        read without a copy; ``g`` may be strided, e.g. a broadcast)
+    wrt_input : also compute ``dx`` (else it is None, and cheaper)
+
+    Returns ``(grads, dx)``, ``grads`` shaped like ``model.parameters()``.
+
+    >>> import numpy as np, cupynn
+    >>> m = cupynn.MLP([2, 8, 3], "tanh", device="cpu", rng=0)
+    >>> grads, dx = cupynn.functional.vjp(m, np.ones((5, 2)), np.ones((5, 3)))
+    >>> grads[1]["weight"].shape, dx.shape
+    ((3, 8), (5, 2))
+    """
+    layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    g = intake(g, what="g", device=model.device, dtype=model.dtype)
+    x2, single = _check_batch(model, layers, x)
+    out_shape = (net.out_features,) if single else (x.shape[0], net.out_features)
+    check_array(g, what="g", device=model.device, dtype=model.dtype, ndim=(len(out_shape),))
+    if tuple(g.shape) != out_shape:
+        raise ValueError(f"g must have the output's shape {out_shape}, got {tuple(g.shape)}")
+    g2 = g.reshape(1, -1) if single else g
+    if "dot" in backend.loss_kinds:
+        spec = LossSpec("dot", g2, None)
+    else:  # the same loss as a callable: sum(y * g), dL/dy = g
+        spec = LossSpec("callable", None, lambda y: ((y * g2).sum(), g2))
+    _, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input)
+    grads = model._grads_like_parameters(pairs)
+    return grads, (None if dx is None else dx.reshape(-1) if single else dx)
 
 
 # -- one layer at a time ----------------------------------------------------------
@@ -184,10 +271,22 @@ class DenseContext:
     device: str
 
 
+def _intake_layer_args(x, W, b):
+    """``(x, W, b)`` with DLPack producers read in place, on ``W``'s device and dtype."""
+    W = intake(W, what="W")
+    device = array_device(W)
+    dtype = W.dtype if device is not None and W.dtype in (np.float32, np.float64) else None
+    x = intake(x, what="x", device=device, dtype=dtype)
+    if b is not None:
+        b = intake(b, what="b", device=device, dtype=dtype)
+    return x, W, b
+
+
 def _check_layer_args(x, W, b, activation, precision):
     device = array_device(W)
     if device is None:
-        raise TypeError(f"W must be a NumPy or CuPy array, got {type(W).__name__}")
+        raise TypeError(f"W must be a NumPy or CuPy array (or a DLPack producer such as a "
+                        f"torch tensor), got {type(W).__name__}")
     dtype = as_float_dtype(W.dtype)
     check_precision(precision, dtype)
     check_array(W, what="W", device=device, dtype=dtype, ndim=(2,))
@@ -210,7 +309,8 @@ def dense_forward(x, W, b=None, activation="identity", *, precision="strict", sa
     """``act(x @ W.T + b)`` for ``x (batch, in)``, ``W (out, in)``, ``b (out,)``.
 
     Returns ``y`` of shape ``(batch, out)``; with ``save=True`` returns ``(y, ctx)`` where
-    ``ctx`` feeds :func:`dense_backward`. The device is ``W``'s (NumPy or CuPy arrays).
+    ``ctx`` feeds :func:`dense_backward`. The device is ``W``'s; arrays may be DLPack
+    producers (read without a copy); ``y`` is a NumPy/CuPy array.
 
     >>> import numpy as np
     >>> from cupynn import functional as F
@@ -219,6 +319,7 @@ def dense_forward(x, W, b=None, activation="identity", *, precision="strict", sa
     array([[1.5, 1.5, 1.5, 1.5],
            [1.5, 1.5, 1.5, 1.5]])
     """
+    x, W, b = _intake_layer_args(x, W, b)
     device, act = _check_layer_args(x, W, b, activation, precision)
     backend = get_backend(device)
     if not save:
@@ -241,6 +342,7 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
     >>> dx.shape, dW.shape, db
     ((2, 3), (4, 3), array([2., 2., 2., 2.]))
     """
+    g = intake(g, what="g", device=ctx.device, dtype=ctx.W.dtype)
     check_array(g, what="g", device=ctx.device, dtype=ctx.W.dtype, ndim=(2,))
     expected = (ctx.x.shape[0], ctx.W.shape[0])
     if tuple(g.shape) != expected:
@@ -249,3 +351,127 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
     return backend.dense_backward(g, ctx.x, ctx.saved, ctx.W, ctx.activation,
                                   has_bias=ctx.has_bias, need_dx=need_dx,
                                   precision=ctx.precision)
+
+
+# -- optimizers (cupynn/optim.py) ------------------------------------------------------
+
+def _check_param_list(params, labels, what="parameter"):
+    """(device, dtype) shared by every array of ``params``; raise on the first that differs."""
+    if len(params) == 0:
+        raise ValueError("an optimizer needs at least one parameter array")
+    first = params[0]
+    device = array_device(first)
+    if device is None:
+        raise TypeError(f"{labels[0]} must be a NumPy or CuPy array, got {type(first).__name__}")
+    dtype = as_float_dtype(first.dtype)
+    for a, label in zip(params, labels):
+        check_array(a, what=label, device=device, dtype=dtype, ndim=(getattr(a, "ndim", 0),))
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{label} must be C-contiguous: pass xp.ascontiguousarray(...)")
+    return device, dtype
+
+
+def optimizer_state(kind: str, params, labels, buffers: tuple[str, ...]) -> OptimizerState:
+    """Zeroed optimizer state (step 0) for the arrays ``params`` on their backend.
+
+    ``params``: a flat list of arrays of one dtype on one device; ``labels``: their names
+    for error messages; ``buffers``: the per-parameter state arrays to keep (e.g.
+    ``("exp_avg", "exp_avg_sq")``). :mod:`cupynn.optim` is built on this and the
+    ``optimizer_*`` functions below.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones((2, 3))
+    >>> state = F.optimizer_state("sgd", [W], ["W"], ())
+    >>> state.kind, state.shapes, F.optimizer_get_step(state, [W])
+    ('sgd', ((2, 3),), 0)
+    """
+    if kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer kind must be one of {OPTIMIZER_KINDS}, got {kind!r}")
+    device, dtype = _check_param_list(params, labels)
+    state = get_backend(device).optimizer_state(kind, tuple(tuple(p.shape) for p in params),
+                                                dtype, tuple(buffers))
+    state.device = device
+    return state
+
+
+def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -> None:
+    """One optimizer update of ``params`` (flat list) with ``grads`` (flat list), in place.
+
+    Every gradient is checked (count, shape, dtype, device, C-contiguity) against its
+    parameter before anything is written: a bad one raises and changes nothing.
+    ``hyper`` is the tuple :class:`cupynn.backends.base.OptimizerState` describes; plain
+    SGD: ``W -= lr * dW``.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones((2, 3))
+    >>> state = F.optimizer_state("sgd", [W], ["W"], ())
+    >>> F.optimizer_step(state, (0.5, 0.0, 0.0, 0.0, 0.0, 0.0), [W], [np.ones((2, 3))], ["W"])
+    >>> W[0], F.optimizer_get_step(state, [W])
+    (array([0.5, 0.5, 0.5]), 1)
+    """
+    device, dtype = _check_param_list(params, labels)
+    if (dtype != state.dtype or device != state.device
+            or tuple(tuple(p.shape) for p in params) != state.shapes):
+        raise ValueError(
+            f"the optimizer's state was made for {state.dtype} parameters on '{state.device}' "
+            f"but its parameters are {dtype} on '{device}' (the model was moved or changed "
+            "dtype?): make a new optimizer for model.parameters()")
+    if len(grads) != len(params):
+        raise ValueError(f"expected {len(params)} gradient arrays, got {len(grads)}")
+    grads = list(grads)
+    for i, (p, g, label) in enumerate(zip(params, grads, labels)):
+        what = f"the gradient of {label}"
+        if g is None:
+            raise TypeError(f"{what} is None; pass an array shaped like the parameter "
+                            f"{tuple(p.shape)} (e.g. from cupynn.value_and_grad)")
+        grads[i] = g = intake(g, what=what, device=device, dtype=dtype)
+        check_array(g, what=what, device=device, dtype=dtype, ndim=(p.ndim,))
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"{what} has shape {tuple(g.shape)}; the parameter has "
+                             f"{tuple(p.shape)}")
+        if not g.flags.c_contiguous:
+            raise ValueError(f"{what} is not C-contiguous: pass xp.ascontiguousarray(g) "
+                             "(cupynn does not copy silently)")
+    get_backend(device).optimizer_step(state, tuple(hyper), list(params), list(grads))
+
+
+def optimizer_sync(state: OptimizerState, hyper: tuple, params) -> None:
+    """Make the hyperparameters the next (possibly graph-captured) update reads current
+    (a no-op on the CPU).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones(3)
+    >>> F.optimizer_sync(F.optimizer_state("sgd", [W], ["W"], ()), (0.1, 0, 0, 0, 0, 0), [W])
+    """
+    get_backend(array_device(params[0])).optimizer_sync(state, tuple(hyper))
+
+
+def optimizer_get_step(state: OptimizerState, params) -> int:
+    """The number of updates applied so far (one small device-to-host copy on CUDA).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones(3)
+    >>> F.optimizer_get_step(F.optimizer_state("adam", [W], ["W"], ("exp_avg", "exp_avg_sq")), [W])
+    0
+    """
+    return get_backend(array_device(params[0])).optimizer_get_step(state)
+
+
+def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
+    """Set the step count (in place on the device): Adam's bias correction reads it.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones(3)
+    >>> state = F.optimizer_state("adam", [W], ["W"], ("exp_avg", "exp_avg_sq"))
+    >>> F.optimizer_set_step(state, [W], 7)
+    >>> F.optimizer_get_step(state, [W])
+    7
+    """
+    if int(n) != n or n < 0:
+        raise ValueError(f"the step count must be a non-negative integer, got {n!r}")
+    get_backend(array_device(params[0])).optimizer_set_step(state, int(n))

@@ -1,28 +1,41 @@
-"""``cupynn.compile``: a whole ``value_and_grad`` step as one CUDA graph launch.
+"""``cupynn.compile``: a whole step -- ``value_and_grad``, or a training step -- as one CUDA graph.
 
 Every kernel of a step is one of ours (no cuBLAS, which CuPy refuses under
 capture), so the step can be captured once and replayed: the Python cost per
 step drops from one call per kernel to one graph launch (docs/design.md, section 3).
 
-On a GPU (these lines need one, so they are not run as a test):
-
->>> import cupy, cupynn                                                    # doctest: +SKIP
+>>> import cupy, cupynn                                  # doctest: +SKIP
 >>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cuda", rng=0)  # doctest: +SKIP
->>> step = cupynn.compile(model, "sum_squares")                            # doctest: +SKIP
->>> x = cupy.linspace(-1, 1, 10_000).reshape(-1, 1)                        # doctest: +SKIP
->>> value, grads = step(x)   # the structure of value_and_grad(model, x)   # doctest: +SKIP
+>>> step = cupynn.compile(model, "sum_squares")  # doctest: +SKIP
+>>> x = cupy.linspace(-1, 1, 10_000).reshape(-1, 1)  # doctest: +SKIP
+>>> value, grads = step(x)  # as cupynn.value_and_grad(model, x)  # doctest: +SKIP
+
+A training step -- forward, loss, backward and the optimizer's update, one graph:
+
+>>> opt = cupynn.optim.Adam(model.parameters(), lr=1e-3)   # doctest: +SKIP
+>>> train = cupynn.compile(model, "mse", optimizer=opt)  # doctest: +SKIP
+>>> for _ in range(1000):  # doctest: +SKIP
+...     value = train(x, cupy.sin(3 * x))  # one graph launch  # doctest: +SKIP
 
 Semantics (what a captured graph implies):
 
-* ``x`` is **copied** into a static input buffer on every call; its shape and
-  dtype must stay those of the first call (a new shape captures a new graph).
+* ``x`` (and a ``target`` passed per call) is **copied** into a static input
+  buffer on every call; its shape and dtype must stay those of the first call
+  (a new shape captures a new graph).
 * ``value`` and ``grads`` are **static output buffers**, overwritten by the next
   call: copy them (``g.copy()``) to keep them.
-* The model's parameters are read in place on every replay: updating them
-  in place (``W -= lr * dW``) is seen by the next step; rebinding them to new
-  arrays (``load_parameters``) needs a new ``compile``.
-* On the CPU backend, ``compile`` returns a plain wrapper around
-  ``value_and_grad`` with the same call signature.
+* The model's parameters are read (and, with an optimizer, updated) in place on
+  every replay: updating them in place is seen by the next step; rebinding them to
+  new arrays (``load_parameters``, ``to``) needs a new ``compile`` (a call raises).
+* With an optimizer, its step count and hyperparameters live on the device: the
+  graph counts its own steps, and changing ``opt.lr`` between calls is seen by the
+  next one. The first call of a shape runs the step once for real (compiling the
+  kernels, warming the memory pool) and captures it without running it, so every
+  call is exactly one step.
+* On the CPU backend, ``compile`` returns a plain wrapper with the same call
+  signature (``value_and_grad``, then ``optimizer.step``). On the CPU emulator of
+  the CUDA backend the capture records the launches instead (the same host code,
+  minus the CUDA graph), and a call replays them.
 """
 
 from __future__ import annotations
@@ -32,12 +45,17 @@ from typing import Any
 __all__ = ["compile", "CompiledStep"]
 
 
-class CompiledStep:
-    """The callable returned by :func:`compile`: ``step(x) -> (value, grads)``.
+def _flat_params(params) -> list:
+    return [a for pair in params for a in pair if a is not None]
 
-    ``x`` is ``(batch, in)`` of the model's dtype and device; ``value`` and ``grads`` have
-    the structure of :func:`cupynn.value_and_grad`'s (on a GPU: buffers the next call
-    overwrites).
+
+class CompiledStep:
+    """The callable returned by :func:`compile`: ``step(x[, target])``.
+
+    ``x`` is ``(batch, in)`` of the model's dtype and device. Without an optimizer
+    ``step(x)`` returns ``(value, grads)`` with the structure of
+    :func:`cupynn.value_and_grad`'s (on a GPU: buffers the next call overwrites); with
+    one it returns the loss before the update.
 
     >>> import numpy as np, cupynn
     >>> step = cupynn.compile(cupynn.Dense(2, 1, device="cpu", rng=0))
@@ -46,11 +64,12 @@ class CompiledStep:
     ['bias', 'weight']
     """
 
-    def __init__(self, model, loss: Any = "sum_squares", *, target=None):
+    def __init__(self, model, loss: Any = "sum_squares", *, target=None, optimizer=None):
         from .functional import _model_parts
         from .losses import make_loss
 
         self.model = model
+        self.optimizer = optimizer
         self._layers, self._net, self._params, self._backend = _model_parts(model)
         self._spec = make_loss(loss, target)
         if self._spec.kind == "callable":
@@ -59,35 +78,75 @@ class CompiledStep:
         self._loss = loss
         self._target = target
         self._graphs: dict[tuple, tuple] = {}
+        if optimizer is not None:
+            mine = [id(a) for a in _flat_params(self._params)]
+            if [id(a) for a in optimizer.params] != mine:
+                raise ValueError("the optimizer does not hold this model's parameter arrays: "
+                                 "make it with cupynn.optim.<Name>(model.parameters(), ...)")
 
-    # -- the GPU path --------------------------------------------------------------
-    def _capture(self, x, what: str):
-        import cupy
+    # -- checks --------------------------------------------------------------------
+    def _check_bound(self) -> None:
+        """The model still holds the arrays the graph (and optimizer) was built on."""
+        layers = self.model._dense_layers()
+        if any(l.weight is not W or l.bias is not b for l, (W, b) in zip(layers, self._params)):
+            raise RuntimeError("the model's parameters were rebound to new arrays (load_parameters "
+                               "or to()) after cupynn.compile: compile again (and make a new "
+                               "optimizer for model.parameters())")
+
+    def _check(self, x):
+        from ._arrays import intake
+        from .functional import _check_batch
+
+        x = intake(x, what="x", device=self.model.device, dtype=self.model.dtype)
+        x2, _single = _check_batch(self.model, self._layers, x)
+        return x2
+
+    def _check_target(self, x2, target):
+        from .functional import _check_target
+
+        return _check_target(self.model, self._net, x2, target)
+
+    # -- the CUDA path: capture once per shape, then replay ------------------------------
+    def _capture(self, x, target, what: str):
+        from .backends.base import LossSpec
+        from .backends.cuda_launch import graph_stream, synchronize_current
 
         be = self._backend
-        key = (what, tuple(x.shape), x.dtype.str)
-        xs = cupy.empty(x.shape, dtype=x.dtype)
+        kl = be.kernels
+        xp = be.xp
+        key = (what, tuple(x.shape), x.dtype.str, target is not None)
+        xs = xp.empty(x.shape, dtype=x.dtype)
+        ts = None if target is None else xp.empty(target.shape, dtype=target.dtype)
+        spec = self._spec if target is None else LossSpec(self._spec.kind, ts)
+        opt = self.optimizer
 
         def run():
-            if what == "grad":
-                v, pairs, _ = be.network_value_and_grad(self._net, self._params, xs, self._spec)
-                return v, pairs
-            return be.network_value(self._net, self._params, xs, self._spec), None
+            if what == "forward":
+                return be.network_value(self._net, self._params, xs, spec), None
+            v, pairs, _ = be.network_value_and_grad(self._net, self._params, xs, spec)
+            if what == "train":
+                opt.step(self.model._grads_like_parameters(pairs))
+                return v, None
+            return v, pairs
 
         # CuPy's memory pool caches freed blocks per stream: warm up on the capture
         # stream itself (compiles the kernels, fills the pool) so that the allocations
         # made during capture are served from the pool, with no cudaMalloc inside it.
-        stream = cupy.cuda.Stream(non_blocking=True)
-        # a non-blocking stream does not wait for the legacy default stream, where x and
-        # the parameters may still be being written: wait once, here
-        cupy.cuda.get_current_stream().synchronize()
+        stream = graph_stream(kl)
+        if opt is not None:
+            opt.prepare()  # the hyperparameters on the device before the capture
+        # a non-blocking stream does not wait for the legacy default stream, where x, the
+        # parameters and the hyperparameters may still be being written: wait once, here
+        synchronize_current(kl)
         with stream:
             xs[...] = x
-            run()
+            if ts is not None:
+                ts[...] = target
+            warm = run()  # a training step runs here for real: the first call's step
         stream.synchronize()
         keep: list = []
         with stream:
-            be.kernels.keep_alive = keep  # every buffer the graph touches stays owned by it
+            kl.keep_alive = keep  # every buffer the graph touches stays owned by it
             try:
                 stream.begin_capture()
                 try:
@@ -95,63 +154,92 @@ class CompiledStep:
                 finally:
                     graph = stream.end_capture()
             finally:
-                be.kernels.keep_alive = None
+                kl.keep_alive = None
         stream.synchronize()
-        entry = (xs, graph, out, keep, stream)
+        entry = (xs, ts, graph, out, keep, stream)
         self._graphs[key] = entry
-        return entry
+        return entry, warm
 
-    def _replay(self, x, what: str):
-        key = (what, tuple(x.shape), x.dtype.str)
+    def _replay(self, x, target, what: str):
+        key = (what, tuple(x.shape), x.dtype.str, target is not None)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(x, what)
-        xs, graph, out, _keep, _stream = entry
+            entry, warm = self._capture(x, target, what)
+            if what == "train":
+                return warm  # the warm-up was this call's step
+        xs, ts, graph, out, _keep, _stream = entry
         xs[...] = x  # on the current stream, ordered before the graph launch
+        if ts is not None:
+            ts[...] = target
+        if what == "train":
+            self.optimizer.prepare()  # a changed lr reaches the device before the launch
         graph.launch()
         return out
 
-    def __call__(self, x):
-        """``(value, grads)`` of the loss at ``x``, from static buffers (see module doc)."""
+    def _graph_path(self) -> bool:
+        return self._backend.name == "cuda"
+
+    def __call__(self, x, target=None):
+        """One step at ``x`` (``target``: this call's target; default the compiled one).
+
+        Without an optimizer: ``(value, grads)`` of the loss; with one: the loss
+        ``value`` before the update, after applying the update to the parameters.
+        """
         from .functional import value_and_grad
 
-        if self._backend.name != "cuda" or self._backend.xp.__name__ != "cupy":
-            return value_and_grad(self.model, x, self._loss, target=self._target)
+        if not self._graph_path():
+            t = self._target if target is None else target
+            value, grads = value_and_grad(self.model, x, self._loss, target=t)
+            if self.optimizer is None:
+                return value, grads
+            self.optimizer.step(grads)
+            return value
+        self._check_bound()
         x2 = self._check(x)
-        value, pairs = self._replay(x2, "grad")
+        if target is not None:
+            target = self._check_target(x2, target)
+        if self.optimizer is not None:
+            return self._replay(x2, target, "train")[0]
+        value, pairs = self._replay(x2, target, "grad")
         return value, self.model._grads_like_parameters(pairs)
 
-    def forward(self, x):
-        """The loss value only (forward pass with the loss fused), from a static buffer."""
-        if self._backend.name != "cuda" or self._backend.xp.__name__ != "cupy":
+    def forward(self, x, target=None):
+        """The loss value only (forward pass with the loss fused), from a static buffer.
+        Never updates the parameters, with or without an optimizer."""
+        if not self._graph_path():
             from .functional import forward
             from .losses import loss_forward
 
-            return loss_forward(forward(self.model, x), self._spec.kind, self._target)
-        return self._replay(self._check(x), "forward")[0]
+            t = self._target if target is None else target
+            return loss_forward(forward(self.model, x), self._spec.kind, t)
+        self._check_bound()
+        x2 = self._check(x)
+        if target is not None:
+            target = self._check_target(x2, target)
+        return self._replay(x2, target, "forward")[0]
 
-    def _check(self, x):
-        from .functional import _check_batch
 
-        x2, _single = _check_batch(self.model, self._layers, x)
-        return x2
+def compile(model, loss: Any = "sum_squares", *, target=None, optimizer=None) -> CompiledStep:  # noqa: A001
+    """Capture a step of ``model`` as one CUDA graph; return the callable ``step``.
 
+    Without ``optimizer``: ``step(x)`` returns ``(value, grads)`` like
+    :func:`cupynn.value_and_grad`, from static buffers that the next call overwrites.
+    With ``optimizer`` (a :mod:`cupynn.optim` optimizer made for ``model.parameters()``):
+    ``value = step(x)`` (or ``step(x, target)``) runs one training step -- forward,
+    loss, backward and the update -- and returns the loss before the update.
+    ``step.forward(x)`` replays the loss value alone. ``x`` (and a per-call target) is
+    copied into the graph's static input buffers. See the module docstring for what a
+    captured graph implies; on the CPU the same calls run eagerly.
 
-def compile(model, loss: Any = "sum_squares", *, target=None) -> CompiledStep:  # noqa: A001
-    """Capture ``value_and_grad(model, x, loss)`` as a CUDA graph; return ``step(x)``.
-
-    ``step(x)`` returns ``(value, grads)`` like :func:`cupynn.value_and_grad`,
-    from static buffers that the next call overwrites; ``x`` is copied into the
-    graph's static input buffer. ``step.forward(x)`` replays the loss value alone.
-    On a CPU model ``step`` is a plain wrapper of :func:`cupynn.value_and_grad`.
-
-    Example
-    -------
     >>> import numpy as np, cupynn
-    >>> model = cupynn.MLP([1, 16, 1], "tanh", device="cpu", rng=0)
-    >>> step = cupynn.compile(model, "sum_squares")
-    >>> value, grads = step(np.linspace(-1, 1, 50).reshape(-1, 1))
-    >>> grads[0]["weight"].shape
-    (16, 1)
+    >>> model = cupynn.MLP([1, 8, 1], "tanh", device="cpu", rng=0)
+    >>> opt = cupynn.optim.Adam(model.parameters(), lr=1e-2)
+    >>> train = cupynn.compile(model, "mse", optimizer=opt)
+    >>> x = np.linspace(-1, 1, 32).reshape(-1, 1)
+    >>> first = float(train(x, np.sin(3 * x)))
+    >>> for _ in range(200):
+    ...     value = train(x, np.sin(3 * x))
+    >>> float(value) < first
+    True
     """
-    return CompiledStep(model, loss, target=target)
+    return CompiledStep(model, loss, target=target, optimizer=optimizer)

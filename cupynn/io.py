@@ -2,7 +2,9 @@
 
 The file holds every parameter as ``layers.<i>.weight`` / ``layers.<i>.bias``
 (NumPy arrays, whatever the model's device) and a JSON ``meta`` entry with
-the architecture, so :func:`load` rebuilds the same model.
+the architecture, so :func:`load` rebuilds the same model. ``save(model, path,
+optimizer=opt)`` adds the optimizer's state (``optimizer.meta`` and
+``optimizer.<name>.<i>``), which :func:`cupynn.optim.load_state` reads back.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def _resolve(path):
     return path
 
 
-def save(model, path) -> None:
-    """Write ``model`` (a Dense or Chain) to ``path``.
+def save(model, path, *, optimizer=None) -> None:
+    """Write ``model`` (a Dense or Chain), and ``optimizer``'s state if given, to ``path``.
 
     Like ``numpy.savez``, a path without the ``.npz`` suffix gets it appended
     (``model.save("m")`` writes ``m.npz``; ``cupynn.load("m")`` finds it). A Chain
@@ -64,6 +66,12 @@ def save(model, path) -> None:
         "precision": model.precision,
         "activations": [layer.activation.name for layer in layers],
     }
+    if optimizer is not None:
+        from .optim import state_arrays
+
+        opt_meta, opt_arrays = state_arrays(optimizer.state_dict())
+        arrays["optimizer.meta"] = np.array(opt_meta)
+        arrays.update(opt_arrays)
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
 

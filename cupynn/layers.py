@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from . import functional
+from ._arrays import intake
 from ._devices import array_device, resolve_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import Activation, get_activation
@@ -95,7 +96,8 @@ class _Model:
         """Replace the parameters by ``params`` (the structure :meth:`parameters` returns).
 
         Every array is checked (shape, dtype, device) before any is assigned,
-        so a failed call leaves the model untouched. The arrays are copied.
+        so a failed call leaves the model untouched. The arrays are copied; they may be
+        any DLPack producer (a torch tensor, a JAX array) on the model's device.
         """
         layers = self._dense_layers()
         items = self._parameter_items(params)
@@ -107,6 +109,9 @@ class _Model:
                 raise TypeError(f"parameters of layer {i} must be a dict with 'weight' (and 'bias')")
             W, b = item["weight"], item.get("bias")
             label = layer._label(i)
+            W = intake(W, what=f"{label} weight", device=self.device, dtype=self.dtype)
+            if b is not None:
+                b = intake(b, what=f"{label} bias", device=self.device, dtype=self.dtype)
             check_array(W, what=f"{label} weight", device=self.device, dtype=self.dtype, ndim=(2,))
             if W.shape != layer.weight.shape:
                 raise ValueError(f"{label} weight must have shape {layer.weight.shape}, got {W.shape}")
@@ -122,11 +127,12 @@ class _Model:
         for layer, (W, b) in zip(layers, staged):
             layer.weight, layer.bias = W, b
 
-    def save(self, path) -> None:
-        """Save the architecture and parameters to an ``.npz`` file (see :func:`cupynn.load`)."""
+    def save(self, path, *, optimizer=None) -> None:
+        """Save the architecture and parameters to an ``.npz`` file (see :func:`cupynn.load`),
+        and ``optimizer``'s state with them if given (see :func:`cupynn.optim.load_state`)."""
         from .io import save
 
-        save(self, path)
+        save(self, path, optimizer=optimizer)
 
 
 class Dense(_Model):
@@ -175,27 +181,49 @@ class Dense(_Model):
         self._device = device
 
     @classmethod
-    def from_arrays(cls, W, b=None, activation: str = "identity") -> Dense:
-        """A layer holding copies of ``W (out, in)`` and ``b (out,)`` on their device.
+    def from_arrays(cls, W, b=None, activation: str = "identity", *, copy: bool = True) -> Dense:
+        """A layer holding ``W (out, in)`` and ``b (out,)`` on their device.
 
         The seed thread's ``Dense(W1, b1)`` is ``Dense.from_arrays(W1, b1)``.
+        ``W`` and ``b`` are NumPy/CuPy arrays or any DLPack producer (a torch
+        tensor, a JAX array). With ``copy=True`` (default) the layer holds
+        copies; with ``copy=False`` it holds the arrays themselves (read through
+        DLPack without a copy; they must be C-contiguous), so a write to ``W``
+        changes the layer and the layer's ``weight`` is ``W``'s memory.
+
+        >>> import numpy as np, cupynn
+        >>> W = np.ones((2, 3))
+        >>> layer = cupynn.Dense.from_arrays(W, None, "tanh", copy=False)
+        >>> W[0, 0] = 5.0
+        >>> float(layer.weight[0, 0])
+        5.0
         """
+        W = intake(W, what="W")
         device = array_device(W)
         if device is None:
-            raise TypeError(f"W must be a NumPy or CuPy array, got {type(W).__name__}")
+            raise TypeError(f"W must be a NumPy or CuPy array (or a DLPack producer such as a "
+                            f"torch tensor), got {type(W).__name__}")
         dtype = as_float_dtype(W.dtype)
+        if b is not None:
+            b = intake(b, what="b", device=device, dtype=dtype)
         check_array(W, what="W", device=device, dtype=dtype, ndim=(2,))
         if b is not None:
             check_array(b, what="b", device=device, dtype=dtype, ndim=(1,))
             if b.shape[0] != W.shape[0]:
                 raise ValueError(f"b must have shape ({W.shape[0]},) to match W {W.shape}, "
                                  f"got {b.shape}")
+        if not copy and not (W.flags.c_contiguous and (b is None or b.flags.c_contiguous)):
+            raise ValueError("copy=False needs C-contiguous W and b (the kernels read them in "
+                             "place): pass contiguous arrays (x.contiguous() in torch) or copy=True")
         self = cls.__new__(cls)
         self.out_features, self.in_features = (int(n) for n in W.shape)
         if self.in_features < 1 or self.out_features < 1:
             raise ValueError(f"W must have a nonzero shape, got {W.shape}")
         self.activation = get_activation(activation)
         self._dtype, self._device, self._precision = dtype, device, "strict"
+        if not copy:
+            self.weight, self.bias = W, b
+            return self
         xp = get_backend(device).xp
         self.weight = xp.array(W, order="C", copy=True)
         self.bias = None if b is None else xp.array(b, order="C", copy=True)

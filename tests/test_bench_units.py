@@ -164,3 +164,30 @@ def test_a_time_with_a_wide_spread_is_marked_noisy():
            "results": [res(0.5)]}
     md = report.markdown(doc)
     assert "NOISY" in md and "Columns: forward / gradient" in md
+
+
+def test_profile_wraps_each_timed_cpu_loop_in_a_named_nvtx_range(monkeypatch, capsys):
+    """--profile on the CPU: one NVTX range per timed loop, through cupynn._nvtx."""
+    from cupynn import _nvtx
+    from cupynn.bench import cli
+
+    calls = []
+    monkeypatch.setattr(_nvtx, "_BACKEND", "recorder")
+    monkeypatch.setattr(_nvtx, "_PUSH", lambda name: calls.append(name))
+    monkeypatch.setattr(_nvtx, "_POP", lambda: calls.append(None))
+    rc = cli.main(["seed", "--device", "cpu", "--dtype", "float64", "--batch", "64", "--sizes",
+                   "1,8,1", "--peers", "cupynn,numpy", "--budget-s", "0.2", "--no-thread",
+                   "--no-roofline", "-q", "--profile"])
+    capsys.readouterr()
+    assert rc == 0
+    pushed = [c for c in calls if c is not None]
+    assert [c for c in pushed if c.startswith("bench ")] == [
+        f"bench {w} float64 {impl} {phase}" for w in ("seed", "custom")
+        for impl in ("cupynn", "numpy") for phase in ("forward", "gradient")]
+    assert calls.count(None) == len(pushed)  # every range closed
+    calls.clear()
+    rc = cli.main(["seed", "--device", "cpu", "--dtype", "float64", "--batch", "64", "--sizes",
+                   "1,8,1", "--peers", "cupynn", "--budget-s", "0.2", "--no-thread",
+                   "--no-roofline", "-q"])
+    capsys.readouterr()
+    assert rc == 0 and calls == []  # no ranges without --profile

@@ -97,3 +97,28 @@ def test_results_are_cached_per_kernel(nvrtc, capsys, tmp_path, monkeypatch):
     assert cc.main(["--source", str(copy), "--name", "small", "--arch", "sm_90",
                     "--no-cache"]) == 0
     assert "kernel results cached" not in capsys.readouterr().out
+
+
+def test_sample_covers_every_kind_once_before_any_twice_hot_first():
+    names = ("t<double, 0>", "t<double, 1>", "t<double, 2>", "t<float, 0>", "t<float, 1>",
+             "u<double>", "u<float>", "v<float, 3>")
+    hot = {"t<double, 2>", "t<float, 1>"}
+    (one,) = cc.sample_instantiations([("k.cu", names)], 5, lambda n: n in hot)
+    # five kinds (t/double, t/float, u/double, u/float, v/float): one each, the hot ones
+    assert one == ("k.cu", ("t<double, 2>", "t<float, 1>", "u<double>", "u<float>", "v<float, 3>"))
+    (two,) = cc.sample_instantiations([("k.cu", names)], 2, lambda n: n in hot)
+    assert two[1] == ("t<double, 2>", "t<float, 1>")  # kinds ordered by template, then dtype
+    (every,) = cc.sample_instantiations([("k.cu", names + names[:1])], 100)
+    assert every[1] == names  # more than there are: all of them, once, in their order
+    with pytest.raises(ValueError, match="at least 1"):
+        cc.sample_instantiations([("k.cu", names)], 0)
+
+
+def test_sample_option_limits_what_is_compiled(nvrtc, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPYNN_EMU_CACHE", str(tmp_path))
+    # "spills" would fail the check at 32 registers; a sample of 1 takes only "small"
+    rc = cc.main(["--source", str(SPILL), "--name", "small", "--name", "spills", "--sample", "1",
+                  "--option=--maxrregcount=32", "--arch", "sm_90", "--jobs", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "1 kernels x 1 archs" in out and "spills" not in out

@@ -52,8 +52,10 @@ class LossSpec:
     """The scalar function of the network's output.
 
     ``kind`` is ``"sum_squares"`` (``sum((y - t)**2)``), ``"mse"``
-    (``sum((y - t)**2) / y.size``, and 0 for an empty batch) or
-    ``"callable"`` (``fn(y) -> (value, dL/dy)`` on the backend's arrays).
+    (``sum((y - t)**2) / y.size``, and 0 for an empty batch),
+    ``"callable"`` (``fn(y) -> (value, dL/dy)`` on the backend's arrays) or
+    ``"dot"`` (``sum(y * t)``, so ``dL/dy = t``: a vector-Jacobian product,
+    sent only to backends that list it in :attr:`Backend.loss_kinds`).
     ``target`` is ``None`` (meaning 0) or an array shaped like ``y``.
     """
 
@@ -62,12 +64,40 @@ class LossSpec:
     fn: Callable[[Any], tuple[Any, Any]] | None = None
 
 
+OPTIMIZER_KINDS = ("sgd", "adam", "adamw")
+
+
+@dataclass
+class OptimizerState:
+    """An optimizer's state on one backend (made by :meth:`Backend.optimizer_state`).
+
+    ``buffers`` maps a state name (``"momentum_buffer"``, ``"exp_avg"``, ``"exp_avg_sq"``)
+    to one array per parameter, shaped like it, of its dtype and on its device (they may
+    be views into the backend's own storage: write them in place only). The step count
+    and anything else the backend needs are in ``impl`` (backend-private).
+
+    ``hyper`` (passed to the backend's optimizer methods) is a tuple of floats:
+    ``(lr, beta1, beta2, eps, weight_decay, nesterov)`` for Adam / AdamW, and
+    ``(lr, momentum, dampening, 0, weight_decay, nesterov)`` for SGD.
+    """
+
+    kind: str
+    dtype: np.dtype
+    shapes: tuple[tuple[int, ...], ...]
+    buffers: dict[str, list]
+    impl: Any = None
+    device: str | None = None  # the parameters' device (set by cupynn.functional)
+
+
 class Backend(ABC):
     """One array library and the kernels behind it."""
 
     name: str  # "numpy" | "cuda"
     device: str  # "cpu" | "cuda"
     xp: Any  # the array module: numpy or cupy
+    # LossSpec kinds network_value_and_grad takes besides "callable"; functional turns a
+    # "dot" loss into a callable for a backend that does not list it.
+    loss_kinds: tuple[str, ...] = ("sum_squares", "mse")
 
     # -- one layer at a time (the functional API) ------------------------
     @abstractmethod
@@ -101,6 +131,25 @@ class Backend(ABC):
         device; ``grads`` is a list of ``(dW, db or None)`` pairs, new arrays
         shaped like the parameters; ``dx`` is ``dL/dx`` or ``None``.
         """
+
+    # -- optimizers (cupynn/optim.py through cupynn/functional.py) --------------
+    def optimizer_state(self, kind: str, shapes, dtype, buffers: tuple[str, ...]) -> OptimizerState:
+        """Zeroed state, step count 0, for parameters of these shapes and dtype."""
+        raise NotImplementedError(f"the {self.name} backend has no optimizers")
+
+    def optimizer_step(self, state: OptimizerState, hyper: tuple, params, grads) -> None:
+        """One update of every parameter in place (``params``/``grads``: checked lists)."""
+        raise NotImplementedError(f"the {self.name} backend has no optimizers")
+
+    def optimizer_sync(self, state: OptimizerState, hyper: tuple) -> None:
+        """Make the hyperparameters the next update reads current (a no-op on the host)."""
+        return None
+
+    def optimizer_get_step(self, state: OptimizerState) -> int:
+        raise NotImplementedError(f"the {self.name} backend has no optimizers")
+
+    def optimizer_set_step(self, state: OptimizerState, n: int) -> None:
+        raise NotImplementedError(f"the {self.name} backend has no optimizers")
 
     # -- arrays -------------------------------------------------------------
     @abstractmethod

@@ -38,8 +38,8 @@ import numpy as np
 
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from . import cuda_plans, cuda_select
-from .base import Backend, LayerSpec, LossSpec, NetSpec, Params
+from . import cuda_optim, cuda_plans, cuda_select
+from .base import Backend, LayerSpec, LossSpec, NetSpec, OptimizerState, Params
 from .cuda_launch import THREADS, CudaLaunchError, Launcher, elem_strides, expect
 from .cuda_plans import UNPLANNABLE, PlannedLaunch
 from .cuda_select import (
@@ -106,11 +106,19 @@ class CudaBackend(Backend):
         self.kernels.launch(rng, SOURCE, name, grid, args)
 
     def warm_up(self, names=None, *, workers: int | None = None, modules: int | None = None) -> int:
-        """Compile kernels of ``kernels/dense.cu`` ahead of use (default: every instantiation
-        the backend can request); see :meth:`Launcher.warm_up`."""
+        """Compile kernels ahead of use (default: every instantiation the backend can
+        request); see :meth:`Launcher.warm_up`.  Names of the optimizer update go to
+        ``kernels/optim.cu``, all others to ``kernels/dense.cu``."""
+        optim_names = set(cuda_optim.kernel_names_all()[0][1])
         if names is None:
-            names = cuda_select.kernel_names_all()[0][1]
-        return self.kernels.warm_up(SOURCE, names, workers=workers, modules=modules)
+            names = list(cuda_select.kernel_names_all()[0][1]) + sorted(optim_names)
+        names = list(names)
+        dense = [n for n in names if n not in optim_names]
+        opt = [n for n in names if n in optim_names]
+        n = self.kernels.warm_up(SOURCE, dense, workers=workers, modules=modules) if dense else 0
+        if opt:
+            n += self.kernels.warm_up(cuda_optim.SOURCE, opt, workers=workers, modules=1)
+        return n
 
     # -- arrays ---------------------------------------------------------------------
     def owns(self, array) -> bool:
@@ -123,6 +131,22 @@ class CudaBackend(Backend):
         if self.xp is np:
             return np.asarray(array)
         return self.xp.asnumpy(array)
+
+    # -- optimizers (cuda_optim: one kernels/optim.cu launch per step) ------------------
+    def optimizer_state(self, kind, shapes, dtype, buffers) -> OptimizerState:
+        return cuda_optim.make_state(self.kernels, self.xp, kind, shapes, dtype, buffers)
+
+    def optimizer_step(self, state, hyper, params, grads) -> None:
+        cuda_optim.step(self.kernels, self.xp, state, hyper, params, grads)
+
+    def optimizer_sync(self, state, hyper) -> None:
+        cuda_optim.sync(self.xp, state, hyper)
+
+    def optimizer_get_step(self, state) -> int:
+        return cuda_optim.get_step(self.to_host, state)
+
+    def optimizer_set_step(self, state, n) -> None:
+        cuda_optim.set_step(state, n)
 
     # -- building blocks (each = one launch) -------------------------------------------
     def _forward(self, rng, inp: _Input, W, b, act: int, M: int, *, y=None, z=None,

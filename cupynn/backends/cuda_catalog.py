@@ -2,7 +2,8 @@
 
 ``all_instantiations()`` is what the NVRTC compile check (``python -m cupynn.compile_check``)
 and ``python -m cupynn selfcheck`` build; it comes from the selection tables of
-``cuda_select``, so the check cannot drift from what runs.  ``hot_kernels()`` are the
+``cuda_select`` (``kernels/dense.cu``) and from ``cuda_optim`` (``kernels/optim.cu``), so the
+check cannot drift from what runs.  ``hot_kernels()`` are the
 kernels the public benchmark workloads launch (found by running the real backend host code
 on a module class that compiles nothing); the compile check forbids spills there.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import cuda_optim
 from .base import LayerSpec, LossSpec, NetSpec
 from .cuda_backend import CudaBackend
 from .cuda_select import kernel_names_all
@@ -31,7 +33,7 @@ class NameCollector:
 
 def all_instantiations() -> list[tuple[str, tuple[str, ...]]]:
     """(source file, name expressions) for every kernel the CUDA backend can request."""
-    return kernel_names_all()
+    return kernel_names_all() + cuda_optim.kernel_names_all()
 
 
 def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False) -> set[str]:
@@ -56,8 +58,9 @@ PUBLIC_WORKLOADS = (
 
 
 def hot_kernels() -> set[str]:
-    """Every kernel the public workloads launch (the compile check forbids spills there)."""
-    names: set[str] = set()
+    """Every kernel the public workloads launch, their training steps' optimizer update
+    included (the compile check forbids spills there)."""
+    names: set[str] = {n for _, ns in cuda_optim.kernel_names_all() for n in ns}
     for sizes, act, batch, dtypes, precisions in PUBLIC_WORKLOADS:
         acts = [act] * (len(sizes) - 2) + ["identity"]
         for dt in dtypes:

@@ -19,7 +19,8 @@ import numpy as np
 from .. import _loader
 from .._nvtx import nvtx_range
 
-__all__ = ["THREADS", "CudaLaunchError", "Launcher", "expect", "elem_strides"]
+__all__ = ["THREADS", "CudaLaunchError", "Launcher", "expect", "elem_strides", "graph_stream",
+           "synchronize_current", "EmulatedStream", "EmulatedGraph"]
 
 THREADS = 256  # threads per block of every kernel (kernels/common.cuh)
 
@@ -59,7 +60,9 @@ class Launcher:
     tests), ``keep_alive`` (a list that receives every buffer from :meth:`empty`: a CUDA
     graph capture keeps what it reads), ``launch_log`` (a list that receives
     ``(nvtx range, kernel name)`` per launch), ``recording`` (a pair of lists
-    ``(launches, allocations)``: launches are recorded instead of run).
+    ``(launches, allocations)``: launches are recorded instead of run), ``capture`` (set by
+    an :class:`EmulatedStream` between ``begin_capture`` and ``end_capture``: on the
+    emulator, launches -- a launch plan's included -- are recorded into a graph, not run).
     """
 
     def __init__(self, xp, module_cls, *, arch: str | None = None):
@@ -73,6 +76,7 @@ class Launcher:
         self.keep_alive: list | None = None
         self.launch_log: list[tuple[str, str]] | None = None
         self.recording: tuple[list, list] | None = None
+        self.capture: list | None = None
 
     # -- buffers ------------------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -162,7 +166,73 @@ class Launcher:
         if self.recording is not None:
             self.recording[0].append((rng, name, fn, grid, args))
             return
+        if self.capture is not None:
+            self.capture.append((rng, name, fn, (int(grid[0]), int(grid[1]), int(grid[2])),
+                                 tuple(args)))
+            return
         if self.launch_log is not None:
             self.launch_log.append((rng, name))
         with nvtx_range(rng, not self.emulated):
             fn((int(grid[0]), int(grid[1]), int(grid[2])), (THREADS,), args)
+
+
+# -- CUDA graphs: the stream that captures one, and its emulator stand-in --------------------
+
+def graph_stream(launcher: Launcher):
+    """A stream to capture a CUDA graph on: ``cupy.cuda.Stream(non_blocking=True)`` on a GPU,
+    an :class:`EmulatedStream` on the emulator (same methods: ``with``, ``synchronize``,
+    ``begin_capture``, ``end_capture``)."""
+    if launcher.emulated:
+        return EmulatedStream(launcher)
+    return launcher.xp.cuda.Stream(non_blocking=True)
+
+
+def synchronize_current(launcher: Launcher) -> None:
+    """Wait for the current stream (a no-op on the emulator, which runs launches at once)."""
+    if not launcher.emulated:
+        launcher.xp.cuda.get_current_stream().synchronize()
+
+
+class EmulatedGraph:
+    """What a captured CUDA graph is on the emulator: the launches of the captured call, in
+    order, bound to the arrays they were given; :meth:`launch` runs them again."""
+
+    def __init__(self, launcher: Launcher, launches: list):
+        self._launcher = launcher
+        self.launches = launches
+
+    def launch(self, stream=None) -> None:
+        log = self._launcher.launch_log
+        block = (THREADS,)
+        for rng, name, fn, grid, args in self.launches:
+            if log is not None:
+                log.append((rng, name))
+            fn(grid, block, args)
+
+
+class EmulatedStream:
+    """``cupy.cuda.Stream``'s capture interface on the emulator: between
+    :meth:`begin_capture` and :meth:`end_capture` the launcher records launches (its own and
+    a launch plan's) instead of running them, as a stream capture does on a GPU. Host-side
+    array operations are not recorded: a captured call must launch kernels only."""
+
+    def __init__(self, launcher: Launcher):
+        self._launcher = launcher
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self) -> None:
+        pass
+
+    def begin_capture(self) -> None:
+        if self._launcher.capture is not None:
+            raise RuntimeError("a capture is already in progress on this backend")
+        self._launcher.capture = []
+
+    def end_capture(self) -> EmulatedGraph:
+        launches, self._launcher.capture = self._launcher.capture, None
+        return EmulatedGraph(self._launcher, launches or [])

@@ -108,15 +108,20 @@ def _decode(obj, bufs):
 
 
 def replay(launcher: Launcher, plan: Plan, externals: list):
-    """Launch a plan's kernels on fresh buffers; return the call's result on them."""
+    """Launch a plan's kernels on fresh buffers; return the call's result on them.
+    (Under an emulated graph capture, ``launcher.capture``, the launches are recorded.)"""
     bufs = _buffers(launcher, plan, externals)
     log = launcher.launch_log
     gpu = not launcher.emulated
     block = (THREADS,)
+    capture = launcher.capture
     for rng, name, fn, grid, const, slots in plan.steps:
         args = list(const)
         for i, k in slots:
             args[i] = bufs[k]
+        if capture is not None:
+            capture.append((rng, name, fn, grid, tuple(args)))
+            continue
         if log is not None:
             log.append((rng, name))
         with nvtx_range(rng, gpu):

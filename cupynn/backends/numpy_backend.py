@@ -41,7 +41,8 @@ import numpy as np
 from .. import _threads
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from .base import Backend, LossSpec, NetSpec, Params
+from . import numpy_optim
+from .base import Backend, LossSpec, NetSpec, OptimizerState, Params
 
 # Rows per chunk are chosen so that one chunk's buffers (every layer's input, gradient
 # and saved pre-activation) take about this many bytes: large enough for BLAS
@@ -357,6 +358,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     device = "cpu"
     xp = np
+    loss_kinds = ("sum_squares", "mse", "dot")  # "dot": one forward, no full-batch pass first
 
     # -- arrays ---------------------------------------------------------------
     def owns(self, array) -> bool:
@@ -367,6 +369,19 @@ class NumpyBackend(Backend):
 
     def to_host(self, array):
         return np.asarray(array)
+
+    # -- optimizers (numpy_optim: in-place NumPy) ------------------------------
+    def optimizer_state(self, kind, shapes, dtype, buffers) -> OptimizerState:
+        return numpy_optim.make_state(kind, shapes, dtype, buffers)
+
+    def optimizer_step(self, state, hyper, params, grads) -> None:
+        numpy_optim.step(state, hyper, params, grads)
+
+    def optimizer_get_step(self, state) -> int:
+        return state.impl.step
+
+    def optimizer_set_step(self, state, n) -> None:
+        state.impl.step = int(n)
 
     # -- one layer ------------------------------------------------------------
     def dense_forward(self, x, W, b, activation, *, precision="strict"):
@@ -481,6 +496,7 @@ class NumpyBackend(Backend):
         else:
             two_scale = dt.type(2.0 * loss_scale(loss.kind, batch * net.out_features))
         target = loss.target
+        dot = loss.kind == "dot"
 
         # Reassociated first-layer gradient (see the module docstring).
         reassociate = (
@@ -509,7 +525,10 @@ class NumpyBackend(Backend):
                     xc = x[s:s + n]
                     y = forward_chunk(ws, views, mats, params, xc)
                     g = views[-1][3]
-                    if user_g is None:
+                    if dot:  # L = sum(y * t): dL/dy = t, known before the forward
+                        np.copyto(g, target[s:s + n])
+                        st.total += float(np.vdot(y, g))
+                    elif user_g is None:
                         if target is not None:
                             np.subtract(y, target[s:s + n], out=g)
                             st.total += float(np.vdot(g, g))

@@ -76,11 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: one cupyx.profiler.profile() range (cudaProfilerStart/Stop) "
                         "around each implementation's two timed loops, and an NVTX range per "
                         "loop; warm-ups and checks stay outside (for nsys "
-                        "--capture-range=cudaProfilerApi / ncu --profile-from-start off)")
+                        "--capture-range=cudaProfilerApi / ncu --profile-from-start off); "
+                        "CPU: the NVTX ranges only")
     p.add_argument("--kernels", action="store_true",
                    help="CUDA: also time each kernel of cupynn's gradient step alone (grid, "
                         "registers, blocks per SM, waves, share of the step) per workload and "
                         "dtype; with '--peers none' only that")
+    p.add_argument("--train", action="store_true",
+                   help="also time one Adam training step (loss, gradient, update) of cupynn "
+                        "(plain and compiled), PyTorch eager + torch.optim.Adam (for-loop, "
+                        "foreach, fused) and JAX + optax, each where importable, per workload "
+                        "and dtype; '--peers' names (cupynn, cupynn-graph, torch, jax) pick "
+                        "among them, '--peers none' gives this table alone")
     p.add_argument("--seed", type=int, default=0, help="random seed for parameters and inputs")
     p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
     return p
@@ -141,7 +148,8 @@ def main(argv=None) -> int:
         profile=args.profile, seed=args.seed, progress=not args.no_progress,
     )
     if args.profile and device != "cuda":
-        print("note: --profile only marks CUDA runs; on the CPU it does nothing", file=sys.stderr)
+        print("note: --profile on the CPU: NVTX ranges around the timed loops only (no "
+              "cudaProfilerStart/Stop, so no nsys --capture-range=cudaProfilerApi)", file=sys.stderr)
 
     ceilings = None
     if not args.no_roofline:
@@ -165,9 +173,17 @@ def main(argv=None) -> int:
                                  progress=(lambda t: print(t, "...", file=sys.stderr))
                                  if settings.progress else None)
 
+    train = []
+    if args.train:
+        from .train import run_train, select_train
+
+        train = run_train(cases, device, budget_s=max(settings.floor_s, settings.budget_s / 4),
+                          cap_s=settings.cap_s, floor_s=settings.floor_s, seed=args.seed,
+                          progress=settings.progress, impls=select_train(args.peers))
+
     thread = []
     seed = next((w for w in workloads if w.name == "seed"), None)
-    if seed is not None and not args.no_thread:
+    if seed is not None and not args.no_thread and impls:
         from .thread import run_thread
 
         batched = {r["impl"]: (r["forward"]["median_s"], r["gradient"]["median_s"])
@@ -194,16 +210,21 @@ def main(argv=None) -> int:
         "results": results,
         "thread": thread,
         "kernels": kernels,
+        "train": train,
         "wall_s": None,
     }
     print(report.terminal_table(results))
-    print("\n" + report.COLUMNS)
+    if results:
+        print("\n" + report.COLUMNS)
     if thread:
         print("\nseed thread (float64): one call per input, gradients accumulated, "
               "vs one batched call")
         print(report.thread_table(thread))
     for k in kernels:
         print("\n" + report.kernels_table(k))
+    if train:
+        print("\ntraining step: loss, gradient and an Adam update of every parameter")
+        print(report.train_table(train))
     if ceilings:
         rates = ", ".join(f"{k} {v / 1e9:.3g} GFLOP/s"
                           for k, v in ceilings.matmul_flops_per_s.items())
@@ -225,7 +246,7 @@ def main(argv=None) -> int:
             print(f"--plot: matplotlib is not importable ({e}); no chart written",
                   file=sys.stderr)
     print(f"\n{len(results)} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
-    bad = [r for r in results + thread if r.get("impl", "").startswith("cupynn")
+    bad = [r for r in results + thread + train if r.get("impl", "").startswith("cupynn")
            and r["status"] in ("wrong", "error")]
     for r in bad:
         print(f"cupynn FAILED: {r['impl']} {r.get('workload')} {r.get('dtype')}: {r['reason']}",

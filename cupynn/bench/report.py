@@ -11,7 +11,7 @@ from .roofline import Ceilings, floor_seconds
 from .workloads import WORKLOADS, Workload, custom_workload
 
 __all__ = ["finalize", "machine_info", "terminal_table", "markdown", "fmt_time", "kernels_table",
-           "SPREAD_LIMIT", "COLUMNS"]
+           "train_table", "SPREAD_LIMIT", "COLUMNS"]
 
 PHASES = ("forward", "gradient")
 # A time whose spread (half the 10th-90th percentile range over the median) is above this is
@@ -110,7 +110,7 @@ def machine_info(device: str) -> dict:
         info["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
         info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
     info["versions"] = {
-        m: v for m in ("cupynn", "numpy", "cupy", "torch", "jax", "jaxlib", "matplotlib")
+        m: v for m in ("cupynn", "numpy", "cupy", "torch", "jax", "jaxlib", "optax", "matplotlib")
         if (v := _version(m))
     }
     return info
@@ -246,6 +246,29 @@ def kernels_table(k: dict) -> str:
                       _kernels_summary(b)])
 
 
+TRAIN_HEADER = ("workload", "dtype", "implementation", "Adam step", "vs best peer", "checked")
+
+
+def train_rows(results: list[dict]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in results:
+        head = (f"{r['workload']} ({r['shape']}, {r['batch']:,})", r["dtype"], r["label"])
+        if r["status"] != "ok":
+            rows.append(head + (f"{r['status'].upper()}: {r['reason']}",))
+            continue
+        s = r["step"]
+        vs = "—" if r.get("vs_best_peer") is None else f"{r['vs_best_peer']:.2f}×"
+        c = r["check"]
+        rows.append(head + (_spread_cell(s["median_s"], s["spread"]), vs,
+                            f"params {c['params_rel_err']:.0e}, loss {c['loss_rel_err']:.0e}"))
+    return rows
+
+
+def train_table(results: list[dict]) -> str:
+    """``doc["train"]`` (one Adam training step per implementation) for the terminal."""
+    return _aligned(TRAIN_HEADER, train_rows(results), 3)
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     dev = m.get("gpu") or m.get("cpu")
@@ -257,14 +280,18 @@ def markdown(doc: dict) -> str:
         rates = ", ".join(f"{k} {v / 1e9:.3g} GFLOP/s" for k, v in c["matmul_flops_per_s"].items())
         lines += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e9:.3g} GB/s "
                   f"(read + write); matrix product {rates}.", ""]
-    lines.append(_md_table(HEADER, _rows(doc["results"])))
-    lines += ["", COLUMNS.replace("\n", " ")]
+    if doc["results"] or not doc.get("train"):
+        lines.append(_md_table(HEADER, _rows(doc["results"])))
+        lines += ["", COLUMNS.replace("\n", " ")]
     if doc.get("thread"):
         header, rows = thread_rows(doc["thread"])
         n = doc["thread"][0]["samples_total"]
         lines += ["", f"Seed thread: {n:,} single-sample calls (loss summed, gradients "
                       f"accumulated) against one batched call of {n:,}, float64:", "",
                   _md_table(header, rows)]
+    if doc.get("train"):
+        lines += ["", "Training step (loss, gradient and an Adam update of every parameter; "
+                      "lr 1e-3):", "", _md_table(TRAIN_HEADER, train_rows(doc["train"]))]
     for k in doc.get("kernels") or ():
         lines += ["", f"Kernels of cupynn's {_kernels_title(k)}:", ""]
         if "error" in k:

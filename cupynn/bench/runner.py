@@ -153,9 +153,16 @@ def _profiler(device: str):
 
 
 def _nvtx_range(device: str, label: str):
-    """A factory of NVTX ranges named ``label`` (CuPy's NVTX; no ``nvtx`` package needed)."""
+    """A factory of NVTX ranges named ``label``: CuPy's NVTX on CUDA (no ``nvtx`` package
+    needed), cupynn's (``cupynn._nvtx``: the ``nvtx`` package, else CuPy's binding) on the
+    CPU, so that ``nsys profile --trace=nvtx`` shows the timed loops there too; None when
+    neither is importable."""
     if device != "cuda":
-        return None
+        from cupynn._nvtx import nvtx_backend, nvtx_range
+
+        if nvtx_backend() is None:
+            return None
+        return lambda: nvtx_range(label)
     import cupyx.profiler
 
     return lambda: cupyx.profiler.time_range(label)

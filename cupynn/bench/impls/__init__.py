@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from .base import Implementation, Problem, Runner, Skip
 from .cupynn_impl import CUPYNN, CUPYNN_GRAPH
+from .cupynn_torch_impl import CUPYNN_TORCH
 from .jax_impl import JAX
 from .naive import CUPY, NUMPY
 from .torch_impl import TORCH, TORCH_COMPILE, TORCH_COMPILE_RO
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl
-    for impl in (CUPYNN, CUPYNN_GRAPH, NUMPY, CUPY, TORCH, TORCH_COMPILE, TORCH_COMPILE_RO, JAX)
+    for impl in (CUPYNN, CUPYNN_GRAPH, NUMPY, CUPY, TORCH, CUPYNN_TORCH, TORCH_COMPILE,
+                 TORCH_COMPILE_RO, JAX)
 }
 
 __all__ = ["IMPLEMENTATIONS", "Implementation", "Problem", "Runner", "Skip", "select"]
@@ -19,7 +21,7 @@ __all__ = ["IMPLEMENTATIONS", "Implementation", "Problem", "Runner", "Skip", "se
 def select(spec: str | None) -> list[Implementation]:
     """Parse ``--peers``: None/"default" (everything but torch.compile), "all", or a
     comma-separated list of names (cupynn, cupynn-graph, numpy, cupy, torch,
-    torch-compile, torch-compile-ro, jax), or "none" (with --kernels: only the breakdown)."""
+    cupynn-torch, torch-compile, torch-compile-ro, jax), or "none" (with --kernels: only the breakdown)."""
     if spec == "none":
         return []
     if spec in (None, "", "default"):
