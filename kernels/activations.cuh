@@ -106,6 +106,16 @@ template <class F> __device__ __forceinline__ void with_activation(int act, F&& 
     }
 }
 
+// act_forward with the id at run time, out of line: one copy of every formula behind one
+// switch, called once per element by the ACT_RUNTIME instantiations (cheap to compile,
+// where inlining it into an unrolled epilogue would copy all ten formulas into every
+// element's code).
+template <typename T> __device__ __noinline__ T act_forward_runtime(int act, T z) {
+    T y = z;
+    with_activation(act, [&](auto a) { y = act_forward<decltype(a)::id>(z); });
+    return y;
+}
+
 // The value a layer saves for its backward: y for ids 0-4, z for 5-9.
 template <int ACT, typename T> __device__ __forceinline__ T act_saved(T z, T y) {
     if constexpr (ActFromOutput<ACT>::value) { return y; } else { return z; }

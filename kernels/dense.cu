@@ -255,8 +255,8 @@ template <typename T> __device__ __forceinline__ T block_sum(T v, T* red) {
 //   w (N, K), b (N) if has_b
 //   y (M, N) written if store_y; zsave (M, N) written if store_z
 //   target (M, N) if has_t; loss_partials[gridDim.x * gridDim.y] written if loss
-//   act: the activation id when ACT == ACT_RUNTIME (one switch per thread, around the
-//     epilogue), else ignored (ACT itself: the activations with instantiations of their own)
+//   act: the activation id when ACT == ACT_RUNTIME (act_forward_runtime, out of line, per
+//     element), else ignored (ACT itself: the activations with instantiations of their own)
 // A block owns the output tile rows [BM * blockIdx.x, +BM) x cols [BN * blockIdx.y, +BN).
 template <typename T, int ACT, int TILE, int MATH>
 __global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, TILE, MATH, true>::value))
@@ -277,12 +277,12 @@ dense_forward(const T* __restrict__ x, i64 sxm, i64 sxk,
     gemm.zero();
     gemm.run(sm, la, lb, M, N, r0, c0, 0, K);
     T local = T(0);
-    auto epilogue = [&](auto a) {
+    auto epilogue = [&](auto f) {
         gemm.visit([&](int rr, int cc, T v) {
             const i64 m = r0 + rr, n = c0 + cc;
             if (m < M && n < N) {
                 const T z = has_b ? v + b[n] : v;
-                const T out = act_forward<decltype(a)::id>(z);
+                const T out = f(z);
                 const i64 o = m * N + n;
                 if (store_y) y[o] = out;
                 if (store_z) zsave[o] = z;
@@ -293,8 +293,8 @@ dense_forward(const T* __restrict__ x, i64 sxm, i64 sxk,
             }
         });
     };
-    if constexpr (ACT == ACT_RUNTIME) with_activation(act, epilogue);
-    else epilogue(Act<ACT>{});
+    if constexpr (ACT == ACT_RUNTIME) epilogue([&](T z) { return act_forward_runtime(act, z); });
+    else epilogue([](T z) { return act_forward<ACT>(z); });
     if (loss) {  // uniform branch: every thread takes part in the block sum
         const T s = block_sum(local, red);
         if (threadIdx.x == 0) loss_partials[blockIdx.x + (i64)gridDim.x * blockIdx.y] = s;
