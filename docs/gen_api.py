@@ -120,6 +120,8 @@ def signature(obj) -> str:
 
 
 def value_summary(obj) -> str:
+    if inspect.ismodule(obj):
+        return f"[`{obj.__name__}`](#{obj.__name__.replace('.', '')}), documented below"
     if isinstance(obj, dict):
         return f"with keys {', '.join(map(repr, obj))}"
     if isinstance(obj, (tuple, list)):
