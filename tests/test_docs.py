@@ -46,7 +46,8 @@ def test_a_module_whose_extra_is_missing_keeps_its_section(gen_api, monkeypatch,
     monkeypatch.setattr(gen_api, "importable", lambda m: ImportError(f"no {m} here")
                         if m == missing else importable(m))
     assert gen_api.main(["--check"]) == 0
-    assert f"not checked, their imports fail here: {missing}" in capsys.readouterr().out
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "not checked" in ln)
+    assert "their imports fail here:" in line and missing in line
     with pytest.raises(SystemExit, match=f"{missing} cannot be imported here"):
         gen_api.generate()
 
