@@ -48,7 +48,7 @@ def test_a_module_whose_extra_is_missing_keeps_its_section(gen_api, monkeypatch,
     assert gen_api.main(["--check"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "not checked" in ln)
     assert "their imports fail here:" in line and missing in line
-    with pytest.raises(SystemExit, match=f"{missing} cannot be imported here"):
+    with pytest.raises(SystemExit, match="cannot be imported here"):
         gen_api.generate()
 
 
