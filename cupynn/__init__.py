@@ -12,6 +12,8 @@ In PyTorch and JAX programs (optional extras, imported only when asked for):
 ``import cupynn.torch`` (``cupynn.torch.Module(model)``, a ``torch.nn.Module``)
 and ``import cupynn.jax`` (``cupynn.jax.apply(model)``, a ``jax.custom_vjp``
 function). Torch tensors and JAX arrays are accepted wherever an array is.
+On a Dask cluster (the ``dask`` extra): ``cupynn.dask.value_and_grad(model, X)`` for a
+``dask.array`` batch ``X``, chunk by chunk on the workers.
 """
 
 from . import optim
@@ -19,6 +21,7 @@ from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
+from .derivatives import input_derivatives, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import value_and_grad
 from .graph import compile
@@ -26,6 +29,17 @@ from .io import load
 from .layers import MLP, Chain, Dense
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # cupynn.dask (data-parallel value and gradient on a Dask cluster) needs the optional
+    # `dask` extra: it is imported on first use of cupynn.dask, never by `import cupynn`.
+    if name == "dask":
+        import importlib
+
+        return importlib.import_module(".dask", __name__)
+    raise AttributeError(f"module 'cupynn' has no attribute {name!r}")
+
 
 __all__ = [
     "ACTIVATIONS",
@@ -37,9 +51,11 @@ __all__ = [
     "cuda_available",
     "flat_value_and_grad",
     "get_flat",
+    "input_derivatives",
     "load",
     "num_parameters",
     "optim",
+    "residual_value_and_grad",
     "set_flat",
     "show_config",
     "value_and_grad",

@@ -28,7 +28,8 @@ import itertools
 import os
 import threading
 
-__all__ = ["lanes_available", "blas_single_thread", "run_groups", "thread_control", "usable_cores"]
+__all__ = ["lanes_available", "blas_limiter", "blas_single_thread", "run_groups", "thread_control",
+           "usable_cores"]
 
 _MAX_LANES = 16
 _LOCK = threading.Lock()
@@ -92,12 +93,19 @@ def lanes_available() -> int:
     return n
 
 
+def blas_limiter(n: int):
+    """Set the loaded BLAS libraries to ``n`` threads now; return threadpoolctl's limiter
+    (``restore_original_limits()`` undoes it; also a context manager), or None without
+    threadpoolctl.  cupynn's one way of touching BLAS threads (the NumPy backend, the input
+    derivatives, the Dask workers)."""
+    ctl = _blas_controller()
+    return None if ctl is None else ctl.limit(limits=n)
+
+
 def blas_single_thread():
     """A context manager running BLAS with one thread (a no-op without threadpoolctl)."""
-    ctl = _blas_controller()
-    if ctl is None:
-        return contextlib.nullcontext()
-    return ctl.limit(limits=1)
+    limiter = blas_limiter(1)
+    return contextlib.nullcontext() if limiter is None else limiter
 
 
 def _pool(workers: int) -> cf.ThreadPoolExecutor:

@@ -3,7 +3,10 @@
 Layers call :func:`forward` and :func:`value_and_grad`; users who compose
 their own computations can call the single-layer operations
 (:func:`dense_forward`, :func:`dense_backward`) and the losses
-(:func:`loss_forward`, :func:`loss_backward`) directly. Every function
+(:func:`loss_forward`, :func:`loss_backward`) directly. The derivatives with
+respect to the inputs (:mod:`cupynn.derivatives`) are built on these and on the
+elementwise step of the forward Laplacian (:func:`taylor_activation_forward`,
+:func:`taylor_activation_backward`). Every function
 checks its arguments (shape, dtype, device) here, once, so backends only
 ever see well-formed inputs. Arrays may be any DLPack producer on the
 model's device (a torch tensor, a JAX array): they are read in place, without
@@ -23,7 +26,15 @@ from ._devices import array_device
 from ._validate import as_float_dtype, check_array, check_precision
 from .activations import get_activation
 from .backends import get_backend
-from .backends.base import OPTIMIZER_KINDS, LayerSpec, LossSpec, NetSpec, OptimizerState
+from .backends.base import (
+    OPTIMIZER_KINDS,
+    SECOND_ORDER,
+    LayerSpec,
+    LossSpec,
+    NetSpec,
+    OptimizerState,
+    taylor_blocks,
+)
 from .losses import loss_backward, loss_forward, make_loss
 
 __all__ = [
@@ -35,6 +46,8 @@ __all__ = [
     "DenseContext",
     "loss_forward",
     "loss_backward",
+    "taylor_activation_forward",
+    "taylor_activation_backward",
     "optimizer_state",
     "optimizer_step",
     "optimizer_sync",
@@ -353,6 +366,85 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
                                   precision=ctx.precision)
 
 
+# -- the forward Laplacian's elementwise step (cupynn.derivatives) --------------------
+
+def _check_stack(what, a, device, dtype, shape):
+    check_array(a, what=what, device=device, dtype=dtype, ndim=(len(shape),))
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous: pass np.ascontiguousarray({what}) "
+                         "(or cupy's)")
+
+
+def _check_taylor_args(z, b, activation, d, second):
+    device = array_device(z)
+    if device is None:
+        raise TypeError(f"z must be a NumPy or CuPy array, got {type(z).__name__}")
+    dtype = as_float_dtype(z.dtype)
+    if second not in SECOND_ORDER:
+        raise ValueError(f"second must be one of {SECOND_ORDER}, got {second!r}")
+    if not isinstance(d, int) or d < 1:
+        raise ValueError(f"d (the number of inputs) must be a positive int, got {d!r}")
+    nb = taylor_blocks(d, second)
+    if z.ndim != 3 or z.shape[0] != nb:
+        raise ValueError(f"z must be a stack of shape ({nb}, batch, width) for d={d}, "
+                         f"second={second!r}; got {tuple(z.shape)}")
+    _check_stack("z", z, device, dtype, z.shape)
+    if b is not None:
+        _check_stack("b", b, device, dtype, (z.shape[2],))
+    return device, dtype, get_activation(activation).name
+
+
+def taylor_activation_forward(z, b, activation, *, d, second="laplacian"):
+    """The elementwise step of the forward Laplacian for one dense layer.
+
+    A layer carries the stack ``S = [h; J_1 .. J_d; second-order blocks]`` of shape
+    ``(nb, batch, width)``: the activations, their derivatives along each of the ``d``
+    inputs, and their Laplacian (``second="laplacian"``, ``nb = d + 2``), their ``d``
+    diagonal second derivatives (``"diagonal"``, ``nb = 2 d + 1``) or nothing
+    (``"none"``, ``nb = d + 1``). Given ``z = S @ W.T`` (one GEMM over the stacked rows,
+    no bias), ``zh = z[0] + b`` and ``p, q`` = f', f'' at ``zh``, it returns
+
+    ``out[0] = f(zh)``, ``out[i] = p z[i]`` (``i = 1..d``), and
+    ``out[d+1] = p z[d+1] + q sum_i z[i]**2`` (Laplacian) or
+    ``out[d+i] = p z[d+i] + q z[i]**2`` (diagonal).
+
+    Example
+    -------
+    >>> import numpy as np, cupynn.functional as F
+    >>> z = np.random.default_rng(0).standard_normal((4, 5, 3))    # d = 2: [h, J1, J2, L]
+    >>> F.taylor_activation_forward(z, np.zeros(3), "tanh", d=2).shape
+    (4, 5, 3)
+    """
+    device, _, act = _check_taylor_args(z, b, activation, d, second)
+    return get_backend(device).taylor_activation_forward(z, b, act, d=d, second=second)
+
+
+def taylor_activation_backward(g, z, y, b, activation, *, d, second="laplacian"):
+    """The reverse of :func:`taylor_activation_forward`: ``dloss/dz`` from ``g = dloss/dout``.
+
+    ``z`` and ``b`` are the forward's arguments, ``y = out[0]`` its activations. With
+    ``r`` = f''' at ``zh`` and ``g_sec(i)`` the second-order block that ``z[i]`` feeds
+    (``g[d+1]`` or ``g[d+i]``): ``dz[sec] = p g[sec]``,
+    ``dz[i] = p g[i] + 2 q g_sec(i) z[i]`` and
+    ``dz[0] = p g[0] + q sum_{k>=1} g[k] z[k] + r sum_i g_sec(i) z[i]**2``;
+    ``dz[0].sum(0)`` is the bias gradient.
+
+    Example
+    -------
+    >>> import numpy as np, cupynn.functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> z, b = rng.standard_normal((4, 5, 3)), rng.standard_normal(3)
+    >>> out = F.taylor_activation_forward(z, b, "tanh", d=2)
+    >>> g = rng.standard_normal(out.shape)
+    >>> F.taylor_activation_backward(g, z, out[0], b, "tanh", d=2).shape
+    (4, 5, 3)
+    """
+    device, dtype, act = _check_taylor_args(z, b, activation, d, second)
+    _check_stack("g", g, device, dtype, z.shape)
+    _check_stack("y", y, device, dtype, z.shape[1:])
+    return get_backend(device).taylor_activation_backward(g, z, y, b, act, d=d, second=second)
 # -- optimizers (cupynn/optim.py) ------------------------------------------------------
 
 def _check_param_list(params, labels, what="parameter"):

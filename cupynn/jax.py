@@ -35,7 +35,8 @@ The model's dtype must be JAX's: a float64 model needs
 >>> model = cupynn.MLP([1, 16, 1], "tanh", dtype="float32", device="cpu", rng=0)
 >>> f, params = cupynn.jax.apply(model), cupynn.jax.parameters(model)
 >>> loss = lambda p, x: jnp.sum(f(p, x) ** 2)
->>> grads = jax.jit(jax.grad(loss))(params, jnp.linspace(-1, 1, 64).reshape(-1, 1))
+>>> x = jnp.linspace(-1, 1, 64, dtype=jnp.float32).reshape(-1, 1)
+>>> grads = jax.jit(jax.grad(loss))(params, x)
 >>> grads[0]["weight"].shape
 (16, 1)
 """

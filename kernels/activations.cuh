@@ -81,6 +81,72 @@ template <int ACT, typename T> __device__ __forceinline__ T act_derivative(T v) 
     }
 }
 
+// f', f'' and f''' evaluated from v (y for ids 0-4, z for 5-9): cupynn/activations.py's
+// higher_derivatives.  Unlike act_derivative, NaN in v gives NaN in every order (except
+// for the identity, whose derivatives do not depend on v).  ORDER < 3 skips f''' and
+// ORDER < 2 f'' where that saves work (they are then unspecified).
+template <int ACT, int ORDER, typename T>
+__device__ __forceinline__ void act_higher(T v, T& d1, T& d2, T& d3) {
+    if constexpr (ACT == ACT_IDENTITY) {
+        d1 = T(1); d2 = T(0); d3 = T(0);
+    } else if constexpr (ACT == ACT_RELU || ACT == ACT_LEAKY_RELU) {
+        const T nan_or_zero = v != v ? v : T(0);
+        const T slope = ACT == ACT_RELU ? T(0) : T(0.01);
+        d1 = v > T(0) ? T(1) : (v != v ? v : slope);
+        d2 = nan_or_zero; d3 = nan_or_zero;
+    } else if constexpr (ACT == ACT_TANH) {
+        d1 = T(1) - v * v;
+        d2 = T(-2) * v * d1;
+        d3 = d1 * (T(6) * v * v - T(2));
+    } else if constexpr (ACT == ACT_SIGMOID) {
+        d1 = v * (T(1) - v);
+        d2 = d1 * (T(1) - T(2) * v);
+        d3 = d1 * (T(1) - T(6) * v + T(6) * v * v);
+    } else if constexpr (ACT == ACT_SOFTPLUS) {
+        const T s = sigmoid_ref(v);
+        d1 = s;
+        d2 = s * (T(1) - s);
+        d3 = d2 * (T(1) - T(2) * s);
+    } else if constexpr (ACT == ACT_SILU) {
+        const T s = sigmoid_ref(v);
+        const T s1 = s * (T(1) - s);
+        d1 = s * (T(1) + v * (T(1) - s));
+        d2 = s1 * (T(2) + v * (T(1) - T(2) * s));
+        d3 = s1 * (T(3) * (T(1) - T(2) * s) + v * (T(1) - T(6) * s + T(6) * s * s));
+    } else if constexpr (ACT == ACT_GELU) {
+        // th = tanh(u), u = c (v + a v^3), w = 1 - th^2 (derivation in activations.py)
+        const T c = T(0.7978845608028654), a = T(0.044715);
+        const T th = m_tanh(c * (v + a * v * v * v));
+        const T w = T(1) - th * th;
+        const T u1 = c * (T(1) + T(3) * a * v * v);
+        const T th1 = w * u1;
+        d1 = T(0.5) * (T(1) + th) + T(0.5) * v * th1;
+        const T u2 = T(6) * c * a * v;
+        const T inner = u2 - T(2) * th * u1 * u1;
+        const T th2 = w * inner;
+        d2 = th1 + T(0.5) * v * th2;
+        if constexpr (ORDER >= 3) {
+            const T u3 = T(6) * c * a;
+            const T th3 = T(-2) * th * w * u1 * inner +
+                          w * (u3 - T(2) * w * u1 * u1 * u1 - T(4) * th * u1 * u2);
+            d3 = T(1.5) * th2 + T(0.5) * v * th3;
+        } else {
+            d3 = T(0);
+        }
+    } else if constexpr (ACT == ACT_GELU_ERF) {
+        const T pdf = m_exp(T(-0.5) * v * v) * T(0.3989422804014327);
+        const T v2 = v * v;
+        d1 = T(0.5) * (T(1) + m_erf(v * T(0.7071067811865475))) + v * pdf;
+        d2 = pdf * (T(2) - v2);
+        d3 = v * pdf * (v2 - T(4));
+    } else {  // ACT_ELU: exp(NaN) = NaN, as NumPy's exp(minimum(NaN, 0))
+        const T e = m_exp(v < T(0) ? v : (v != v ? v : T(0)));
+        d1 = v > T(0) ? T(1) : e;
+        d2 = v > T(0) ? T(0) : e;
+        d3 = d2;
+    }
+}
+
 // A runtime activation id as a compile-time one: with_activation(act, f) calls
 // f(Act<act>{}) through one switch, and inside f `decltype(a)::id` is a constant.  Loops
 // over many elements go inside f, so the switch is taken once for all of them.

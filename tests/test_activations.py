@@ -56,3 +56,16 @@ def test_unknown_activation_is_a_clear_error():
         get_activation("relu6")
     with pytest.raises(TypeError):
         get_activation(3)
+
+
+def test_models_pickle_by_activation_name():
+    import pickle
+
+    import cupynn
+
+    model = cupynn.MLP([3, 5, 2], "gelu", device="cpu", rng=1)
+    back = pickle.loads(pickle.dumps(model))
+    assert [l.activation for l in back.layers] == [l.activation for l in model.layers]
+    assert back.layers[0].activation is cupynn.activations.get_activation("gelu")
+    x = np.random.default_rng(2).standard_normal((4, 3))
+    np.testing.assert_array_equal(back(x), model(x))

@@ -64,6 +64,13 @@ class LossSpec:
     fn: Callable[[Any], tuple[Any, Any]] | None = None
 
 
+SECOND_ORDER = ("none", "laplacian", "diagonal")  # the second-order blocks of a Taylor stack
+
+
+def taylor_blocks(d: int, second: str) -> int:
+    """Blocks of a forward-Laplacian stack ``[h; J_1 .. J_d; second-order blocks]``:
+    ``1 + d`` (``second="none"``), ``2 + d`` (``"laplacian"``), ``1 + 2 d`` (``"diagonal"``)."""
+    return 1 + d + {"none": 0, "laplacian": 1, "diagonal": d}[second]
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")
 
 
@@ -116,6 +123,21 @@ class Backend(ABC):
     def dense_backward(self, g, x, saved, W, activation: str, *, has_bias: bool,
                        need_dx: bool, precision: str = "strict"):
         """Given ``g = dL/dy``, return ``(dx or None, dW, db or None)``."""
+
+    # -- derivatives with respect to the inputs (cupynn.derivatives) --------
+    @abstractmethod
+    def taylor_activation_forward(self, z, b, activation: str, *, d: int, second: str):
+        """The elementwise step of the forward Laplacian: the layer's output stack.
+
+        ``z`` is the GEMM output ``S @ W.T`` of a stack ``(nb, B, N)`` with
+        ``nb = taylor_blocks(d, second)``, C-contiguous; ``b`` ``(N,)`` or None.
+        Returns a new ``(nb, B, N)`` array (formulas: ``cupynn/backends/numpy_taylor.py``).
+        """
+
+    @abstractmethod
+    def taylor_activation_backward(self, g, z, y, b, activation: str, *, d: int, second: str):
+        """The reverse of :meth:`taylor_activation_forward`: ``dloss/dz`` from
+        ``g = dloss/dout`` (``(nb, B, N)``), the forward's ``z`` and ``y = out[0]`` (``(B, N)``)."""
 
     # -- a whole chain of layers (may fuse across layers) ------------------
     @abstractmethod

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from . import cuda_optim, cuda_plans, cuda_select
+from . import cuda_optim, cuda_plans, cuda_select, cuda_taylor
 from .base import Backend, LayerSpec, LossSpec, NetSpec, OptimizerState, Params
 from .cuda_launch import THREADS, CudaLaunchError, Launcher, elem_strides, expect
 from .cuda_plans import UNPLANNABLE, PlannedLaunch
@@ -376,10 +376,19 @@ class CudaBackend(Backend):
                 dx[...] = 0
         return dx, dW, db
 
+    # -- derivatives with respect to the inputs (kernels/derivatives.cu) --------------
+    def taylor_activation_forward(self, z, b, activation: str, *, d: int, second: str):
+        return cuda_taylor.forward(self.kernels, z, b, get_activation(activation).id, d, second)
+
+    def taylor_activation_backward(self, g, z, y, b, activation: str, *, d: int, second: str):
+        return cuda_taylor.backward(self.kernels, g, z, y, b, get_activation(activation).id, d,
+                                    second)
+
     # -- whole networks ------------------------------------------------------------
     @staticmethod
     def _recompute_first(net: NetSpec, need_dx: bool) -> bool:
-        """Whether layer 0's output is recomputed by layer 1 instead of stored (DESIGN §4)."""
+        """Whether layer 0's output is recomputed by layer 1 instead of stored
+        (docs/design.md, section 3)."""
         return (len(net.layers) >= 2 and 0 < net.layers[0].in_features <= RECOMPUTE_MAX_FANIN
                 and not need_dx)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_optim
+from . import cuda_optim, cuda_taylor
 from .base import LayerSpec, LossSpec, NetSpec
 from .cuda_backend import CudaBackend
 from .cuda_select import kernel_names_all
@@ -33,7 +33,7 @@ class NameCollector:
 
 def all_instantiations() -> list[tuple[str, tuple[str, ...]]]:
     """(source file, name expressions) for every kernel the CUDA backend can request."""
-    return kernel_names_all() + cuda_optim.kernel_names_all()
+    return kernel_names_all() + cuda_optim.kernel_names_all() + cuda_taylor.kernel_names_all()
 
 
 def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False) -> set[str]:
@@ -59,8 +59,10 @@ PUBLIC_WORKLOADS = (
 
 def hot_kernels() -> set[str]:
     """Every kernel the public workloads launch, their training steps' optimizer update
-    included (the compile check forbids spills there)."""
+    and the pinn workload's elementwise step (kernels/derivatives.cu) included (the compile
+    check forbids spills there)."""
     names: set[str] = {n for _, ns in cuda_optim.kernel_names_all() for n in ns}
+    names |= {n for _, ns in cuda_taylor.kernel_names_all() for n in ns}
     for sizes, act, batch, dtypes, precisions in PUBLIC_WORKLOADS:
         acts = [act] * (len(sizes) - 2) + ["identity"]
         for dt in dtypes:

@@ -41,7 +41,7 @@ import numpy as np
 from .. import _threads
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from . import numpy_optim
+from . import numpy_optim, numpy_taylor
 from .base import Backend, LossSpec, NetSpec, OptimizerState, Params
 
 # Rows per chunk are chosen so that one chunk's buffers (every layer's input, gradient
@@ -403,6 +403,13 @@ class NumpyBackend(Backend):
         db = dz.sum(axis=0) if has_bias else None
         dx = dz @ W if need_dx else None
         return dx, dW, db
+
+    # -- derivatives with respect to the inputs -----------------------------------
+    def taylor_activation_forward(self, z, b, activation, *, d, second):
+        return numpy_taylor.taylor_forward(z, b, activation, d, second)
+
+    def taylor_activation_backward(self, g, z, y, b, activation, *, d, second):
+        return numpy_taylor.taylor_backward(g, z, y, b, activation, d, second)
 
     # -- a chain of layers ------------------------------------------------------
     @staticmethod

@@ -8,6 +8,8 @@ Examples::
         --json bench.json --plot bench.png --markdown bench.md
     python -m cupynn bench --sizes 8,256,256,1 --activation tanh --batch 65536
     python -m cupynn bench --quick --json out.json --plot out.png   # CI smoke run
+    python -m cupynn bench pinn --device cpu          # Poisson residual gradient (cupynn.bench.pinn)
+    python -m cupynn bench dask --quick               # cupynn.dask on a local cluster (own options)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import sys
 import time
 
-from . import report
+from . import pinn, report
 from .impls import IMPLEMENTATIONS, select
 from .reference import ACTIVATION_NAMES
 from .runner import Settings, run_cases
@@ -35,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "public workloads, after checking each against a float64 reference.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="workloads: " + "; ".join(f"{k} = {w.describe()}" for k, w in WORKLOADS.items())
+               + f"; pinn = the gradient of a Poisson residual loss, "
+                 f"{'→'.join(map(str, pinn.SIZES))} tanh, batch {pinn.BATCH:,}, float64 "
+                 "(only when named; peers: JAX and PyTorch)"
                + ".\nimplementations: " + ", ".join(IMPLEMENTATIONS)
-               + " (default: all but torch.compile; 'all' adds it).",
+               + " (default: all but torch.compile; 'all' adds it).\n"
+               + "`python -m cupynn bench dask --help`: cupynn.dask on a local Dask cluster.",
     )
     p.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                    help=f"one or more of {', '.join(WORKLOADS)} (default: seed; with --quick "
@@ -117,6 +123,10 @@ def _resolve_device(device: str) -> str:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["dask"]:
+        from .dask_bench import main as dask_main
+
+        return dask_main(sys.argv[2:] if argv is None else list(argv)[1:])
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     device = _resolve_device(args.device)
@@ -127,6 +137,8 @@ def main(argv=None) -> int:
 
     default = list(WORKLOADS) if args.quick else ["seed"]
     names = list(args.workloads) or ([] if args.sizes else default)
+    run_pinn = "pinn" in names  # its own runner: cupynn.bench.pinn
+    names = [n for n in names if n != "pinn"]
     try:
         workloads = [get_workload(n, quick=args.quick, batch=args.batch) for n in names]
         if args.sizes:
@@ -152,7 +164,7 @@ def main(argv=None) -> int:
               "cudaProfilerStart/Stop, so no nsys --capture-range=cudaProfilerApi)", file=sys.stderr)
 
     ceilings = None
-    if not args.no_roofline:
+    if not args.no_roofline and cases:
         from .roofline import measure_ceilings
 
         if settings.progress:
@@ -161,6 +173,14 @@ def main(argv=None) -> int:
 
     results = run_cases(settings)
     report.finalize(results, ceilings)
+    derivatives = []
+    if run_pinn:
+        libraries = {"jax" if i.name == "jax" else "torch" for i in impls
+                     if i.name == "jax" or i.name.startswith("torch")}
+        derivatives = pinn.run(device, quick=args.quick, batch=args.batch,
+                               budget_s=2.0 if args.quick else 30.0,
+                               cap_s=settings.cap_s if args.quick else 3.0, seed=args.seed,
+                               libraries=libraries, progress=settings.progress)
 
     kernels = []
     if args.kernels and device != "cuda":
@@ -210,11 +230,12 @@ def main(argv=None) -> int:
         "results": results,
         "thread": thread,
         "kernels": kernels,
+        "derivatives": derivatives,
         "train": train,
         "wall_s": None,
     }
-    print(report.terminal_table(results))
     if results:
+        print(report.terminal_table(results))
         print("\n" + report.COLUMNS)
     if thread:
         print("\nseed thread (float64): one call per input, gradients accumulated, "
@@ -222,6 +243,8 @@ def main(argv=None) -> int:
         print(report.thread_table(thread))
     for k in kernels:
         print("\n" + report.kernels_table(k))
+    if derivatives:
+        print("\n" + pinn.table(derivatives))
     if train:
         print("\ntraining step: loss, gradient and an Adam update of every parameter")
         print(report.train_table(train))
@@ -245,8 +268,10 @@ def main(argv=None) -> int:
         except ImportError as e:
             print(f"--plot: matplotlib is not importable ({e}); no chart written",
                   file=sys.stderr)
-    print(f"\n{len(results)} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
-    bad = [r for r in results + thread + train if r.get("impl", "").startswith("cupynn")
+    n_cases = len(results) + len(derivatives)
+    print(f"\n{n_cases} cases in {doc['wall_s']:.1f} s", file=sys.stderr)
+    bad = [r for r in results + thread + train + derivatives
+           if r.get("impl", "").startswith("cupynn")
            and r["status"] in ("wrong", "error")]
     for r in bad:
         print(f"cupynn FAILED: {r['impl']} {r.get('workload')} {r.get('dtype')}: {r['reason']}",

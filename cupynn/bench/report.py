@@ -280,7 +280,7 @@ def markdown(doc: dict) -> str:
         rates = ", ".join(f"{k} {v / 1e9:.3g} GFLOP/s" for k, v in c["matmul_flops_per_s"].items())
         lines += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e9:.3g} GB/s "
                   f"(read + write); matrix product {rates}.", ""]
-    if doc["results"] or not doc.get("train"):
+    if doc["results"] or not (doc.get("train") or doc.get("derivatives")):
         lines.append(_md_table(HEADER, _rows(doc["results"])))
         lines += ["", COLUMNS.replace("\n", " ")]
     if doc.get("thread"):
@@ -289,6 +289,11 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Seed thread: {n:,} single-sample calls (loss summed, gradients "
                       f"accumulated) against one batched call of {n:,}, float64:", "",
                   _md_table(header, rows)]
+    if doc.get("derivatives"):
+        from .pinn import markdown_table
+
+        lines += ["", "Input derivatives (pinn): the Poisson residual loss and its gradient:", "",
+                  markdown_table(doc["derivatives"])]
     if doc.get("train"):
         lines += ["", "Training step (loss, gradient and an Adam update of every parameter; "
                       "lr 1e-3):", "", _md_table(TRAIN_HEADER, train_rows(doc["train"]))]
