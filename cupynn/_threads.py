@@ -11,7 +11,9 @@ partial gradients are added in group order at the end.  Nothing spins, and a lan
 busy core simply takes fewer groups.
 
 BLAS threads are set through ``threadpoolctl`` (a dependency of cupynn).  Without it
-the backend runs one lane and leaves BLAS alone (the behaviour of plain NumPy).
+the backend runs one lane and leaves BLAS alone (the behaviour of plain NumPy).  The limit
+is process-wide while a call runs: another thread of the program using NumPy's BLAS at the
+same moment also gets one thread (correct results, possibly slower products).
 
 ``CUPYNN_CPU_THREADS=N`` sets the number of lanes (BLAS stays at one thread inside the
 hot loop either way); the default is the number of cores this process may run on
