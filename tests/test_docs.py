@@ -153,3 +153,17 @@ def test_the_reference_scanner(text, found):
     refs = [r for _, r in references(ROOT / "x.md", text)]
     assert sorted(refs) == sorted(found)
     assert all(not (ROOT / r).exists() for r in refs)
+
+
+def test_no_merge_conflict_markers():
+    """A merge whose conflict markers were committed (it happened once, in README.md)."""
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)")
+    found = []
+    for path in _repo_files():
+        try:
+            lines = path.read_text().splitlines()
+        except UnicodeDecodeError:
+            continue
+        found += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(lines, 1)
+                  if marker.match(line)]
+    assert not found, "unresolved merge conflict markers:\n" + "\n".join(found)
