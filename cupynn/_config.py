@@ -234,6 +234,12 @@ def collect() -> dict[str, Any]:
         report["numpy"] = numpy.__version__
     except Exception as exc:
         report["numpy"] = f"not importable ({_error(exc)})"
+    try:
+        from . import _threads
+
+        report["cpu_threads"] = _threads.thread_control()
+    except Exception as exc:
+        report["cpu_threads"] = f"unknown ({_error(exc)})"
     return report
 
 
@@ -270,6 +276,7 @@ def _format(report: dict[str, Any]) -> str:
         ("python", value(report.get("python"))),
         ("platform", value(report.get("platform"))),
         ("numpy", value(report.get("numpy"))),
+        ("CPU threads", value(report.get("cpu_threads"))),
     ]
     if cupy_info.get("version") is None:
         rows.append(("cupy", value(cupy_info.get("error", "not installed"))))

@@ -24,7 +24,15 @@ def _probe_cuda() -> str | None:
 
 
 def cuda_available() -> bool:
-    """True when the CUDA backend can run here (CuPy imports and a GPU is visible)."""
+    """True when the CUDA backend can run here (CuPy imports and a GPU is visible).
+
+    ``device="auto"`` picks ``"cuda"`` exactly when this is true;
+    :func:`cuda_unavailable_reason` says why not.
+
+    >>> import cupynn
+    >>> isinstance(cupynn.cuda_available(), bool)
+    True
+    """
     return _probe_cuda() is None
 
 

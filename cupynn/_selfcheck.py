@@ -3,7 +3,7 @@
 The check a fresh install (or the Docker image, before its benchmark) runs: build a small
 MLP, evaluate ``value_and_grad`` on the GPU and with the NumPy backend from the same
 parameters and inputs, and compare value and every gradient against the tolerances of
-DESIGN.md section 5. The first GPU call compiles the kernels through NVRTC, so its time is
+docs/design.md (section 4). The first GPU call compiles the kernels through NVRTC, so its time is
 reported separately.
 
 ``--compile-only`` compiles every kernel instantiation through NVRTC and launches nothing:
@@ -15,6 +15,7 @@ Exit status: 0 passed, 1 a comparison or compilation failed, 2 no usable GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import numpy as np
 
 __all__ = ["CheckResult", "run_check", "compile_kernels", "sample_instantiations", "main"]
 
-# Relative to the norm of the NumPy reference (DESIGN.md section 5, "strict" precision).
+# Relative to the norm of the NumPy reference (docs/design.md section 4, "strict" precision).
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
 
 DEFAULT_SIZES = (1, 64, 20, 1)
@@ -280,6 +281,20 @@ def _compile_only(archs, *, sample: bool, jobs: int | None) -> int:
 # -- command line --------------------------------------------------------------------
 
 
+def in_container() -> bool:
+    """True inside a Docker (``/.dockerenv``) or Podman (``/run/.containerenv``) container."""
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+
+
+def _no_gpu_hint() -> str:
+    if in_container():
+        return ("(this runs in a container: start it with `docker run --gpus all ...` and the "
+                "NVIDIA Container Toolkit on the host; `python -m cupynn info` shows the setup)")
+    return ("(check that `nvidia-smi` sees a GPU and that one CUDA extra is installed, "
+            "pip install \"cupynn[cuda12]\" or \"cupynn[cuda13]\"; `python -m cupynn info` shows "
+            "the setup)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cupynn selfcheck",
@@ -315,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             from cupynn._devices import cuda_unavailable_reason
 
             print(f"self-check: no usable GPU: {cuda_unavailable_reason()}")
-            print("(in Docker, run with --gpus all; `python -m cupynn info` shows the setup)")
+            print(_no_gpu_hint())
             return 2
         print(f"cupynn {cupynn.__version__} self-check on {_gpu_description()}", flush=True)
     else:

@@ -18,7 +18,18 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class DeviceMismatchError(TypeError):
-    """An array lives on a different device (or library) than the model."""
+    """An array lives on a different device (or library) than the model.
+
+    A subclass of ``TypeError``; the message says how to move the array or the model.
+
+    >>> import numpy as np, cupynn
+    >>> model = cupynn.Dense(2, 1, device="cpu")
+    >>> try:
+    ...     model(np.ones((3, 2)).tolist())
+    ... except TypeError as exc:
+    ...     print(type(exc).__name__)
+    TypeError
+    """
 
 
 def as_float_dtype(dtype) -> np.dtype:
@@ -28,6 +39,11 @@ def as_float_dtype(dtype) -> np.dtype:
     except TypeError:
         raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
     if dt not in _FLOAT_DTYPES:
+        if dt.kind == "f" and not dt.isnative and dt.newbyteorder("=") in _FLOAT_DTYPES:
+            native = dt.newbyteorder("=")
+            raise TypeError(f"dtype {dt.str!r} is {native} in {'big' if dt.byteorder == '>' else 'little'}"
+                            f"-endian byte order; cupynn computes in native byte order: convert "
+                            f"the array with a.astype({native.name!r})")
         raise TypeError(f"dtype must be 'float32' or 'float64', got {dt}")
     return dt
 
@@ -46,6 +62,25 @@ def _move_hint(to_device: str) -> str:
     return "move it with cupy.asnumpy(a) (or a.get()), or move the model with model.to('cuda')"
 
 
+def _dtype_message(what: str, got: np.dtype, want: np.dtype) -> str:
+    """Why an array of dtype ``got`` is refused by a ``want`` model, and what to change."""
+    if got.kind == "f" and got.newbyteorder("=") in _FLOAT_DTYPES and not got.isnative:
+        native = got.newbyteorder("=")
+        order = "big" if got.byteorder == ">" else "little"
+        fix = f"a.astype({want.name!r})"
+        if native != want:
+            return (f"{what} is {native} in {order}-endian byte order ({got.str!r}) and the model is "
+                    f"{want}; cupynn does not cast silently: pass {fix}")
+        return (f"{what} is {native} like the model, but in {order}-endian byte order "
+                f"({got.str!r}); cupynn computes in native byte order: pass {fix} (one copy)")
+    hint = f"pass a.astype({want.name!r})"
+    if got in _FLOAT_DTYPES:
+        hint += f" or build the model with dtype={got.name!r}"
+    else:
+        hint += " (models are float32 or float64)"
+    return f"{what} has dtype {got} but the model is {want}; cupynn does not cast silently: {hint}"
+
+
 def check_array(a, *, what: str, device: str, dtype: np.dtype, ndim: tuple[int, ...]) -> None:
     """Check that ``a`` is an array on ``device`` with ``dtype`` and one of ``ndim``."""
     got = array_device(a)
@@ -60,10 +95,7 @@ def check_array(a, *, what: str, device: str, dtype: np.dtype, ndim: tuple[int, 
             f"{what} is on '{got}' but the model is on '{device}': {_move_hint(device)}"
         )
     if a.dtype != dtype:
-        raise TypeError(
-            f"{what} has dtype {a.dtype} but the model is {dtype}; cupynn does not cast silently: "
-            f"pass a.astype({dtype.name!r}) or build the model with dtype={a.dtype.name!r}"
-        )
+        raise TypeError(_dtype_message(what, a.dtype, dtype))
     if a.ndim not in ndim:
         dims = " or ".join(f"{d}-D" for d in ndim)
         raise ValueError(f"{what} must be {dims}, got shape {tuple(a.shape)}")

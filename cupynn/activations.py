@@ -5,7 +5,7 @@ Every activation has a small integer ``id`` shared with the CUDA kernels
 its derivative is computed from the layer's *output* ``y`` (identity, relu,
 leaky_relu, tanh, sigmoid) or from the *pre-activation* ``z`` (softplus, silu,
 gelu, gelu_erf, elu). A layer's forward saves exactly that one array for its
-backward (DESIGN.md §3).
+backward (docs/design.md, section 2).
 
 Formulas (``z`` the pre-activation, ``y = f(z)``):
 
@@ -82,6 +82,13 @@ class Activation:
     ``from_output`` is true and the pre-activation ``z`` otherwise.
     ``higher_derivatives(v, order)`` returns the first ``order`` derivatives
     ``(f', f'', f''')[:order]`` from the same ``v``, NaN wherever ``v`` is NaN.
+
+    >>> import numpy as np
+    >>> from cupynn.activations import ACTIVATIONS
+    >>> tanh = ACTIVATIONS["tanh"]
+    >>> y = tanh.forward(np.array([0.0, 1.0]))
+    >>> tanh.id, tanh.from_output, np.allclose(tanh.derivative(y), 1 - y**2)
+    (3, True, True)
     """
 
     name: str
@@ -354,7 +361,12 @@ ACTIVATIONS: dict[str, Activation] = {
 
 
 def get_activation(activation: str | Activation) -> Activation:
-    """Look an activation up by name (or pass an :class:`Activation` through)."""
+    """Look an activation up by name (or pass an :class:`Activation` through).
+
+    >>> from cupynn.activations import get_activation
+    >>> get_activation("gelu_erf")
+    Activation(gelu_erf)
+    """
     if isinstance(activation, Activation):
         return activation
     if not isinstance(activation, str):

@@ -13,9 +13,13 @@ report, or when a *hot* kernel spills.  Hot kernels: ``cuda_catalog.hot_kernels(
 name expressions) when the loader defines it, otherwise every kernel.
 
 NVRTC comes from pip's nvidia-cuda-nvrtc-cu12 (or any CUDA toolkit) through
-``cupy_backends.cuda.libs.nvrtc``; no driver is needed.  Results are cached by content hash
-under the emulator cache directory ($CUPYNN_EMU_CACHE or ~/.cache/cupynn-emu); pass
---no-cache to recompile.
+``cupy_backends.cuda.libs.nvrtc``; no driver is needed.  Programs run in parallel on every
+usable core (``--jobs``), each printing a progress line.  Each kernel's result is cached by
+the hash of what it was compiled from (the source and every header, NVRTC's version, the
+architecture and options, the name expression) under the emulator cache directory
+($CUPYNN_EMU_CACHE or ~/.cache/cupynn-emu): an unchanged kernel is never compiled twice,
+whichever run (the full check, a single --source, another checkout) compiled it first.
+--no-cache recompiles.
 
 ``--sample N`` checks at most N instantiations per source file (:func:`sample_instantiations`:
 every kernel kind, i.e. template and dtype, once before any kind twice, hot ones first), for a
@@ -35,6 +39,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ._threads import usable_cores
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 SASS_ARCHS = ("sm_90",)  # compiled to SASS (ptxas report, spill check); others to PTX only
@@ -202,6 +208,56 @@ def _hot_predicate(catalog):
     return lambda n: True
 
 
+def _options_digest(options: tuple[str, ...]) -> str:
+    """The options with every -I directory replaced by the hash of its headers (so that
+    the same kernels in another checkout or an installed package hit the same cache)."""
+    h = hashlib.sha256()
+    for opt in options:
+        if opt.startswith("-I") and os.path.isdir(opt[2:]):
+            h.update(b"-I")
+            for p in sorted(Path(opt[2:]).glob("*.cu*")):
+                h.update(p.name.encode() + b"\0" + p.read_bytes())
+        else:
+            h.update(opt.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class _ResultCache:
+    """One JSON file per (kernel, arch, what it was compiled from) under ``root``."""
+
+    def __init__(self, root: Path | None, nvrtc_version: str):
+        self.root = root
+        self.version = nvrtc_version
+        self._opt_digests: dict = {}
+
+    def key(self, source: str, code: str, name: str, arch: str, options, sass: bool) -> str:
+        opts = tuple(options)
+        od = self._opt_digests.get(opts)
+        if od is None:
+            od = self._opt_digests[opts] = _options_digest(opts)
+        h = hashlib.sha256()
+        for part in ("v2", self.version, Path(source).name, code, od, arch, str(sass), name):
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()[:32]
+
+    def get(self, key: str) -> dict | None:
+        if self.root is None:
+            return None
+        try:
+            return json.loads((self.root / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, value: dict) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{key}.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, self.root / f"{key}.json")
+
+
 def sample_instantiations(instantiations, n: int, is_hot=lambda name: True):
     """At most ``n`` name expressions of each source of ``instantiations`` (a list of
     (source, names)), spread over the kernel kinds: a kind is a template with its first
@@ -236,33 +292,62 @@ def sample_instantiations(instantiations, n: int, is_hot=lambda name: True):
 
 def run_check(instantiations, options_for_arch, archs=DEFAULT_ARCHS, *, read_source,
               is_hot=lambda n: True, jobs=None, sass_archs=SASS_ARCHS, progress=True,
-              log=print) -> tuple[list[KernelStats], list[str]]:
-    """Compile everything; return (stats rows, failure messages)."""
+              log=print, cache_dir: Path | None = None,
+              nvrtc_version: str = "") -> tuple[list[KernelStats], list[str]]:
+    """Compile everything not cached in ``cache_dir``; return (stats rows, failure messages)."""
+    cache = _ResultCache(cache_dir, nvrtc_version)
     tasks = []
+    cached: list[tuple[str, str, str, bool, dict]] = []  # (source, name, arch, sass, entry)
+    keys: dict = {}
     for source, names in instantiations:
         code = read_source(source)
         names = tuple(dict.fromkeys(names))
         for arch in archs:
-            for i in range(0, len(names), CHUNK):
-                tasks.append((source, code, names[i:i + CHUNK], arch, tuple(options_for_arch(arch)),
-                              arch in sass_archs))
+            options = tuple(options_for_arch(arch))
+            sass = arch in sass_archs
+            todo = []
+            for n in names:
+                k = keys[(source, n, arch)] = cache.key(source, code, n, arch, options, sass)
+                entry = cache.get(k)
+                if entry is None:
+                    todo.append(n)
+                else:
+                    cached.append((source, n, arch, sass, entry))
+            for i in range(0, len(todo), CHUNK):
+                tasks.append((source, code, tuple(todo[i:i + CHUNK]), arch, options, sass))
     tasks.sort(key=lambda t: not t[5])  # the slower SASS programs first
-    jobs = jobs or min(len(tasks), os.cpu_count() or 1) or 1
+    jobs = jobs or min(len(tasks), usable_cores()) or 1
     rows: list[KernelStats] = []
     failures: list[str] = []
     t0 = time.perf_counter()
     results: list = [None] * len(tasks)
+    if progress and cache_dir is not None:
+        log(f"  {len(cached)} kernel results cached (by source hash); compiling "
+            f"{sum(len(t[2]) for t in tasks)} in {len(tasks)} NVRTC programs on {jobs} "
+            f"process{'es' if jobs != 1 else ''}")
+
+    def entries(t, res) -> dict:
+        """name -> {"lowered", "stats"} of one successful program."""
+        stats = parse_ptxas_log(res["log"]) if t[5] else {}
+        return {n: {"lowered": res["lowered"][n], "stats": stats.get(res["lowered"][n])}
+                for n in t[2]}
 
     def done(i, res, started):
         results[i] = res
         k = sum(r is not None for r in results)
         t = tasks[i]
+        if res["ok"]:  # cached as soon as compiled: an interrupted run keeps its progress
+            for n, entry in entries(t, res).items():
+                if not t[5] or (entry["stats"] and "registers" in entry["stats"]):
+                    cache.put(keys[(t[0], n, t[3])], entry)
         if progress:
             log(f"  [{k}/{len(tasks)}] {t[0]} {t[3]}{'' if t[5] else ' (ptx)'}: {len(t[2])} "
                 f"kernels from {t[2][0]!r} {'ok' if res['ok'] else 'FAILED'} "
                 f"({time.perf_counter() - started:.1f} s elapsed)")
 
-    if jobs == 1:
+    if not tasks:
+        pass
+    elif jobs == 1:
         for i, t in enumerate(tasks):
             done(i, compile_chunk(*t), t0)
     else:
@@ -271,33 +356,40 @@ def run_check(instantiations, options_for_arch, archs=DEFAULT_ARCHS, *, read_sou
             for fut in cf.as_completed(futures):
                 done(futures[fut], fut.result(), t0)
     log(f"compiled {sum(len(t[2]) for t in tasks)} kernel instantiations in {len(tasks)} NVRTC "
-        f"programs ({jobs} jobs) in {time.perf_counter() - t0:.1f} s")
-    for (source, _code, names, arch, options, sass), res in zip(tasks, results):
+        f"programs ({jobs} jobs) in {time.perf_counter() - t0:.1f} s"
+        + (f"; {len(cached)} more from the cache" if cached else ""))
+
+    def add_row(source, n, arch, sass, entry):
+        """A row from one kernel's compile result ({"lowered", "stats"}: the ptxas report)."""
+        if not sass:
+            rows.append(KernelStats(source, n, arch + " (ptx)", entry["lowered"], hot=is_hot(n)))
+            return
+        row = KernelStats(source, n, arch, entry["lowered"], hot=is_hot(n))
+        d = entry.get("stats")
+        if not d or "registers" not in d:
+            row.problem = "no ptxas resource report"
+        else:
+            row.registers = d["registers"]
+            row.smem = d.get("smem", 0)
+            row.stack = d.get("stack", 0)
+            row.spill_stores = d.get("spill_stores", 0)
+            row.spill_loads = d.get("spill_loads", 0)
+            if row.hot and (row.spill_stores > 0 or row.spill_loads > 0):
+                row.problem = "hot kernel spills registers"
+        if row.problem:
+            failures.append(f"{source} [{arch}] {n}: {row.problem}")
+        rows.append(row)
+
+    for t, res in zip(tasks, results):
+        source, _code, names, arch, options, sass = t
         if not res["ok"]:
             failures.append(f"{source} [{arch}] {len(names)} kernels starting with {names[0]!r}: "
                             f"NVRTC failed with options {list(options)}:\n{res['log']}")
             continue
-        if not sass:
-            rows.extend(KernelStats(source, n, arch + " (ptx)", res["lowered"][n], hot=is_hot(n))
-                        for n in names)
-            continue
-        stats = parse_ptxas_log(res["log"])
-        for n in names:
-            row = KernelStats(source, n, arch, res["lowered"][n], hot=is_hot(n))
-            d = stats.get(row.lowered)
-            if not d or "registers" not in d:
-                row.problem = "no ptxas resource report"
-            else:
-                row.registers = d["registers"]
-                row.smem = d.get("smem", 0)
-                row.stack = d.get("stack", 0)
-                row.spill_stores = d.get("spill_stores", 0)
-                row.spill_loads = d.get("spill_loads", 0)
-                if row.hot and (row.spill_stores > 0 or row.spill_loads > 0):
-                    row.problem = "hot kernel spills registers"
-            if row.problem:
-                failures.append(f"{source} [{arch}] {n}: {row.problem}")
-            rows.append(row)
+        for n, entry in entries(t, res).items():
+            add_row(source, n, arch, sass, entry)
+    for source, n, arch, sass, entry in cached:
+        add_row(source, n, arch, sass, entry)
     return rows, failures
 
 
@@ -318,28 +410,14 @@ def format_table(rows: list[KernelStats]) -> str:
     return "\n".join(lines)
 
 
-def _cache_key(instantiations, options_for_arch, archs, read_source, nvrtc_version) -> str:
-    h = hashlib.sha256(f"v1 {nvrtc_version} {archs}".encode())
-    for source, names in instantiations:
-        h.update(source.encode() + b"\0" + read_source(source).encode() + b"\0")
-        h.update("\0".join(names).encode())
-    for arch in archs:
-        opts = options_for_arch(arch)
-        h.update(" ".join(opts).encode())
-        for opt in opts:  # the headers that -I directories supply
-            if opt.startswith("-I") and os.path.isdir(opt[2:]):
-                for p in sorted(Path(opt[2:]).glob("*.cu*")):
-                    h.update(p.name.encode() + p.read_bytes())
-    return h.hexdigest()[:24]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cupynn.compile_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", action="append", help="sm_XY (repeatable; default sm_80 sm_90)")
     ap.add_argument("--sass", action="append", help="archs compiled to SASS with the ptxas "
                     "report and spill check (repeatable; default sm_90; 'all' for every --arch)")
-    ap.add_argument("--jobs", type=int, default=None, help="parallel NVRTC processes")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="parallel NVRTC processes (default: the usable cores)")
     ap.add_argument("--json", help="write the table as JSON to this file")
     ap.add_argument("--no-cache", action="store_true", help="recompile even if cached")
     ap.add_argument("--source", help="check this .cu file instead of the loader's list "
@@ -388,29 +466,19 @@ def main(argv=None) -> int:
         return tuple(_loader.compile_options(arch)) + tuple(args.option)
 
     version = ".".join(map(str, nvrtc.getVersion()))
-    key = _cache_key(instantiations, options_for_arch, archs + ("sass",) + sass_archs,
-                     read_source, version)
-    cache_file = None
+    cache_dir = None
     if not args.no_cache:
         root = os.environ.get("CUPYNN_EMU_CACHE") or os.path.join(Path.home(), ".cache",
                                                                   "cupynn-emu")
-        cache_file = Path(root) / f"compile-check-{key}.json"
-    if cache_file is not None and cache_file.exists():
-        data = json.loads(cache_file.read_text())
-        rows = [KernelStats(**r) for r in data["rows"]]
-        failures = data["failures"]
-        print(f"(cached result {cache_file.name}; --no-cache to recompile)")
-    else:
-        print(f"NVRTC {version}; archs {', '.join(archs)} (SASS + ptxas report: "
-              f"{', '.join(a for a in archs if a in sass_archs) or 'none'}); options "
-              f"{list(options_for_arch(archs[0]))} + --ptxas-options=-v")
-        rows, failures = run_check(instantiations, options_for_arch, archs,
-                                   read_source=read_source, is_hot=is_hot, jobs=args.jobs,
-                                   sass_archs=sass_archs, progress=not args.quiet)
-        if cache_file is not None and not failures:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps({"rows": [asdict(r) for r in rows],
-                                              "failures": failures}))
+        cache_dir = Path(root) / "compile-check"
+    print(f"NVRTC {version}; archs {', '.join(archs)} (SASS + ptxas report: "
+          f"{', '.join(a for a in archs if a in sass_archs) or 'none'}); options "
+          f"{list(options_for_arch(archs[0]))} + --ptxas-options=-v", flush=True)
+    rows, failures = run_check(instantiations, options_for_arch, archs,
+                               read_source=read_source, is_hot=is_hot, jobs=args.jobs,
+                               sass_archs=sass_archs, progress=not args.quiet,
+                               log=lambda m: print(m, flush=True), cache_dir=cache_dir,
+                               nvrtc_version=version)
     if not args.quiet:
         print(format_table(rows))
     if args.json:

@@ -156,7 +156,6 @@ class _BlasLimit:
         self._lock = threading.Lock()
         self._active = 0
         self._limiter = None
-        self._controller = None
 
     @contextlib.contextmanager
     def __call__(self, n: int | None):
@@ -165,18 +164,16 @@ class _BlasLimit:
             return
         with self._lock:
             if self._active == 0:
-                if self._controller is None:
-                    from threadpoolctl import ThreadpoolController
+                from ._threads import blas_limiter  # the one owner of BLAS threads
 
-                    self._controller = ThreadpoolController()
-                self._limiter = self._controller.limit(limits=n, user_api="blas")
+                self._limiter = blas_limiter(n)
             self._active += 1
         try:
             yield
         finally:
             with self._lock:
                 self._active -= 1
-                if self._active == 0:
+                if self._active == 0 and self._limiter is not None:
                     self._limiter.restore_original_limits()
                     self._limiter = None
 

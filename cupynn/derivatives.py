@@ -21,7 +21,7 @@ needs f''' as well; :mod:`cupynn.activations`). The GEMMs are cupynn's dense ops
 :func:`cupynn.functional.taylor_activation_forward` / ``_backward`` (one CUDA kernel per
 layer and direction, ``kernels/derivatives.cu``). Batches are processed in chunks of
 rows (cache-sized on the CPU), so memory stays bounded for any batch. On the CPU the
-chunks run with BLAS at one thread (through ``threadpoolctl`` when it is installed): a
+chunks run with BLAS at one thread (``cupynn/_threads.py``, through ``threadpoolctl``): a
 threaded BLAS on cache-sized products spins its threads against each other and is 3-10x
 slower as soon as another process holds a core. While a call runs, this limit applies
 to the whole process.
@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
 from dataclasses import dataclass
 from typing import Any
 
+from . import _threads
 from . import functional as F
 from ._arrays import intake
 from ._validate import check_array
@@ -62,26 +62,12 @@ RESIDUALS = ("poisson", "helmholtz")
 _CHUNK_BYTES = {"cpu": 1 << 18, "cuda": 1 << 28}
 _MIN_CHUNK_ROWS = 64
 
-_BLAS = {"controller": None, "looked": False}
-_BLAS_LOCK = threading.Lock()
-
-
 def _cpu_threads(net):
-    """A context in which BLAS runs one thread (CPU only, where threadpoolctl is installed)."""
+    """A context in which BLAS runs one thread (CPU only; cupynn/_threads.py owns BLAS
+    threads, through threadpoolctl)."""
     if net.device != "cpu":
         return contextlib.nullcontext()
-    with _BLAS_LOCK:
-        if not _BLAS["looked"]:
-            _BLAS["looked"] = True
-            try:
-                import threadpoolctl  # noqa: PLC0415 - optional, imported on first use
-
-                ctl = threadpoolctl.ThreadpoolController().select(user_api="blas")
-                _BLAS["controller"] = ctl if ctl.lib_controllers else None
-            except Exception:  # noqa: BLE001 - not installed or no BLAS found: leave BLAS alone
-                _BLAS["controller"] = None
-    ctl = _BLAS["controller"]
-    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1)
+    return _threads.blas_single_thread()
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,14 @@ def _arrays(model) -> list:
 
 
 def num_parameters(model) -> int:
-    """The length of the flat vector: every weight and bias element of ``model``."""
+    """The length of the flat vector: every weight and bias element of ``model``.
+
+    ``sum(in * out + out)`` over the layers (without the ``out`` of a layer without bias).
+
+    >>> import cupynn
+    >>> cupynn.num_parameters(cupynn.MLP([1, 3, 1], "tanh", device="cpu", rng=0))
+    10
+    """
     return sum(int(a.size) for a in _arrays(model))
 
 

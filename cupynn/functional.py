@@ -15,6 +15,7 @@ a copy (see ``cupynn/_arrays.py``); results are NumPy/CuPy arrays.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -83,9 +84,26 @@ def _model_parts(model):
         model.precision,
     )
     params = [(l.weight, l.bias) for l in layers]
-    parts = (layers, net, params, get_backend(model.device))
+    backend = get_backend(model.device)
+    if net.precision != "strict" and backend.device == "cpu":
+        _warn_cpu_precision(net.precision)
+    parts = (layers, net, params, backend)
     _PARTS[model] = (sig, parts)
     return parts
+
+
+_CPU_PRECISION_WARNED: set = set()
+
+
+def _warn_cpu_precision(precision: str) -> None:
+    """Say once per process (per precision) that the setting does nothing on the CPU."""
+    if precision in _CPU_PRECISION_WARNED:
+        return
+    _CPU_PRECISION_WARNED.add(precision)
+    warnings.warn(
+        f"precision={precision!r} has no effect on the CPU: the NumPy backend computes float32 "
+        "products in strict FP32; the setting selects the CUDA kernels' tensor-core mode after "
+        "model.to('cuda')", UserWarning, stacklevel=4)
 
 
 def _check_batch(model, layers, x, what="x"):
@@ -123,16 +141,33 @@ def _check_target(model, net, x2, target):
     if target.ndim == 1 and x2.shape[0] == 1:
         target = target.reshape(1, -1)
     if tuple(target.shape) != out_shape:
-        raise ValueError(f"target must have the output's shape {out_shape}, got "
-                         f"{tuple(target.shape)}")
+        raise _target_shape_error(tuple(target.shape), out_shape, single=False)
     return target
+
+
+def _target_shape_error(got: tuple, out_shape: tuple, *, single: bool) -> ValueError:
+    """What a target of the wrong shape is told: the expected shape, and the reshape when
+    the sizes agree (a 1-D target for a (batch, 1) output)."""
+    hint = ""
+    if int(np.prod(got)) == int(np.prod(out_shape)):
+        hint = f": reshape it with target.reshape{out_shape}"
+    return ValueError(f"target must have the output's shape {out_shape} "
+                      f"{'(out_features,)' if single else '(batch, out_features)'}, got {got}"
+                      f"{hint}")
 
 
 def forward(model, x):
     """The model's output for a batch ``x`` of shape ``(batch, in)`` (or one sample ``(in,)``).
 
-    ``x`` is a NumPy/CuPy array or any DLPack producer on the model's device
-    (read without a copy); the output is a NumPy/CuPy array.
+    ``y = act_n(... act_1(x @ W_1.T + b_1) ...)``, shape ``(batch, out)`` (``(out,)`` for
+    one sample); the same as ``model(x)``. ``x`` is a NumPy/CuPy array or any DLPack
+    producer on the model's device (read without a copy); the output is a NumPy/CuPy array.
+
+    >>> import numpy as np, cupynn
+    >>> from cupynn import functional
+    >>> m = cupynn.MLP([3, 4, 2], "relu", device="cpu", rng=0)
+    >>> functional.forward(m, np.ones((5, 3))).shape, functional.forward(m, np.ones(3)).shape
+    ((5, 2), (2,))
     """
     layers, net, params, backend = _model_parts(model)
     x = intake(x, what="x", device=model.device, dtype=model.dtype)
@@ -202,11 +237,9 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     if spec.target is not None:
         out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
         check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
-                    ndim=(len(out_shape),))
+                    ndim=(spec.target.ndim,) if hasattr(spec.target, "ndim") else (len(out_shape),))
         if tuple(spec.target.shape) != out_shape:
-            raise ValueError(
-                f"target must have the output's shape {out_shape}, got {tuple(spec.target.shape)}"
-            )
+            raise _target_shape_error(tuple(spec.target.shape), out_shape, single=single)
         if single:
             spec = type(spec)(spec.kind, spec.target.reshape(1, -1), None)
     if spec.kind == "callable" and single:
@@ -297,7 +330,18 @@ def vjp(model, x, g, *, wrt_input=True):
 
 @dataclass(frozen=True)
 class DenseContext:
-    """What :func:`dense_backward` needs from a :func:`dense_forward` call."""
+    """What :func:`dense_backward` needs from a :func:`dense_forward` call.
+
+    Made by ``dense_forward(..., save=True)``; holds ``x``, ``W``, whether there is a
+    bias, the activation, the array saved for the derivative (``y`` or ``z``), the
+    precision and the device.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> y, ctx = F.dense_forward(np.ones((2, 3)), np.ones((4, 3)), None, "tanh", save=True)
+    >>> ctx.activation, ctx.has_bias, ctx.saved.shape
+    ('tanh', False, (2, 4))
+    """
 
     x: Any
     W: Any
@@ -345,8 +389,16 @@ def _check_layer_args(x, W, b, activation, precision):
 def dense_forward(x, W, b=None, activation="identity", *, precision="strict", save=False):
     """``act(x @ W.T + b)`` for ``x (batch, in)``, ``W (out, in)``, ``b (out,)``.
 
-    With ``save=True`` returns ``(y, ctx)`` where ``ctx`` feeds :func:`dense_backward`.
-    Arrays may be DLPack producers (read without a copy); ``y`` is a NumPy/CuPy array.
+    Returns ``y`` of shape ``(batch, out)``; with ``save=True`` returns ``(y, ctx)`` where
+    ``ctx`` feeds :func:`dense_backward`. The device is ``W``'s; arrays may be DLPack
+    producers (read without a copy); ``y`` is a NumPy/CuPy array.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> x, W, b = np.ones((2, 3)), np.full((4, 3), 0.5), np.zeros(4)
+    >>> F.dense_forward(x, W, b, "relu")
+    array([[1.5, 1.5, 1.5, 1.5],
+           [1.5, 1.5, 1.5, 1.5]])
     """
     x, W, b = _intake_layer_args(x, W, b)
     device, act = _check_layer_args(x, W, b, activation, precision)
@@ -360,7 +412,16 @@ def dense_forward(x, W, b=None, activation="identity", *, precision="strict", sa
 def dense_backward(g, ctx: DenseContext, *, need_dx=True):
     """Given ``g = dL/dy``, return ``(dx, dW, db)`` (``dx``/``db`` None when not needed/no bias).
 
-    ``dz = g * act'(.)``, ``dW = dz.T @ x``, ``db = dz.sum(0)``, ``dx = dz @ W``.
+    ``dz = g * act'(.)``, ``dW = dz.T @ x``, ``db = dz.sum(0)``, ``dx = dz @ W``; ``g`` is
+    ``(batch, out)``, the results have the shapes of ``x``, ``W`` and ``b``.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> x, W, b = np.ones((2, 3)), np.full((4, 3), 0.5), np.zeros(4)
+    >>> y, ctx = F.dense_forward(x, W, b, "identity", save=True)
+    >>> dx, dW, db = F.dense_backward(np.ones_like(y), ctx)
+    >>> dx.shape, dW.shape, db
+    ((2, 3), (4, 3), array([2., 2., 2., 2.]))
     """
     g = intake(g, what="g", device=ctx.device, dtype=ctx.W.dtype)
     check_array(g, what="g", device=ctx.device, dtype=ctx.W.dtype, ndim=(2,))
@@ -475,7 +536,15 @@ def optimizer_state(kind: str, params, labels, buffers: tuple[str, ...]) -> Opti
 
     ``params``: a flat list of arrays of one dtype on one device; ``labels``: their names
     for error messages; ``buffers``: the per-parameter state arrays to keep (e.g.
-    ``("exp_avg", "exp_avg_sq")``).
+    ``("exp_avg", "exp_avg_sq")``). :mod:`cupynn.optim` is built on this and the
+    ``optimizer_*`` functions below.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones((2, 3))
+    >>> state = F.optimizer_state("sgd", [W], ["W"], ())
+    >>> state.kind, state.shapes, F.optimizer_get_step(state, [W])
+    ('sgd', ((2, 3),), 0)
     """
     if kind not in OPTIMIZER_KINDS:
         raise ValueError(f"optimizer kind must be one of {OPTIMIZER_KINDS}, got {kind!r}")
@@ -491,6 +560,16 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
 
     Every gradient is checked (count, shape, dtype, device, C-contiguity) against its
     parameter before anything is written: a bad one raises and changes nothing.
+    ``hyper`` is the tuple :class:`cupynn.backends.base.OptimizerState` describes; plain
+    SGD: ``W -= lr * dW``.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones((2, 3))
+    >>> state = F.optimizer_state("sgd", [W], ["W"], ())
+    >>> F.optimizer_step(state, (0.5, 0.0, 0.0, 0.0, 0.0, 0.0), [W], [np.ones((2, 3))], ["W"])
+    >>> W[0], F.optimizer_get_step(state, [W])
+    (array([0.5, 0.5, 0.5]), 1)
     """
     device, dtype = _check_param_list(params, labels)
     if (dtype != state.dtype or device != state.device
@@ -519,17 +598,40 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
 
 
 def optimizer_sync(state: OptimizerState, hyper: tuple, params) -> None:
-    """Make the hyperparameters the next (possibly graph-captured) update reads current."""
+    """Make the hyperparameters the next (possibly graph-captured) update reads current
+    (a no-op on the CPU).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones(3)
+    >>> F.optimizer_sync(F.optimizer_state("sgd", [W], ["W"], ()), (0.1, 0, 0, 0, 0, 0), [W])
+    """
     get_backend(array_device(params[0])).optimizer_sync(state, tuple(hyper))
 
 
 def optimizer_get_step(state: OptimizerState, params) -> int:
-    """The number of updates applied so far (one small device-to-host copy on CUDA)."""
+    """The number of updates applied so far (one small device-to-host copy on CUDA).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones(3)
+    >>> F.optimizer_get_step(F.optimizer_state("adam", [W], ["W"], ("exp_avg", "exp_avg_sq")), [W])
+    0
+    """
     return get_backend(array_device(params[0])).optimizer_get_step(state)
 
 
 def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
-    """Set the step count (in place on the device)."""
+    """Set the step count (in place on the device): Adam's bias correction reads it.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> W = np.ones(3)
+    >>> state = F.optimizer_state("adam", [W], ["W"], ("exp_avg", "exp_avg_sq"))
+    >>> F.optimizer_set_step(state, [W], 7)
+    >>> F.optimizer_get_step(state, [W])
+    7
+    """
     if int(n) != n or n < 0:
         raise ValueError(f"the step count must be a non-negative integer, got {n!r}")
     get_backend(array_device(params[0])).optimizer_set_step(state, int(n))

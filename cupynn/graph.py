@@ -2,7 +2,7 @@
 
 Every kernel of a step is one of ours (no cuBLAS, which CuPy refuses under
 capture), so the step can be captured once and replayed: the Python cost per
-step drops from one call per kernel to one graph launch.
+step drops from one call per kernel to one graph launch (docs/design.md, section 3).
 
 >>> import cupy, cupynn                                  # doctest: +SKIP
 >>> model = cupynn.MLP([1, 1000, 20, 1], "identity", device="cuda", rng=0)  # doctest: +SKIP
@@ -50,7 +50,19 @@ def _flat_params(params) -> list:
 
 
 class CompiledStep:
-    """The callable returned by :func:`compile`: ``step(x[, target])``."""
+    """The callable returned by :func:`compile`: ``step(x[, target])``.
+
+    ``x`` is ``(batch, in)`` of the model's dtype and device. Without an optimizer
+    ``step(x)`` returns ``(value, grads)`` with the structure of
+    :func:`cupynn.value_and_grad`'s (on a GPU: buffers the next call overwrites); with
+    one it returns the loss before the update.
+
+    >>> import numpy as np, cupynn
+    >>> step = cupynn.compile(cupynn.Dense(2, 1, device="cpu", rng=0))
+    >>> value, grads = step(np.ones((3, 2)))
+    >>> sorted(grads)
+    ['bias', 'weight']
+    """
 
     def __init__(self, model, loss: Any = "sum_squares", *, target=None, optimizer=None):
         from .functional import _model_parts

@@ -35,7 +35,8 @@ The model's dtype must be JAX's: a float64 model needs
 >>> model = cupynn.MLP([1, 16, 1], "tanh", dtype="float32", device="cpu", rng=0)
 >>> f, params = cupynn.jax.apply(model), cupynn.jax.parameters(model)
 >>> loss = lambda p, x: jnp.sum(f(p, x) ** 2)
->>> grads = jax.jit(jax.grad(loss))(params, jnp.linspace(-1, 1, 64).reshape(-1, 1))
+>>> x = jnp.linspace(-1, 1, 64, dtype=jnp.float32).reshape(-1, 1)
+>>> grads = jax.jit(jax.grad(loss))(params, x)
 >>> grads[0]["weight"].shape
 (16, 1)
 """
@@ -72,6 +73,11 @@ def parameters(model):
 
     A Chain gives ``[{"weight": W, "bias": b}, ...]``, a Dense one dict; a
     layer without bias has ``"bias": None``.
+
+    >>> import cupynn, cupynn.jax
+    >>> p = cupynn.jax.parameters(cupynn.MLP([2, 3, 1], "tanh", device="cpu", rng=0))
+    >>> [tuple(layer["weight"].shape) for layer in p]
+    [(3, 2), (1, 3)]
     """
     def one(layer):
         return {"weight": jnp.array(_host(layer.weight)),
@@ -87,6 +93,14 @@ def apply(model):
     ``params``: the pytree of :func:`parameters` (same shapes, the model's dtype);
     ``x``: ``(batch, in)`` or ``(in,)`` in the model's dtype; ``y``: ``(batch, out)``
     or ``(out,)``. The returned function checks shapes and dtypes when traced.
+
+    >>> import jax, jax.numpy as jnp, numpy as np, cupynn, cupynn.jax
+    >>> model = cupynn.MLP([2, 3, 1], "tanh", dtype="float32", device="cpu", rng=0)
+    >>> f, p = cupynn.jax.apply(model), cupynn.jax.parameters(model)
+    >>> x = jnp.ones((4, 2), dtype=jnp.float32)
+    >>> grads = jax.grad(lambda p: (f(p, x) ** 2).sum())(p)
+    >>> tuple(grads[0]["weight"].shape)
+    (3, 2)
     """
     if not isinstance(model, (Dense, Chain)):
         raise TypeError(f"cupynn.jax.apply takes a cupynn Dense or Chain, got {type(model).__name__}")

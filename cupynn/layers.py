@@ -59,14 +59,17 @@ class _Model:
 
     @property
     def device(self) -> str:
+        """``"cpu"`` (NumPy arrays) or ``"cuda"`` (CuPy arrays): where the parameters live."""
         return self._dense_layers()[0]._device
 
     @property
     def dtype(self) -> np.dtype:
+        """The parameters' dtype, ``float32`` or ``float64``; inputs must have it too."""
         return self._dense_layers()[0]._dtype
 
     @property
     def precision(self) -> str:
+        """The float32 matrix-product mode on CUDA: ``"strict"``, ``"tf32"`` or ``"3xtf32"``."""
         return self._precision
 
     @precision.setter
@@ -255,18 +258,59 @@ class Dense(_Model):
 class Chain(_Model):
     """Layers applied in order: ``Chain(l1, l2, l3)(x) == l3(l2(l1(x)))``.
 
+    ``y = l_n(...l_2(l_1(x)))`` for ``x`` of shape ``(batch, l_1.in_features)``;
+    the output is ``(batch, l_n.out_features)``.
+
     All layers must share one dtype and device, and each layer's
     ``in_features`` must equal the previous layer's ``out_features``.
     ``precision`` selects the float32 matrix-product mode on CUDA:
-    ``"strict"`` (FP32 FMA), ``"tf32"`` or ``"3xtf32"`` (tensor cores).
+    ``"strict"`` (FP32 FMA), ``"tf32"`` or ``"3xtf32"`` (tensor cores); it has
+    no effect on the CPU (a warning says so once).
+
+    Nesting: an argument may itself be a Chain; it is flattened, so
+    ``Chain(Chain(a, b), c)`` is the model ``Chain(a, b, c)``: its repr lists
+    ``a, b, c``, ``len()`` is 3, ``parameters()`` and the gradients are one
+    flat list of three ``{"weight", "bias"}`` dicts, and ``save`` writes a flat
+    Chain. The Dense layers are shared with the inner Chain, not copied
+    (moving or loading parameters into one moves the other's too). Without an
+    explicit ``precision`` the nested Chains' precision is kept (they must
+    agree), else ``"strict"``.
+
+    Example
+    -------
+    >>> import cupynn
+    >>> encoder = cupynn.MLP([2, 8, 4], "tanh", device="cpu", rng=0)
+    >>> model = cupynn.Chain(encoder, cupynn.Dense(4, 1, device="cpu", rng=1))
+    >>> model
+    Chain(
+      Dense(2 => 8, tanh),
+      Dense(8 => 4),
+      Dense(4 => 1),
+    )
+    >>> [p["weight"].shape for p in model.parameters()]
+    [(8, 2), (4, 8), (1, 4)]
     """
 
-    def __init__(self, *layers: Dense, precision: str = "strict"):
+    def __init__(self, *layers: Dense | Chain, precision: str | None = None):
         if not layers:
             raise ValueError("Chain needs at least one layer")
+        flat: list[Dense] = []
+        inner_precisions = set()
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Dense):
-                raise TypeError(f"Chain takes Dense layers; argument {i} is {type(layer).__name__}")
+            if isinstance(layer, Chain):
+                flat.extend(layer.layers)
+                inner_precisions.add(layer.precision)
+            elif isinstance(layer, Dense):
+                flat.append(layer)
+            else:
+                raise TypeError(f"Chain takes Dense layers or Chains; argument {i} is "
+                                f"{type(layer).__name__}")
+        if precision is None:
+            if len(inner_precisions) > 1:
+                raise ValueError(f"the nested Chains have different precisions "
+                                 f"{sorted(inner_precisions)}: pass precision= to the outer Chain")
+            precision = inner_precisions.pop() if inner_precisions else "strict"
+        layers = tuple(flat)
         first = layers[0]
         for i, (prev, layer) in enumerate(zip(layers, layers[1:]), start=1):
             if layer.in_features != prev.out_features:
@@ -279,7 +323,7 @@ class Chain(_Model):
                     f"{layer._label(i)} is {layer.dtype} on '{layer.device}' but {first._label(0)} "
                     f"is {first.dtype} on '{first.device}': use one dtype and device"
                 )
-        self.layers: tuple[Dense, ...] = tuple(layers)
+        self.layers: tuple[Dense, ...] = layers
         self._precision = check_precision(precision, first.dtype)
 
     def _dense_layers(self) -> list[Dense]:

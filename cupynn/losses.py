@@ -35,7 +35,15 @@ def _xp(a):
 
 
 def make_loss(loss: str | Callable, target=None) -> LossSpec:
-    """Turn the user's ``loss`` argument into a :class:`LossSpec`."""
+    """Turn the user's ``loss`` argument into a :class:`LossSpec`.
+
+    ``loss`` is ``"sum_squares"``, ``"mse"`` or a callable ``loss(y) -> (value, dL/dy)``;
+    ``target`` (built-in losses only) is an array shaped like the output, or None (0).
+
+    >>> from cupynn.losses import make_loss
+    >>> make_loss("mse").kind, make_loss(lambda y: ((y**2).sum(), 2 * y)).kind
+    ('mse', 'callable')
+    """
     if callable(loss):
         if target is not None:
             raise ValueError("target= is for the built-in losses; a callable loss closes over its own")
@@ -51,7 +59,12 @@ def make_loss(loss: str | Callable, target=None) -> LossSpec:
 
 
 def loss_scale(kind: str, size: int) -> float:
-    """The factor in front of ``sum((y - t)**2)``: 1, or ``1/size`` for mse."""
+    """The factor in front of ``sum((y - t)**2)``: 1, or ``1/size`` for mse (0 when empty).
+
+    >>> from cupynn.losses import loss_scale
+    >>> loss_scale("sum_squares", 10), loss_scale("mse", 10), loss_scale("mse", 0)
+    (1.0, 0.1, 0.0)
+    """
     if kind == "mse":
         return 1.0 / size if size else 0.0
     return 1.0
@@ -62,7 +75,15 @@ def _residual(y, target):
 
 
 def loss_forward(y, loss: str, target=None):
-    """The loss value as a 0-d array of ``y``'s dtype, on ``y``'s device."""
+    """The loss value as a 0-d array of ``y``'s dtype, on ``y``'s device.
+
+    ``sum((y - target)**2)`` (``target`` None means 0), divided by ``y.size`` for ``"mse"``.
+
+    >>> import numpy as np
+    >>> from cupynn.losses import loss_forward
+    >>> loss_forward(np.array([[1.0, 2.0]]), "sum_squares"), loss_forward(np.array([[1.0, 2.0]]), "mse")
+    (array(5.), array(2.5))
+    """
     xp = _xp(y)
     r = _residual(y, target)
     flat = r.reshape(-1)
@@ -71,7 +92,14 @@ def loss_forward(y, loss: str, target=None):
 
 
 def loss_backward(y, loss: str, target=None):
-    """``dL/dy``, a new array shaped like ``y``."""
+    """``dL/dy = 2 (y - target) * scale``, a new array shaped like ``y``
+    (``scale`` is 1, or ``1 / y.size`` for ``"mse"``).
+
+    >>> import numpy as np
+    >>> from cupynn.losses import loss_backward
+    >>> loss_backward(np.array([[1.0, 2.0]]), "sum_squares", target=np.array([[1.0, 0.0]]))
+    array([[0., 4.]])
+    """
     r = _residual(y, target)
     return r * y.dtype.type(2.0 * loss_scale(loss, y.size))
 
@@ -80,7 +108,14 @@ def call_loss(fn, y, array_type):
     """``(value, dL/dy)`` of a user's loss callable at ``y``, its gradient checked.
 
     ``dL/dy`` must be an ``array_type`` (the backend's array class) of ``y``'s shape and
-    dtype: it is never cast or moved silently.
+    dtype: it is never cast or moved silently; anything else is an error that says what
+    the callable must return.
+
+    >>> import numpy as np
+    >>> from cupynn.losses import call_loss
+    >>> y = np.array([[1.0], [2.0]])
+    >>> call_loss(lambda y: ((y**2).sum(), 2 * y), y, np.ndarray)[1].shape
+    (2, 1)
     """
     out = fn(y)
     if not isinstance(out, tuple) or len(out) != 2:

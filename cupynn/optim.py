@@ -87,6 +87,14 @@ class Optimizer:
     Subclasses set ``kind`` (the update rule), ``_buffers`` (state array names) and
     ``_hyper_names``; hyperparameters are plain attributes that may be changed between
     steps (``opt.lr = 1e-4``: a schedule; also seen by a compiled step).
+
+    >>> import numpy as np, cupynn
+    >>> model = cupynn.MLP([1, 4, 1], "tanh", device="cpu", rng=0)
+    >>> opt = cupynn.optim.SGD(model.parameters(), lr=0.1)
+    >>> isinstance(opt, cupynn.optim.Optimizer)
+    True
+    >>> value, grads = cupynn.value_and_grad(model, np.ones((8, 1)))
+    >>> opt.step(grads)
     """
 
     kind: str = ""

@@ -11,7 +11,8 @@ namespace cupynn {
 enum : int {
     ACT_IDENTITY = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2, ACT_TANH = 3, ACT_SIGMOID = 4,
     ACT_SOFTPLUS = 5, ACT_SILU = 6, ACT_GELU = 7, ACT_GELU_ERF = 8, ACT_ELU = 9,
-    ACT_NONE = -1  // "no previous layer" in the recompute templates
+    ACT_NONE = -1,  // "no previous layer" in the recompute templates
+    ACT_RUNTIME = -2  // a kernel template argument: the activation is a kernel argument
 };
 
 // True when f' is computed from the output y (ids 0-4), false when from z (5-9).
@@ -169,6 +170,16 @@ template <class F> __device__ __forceinline__ void with_activation(int act, F&& 
         case ACT_GELU_ERF: f(Act<ACT_GELU_ERF>{}); break;
         default: f(Act<ACT_ELU>{}); break;
     }
+}
+
+// act_forward with the id at run time, out of line: one copy of every formula behind one
+// switch, called once per element by the ACT_RUNTIME instantiations (cheap to compile,
+// where inlining it into an unrolled epilogue would copy all ten formulas into every
+// element's code).
+template <typename T> __device__ __noinline__ T act_forward_runtime(int act, T z) {
+    T y = z;
+    with_activation(act, [&](auto a) { y = act_forward<decltype(a)::id>(z); });
+    return y;
 }
 
 // The value a layer saves for its backward: y for ids 0-4, z for 5-9.

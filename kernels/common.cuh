@@ -2,7 +2,7 @@
 //
 // Compiled by NVRTC (-std=c++17, -I<kernels dir>) on the GPU, and by g++ with
 // -DCUPYNN_EMULATE and the emulator's header force-included on the CPU.  Only the
-// dialect listed in notes/CONTRACTS.md is used here.
+// kernel dialect of kernels/README.md is used here.
 #pragma once
 
 #ifndef CUPYNN_EMULATE

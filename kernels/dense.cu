@@ -46,7 +46,7 @@ __device__ __forceinline__ void finish_each(const Raw (&raw)[N], unsigned valid,
 // The input of a layer, X(m, k): either a strided load of x, or -- when k0 > 0 --
 // recomputed from a tiny previous layer: act0(x0[m, :] . w0[k, :] + b0[k]) with
 // x0 (M, k0) strided.  Recomputing costs k0 multiply-adds per element and saves
-// writing and reading the whole (M, K) hidden layer (DESIGN.md §4).  Raw: x, or the
+// writing and reading the whole (M, K) hidden layer (docs/design.md, section 3).  Raw: x, or the
 // pre-activation z0 (its k0 <= 4 loads are L1-resident); act0 is applied in finish.
 template <typename T> struct InputLoad {
     static constexpr bool C_FAST = true;
@@ -255,6 +255,8 @@ template <typename T> __device__ __forceinline__ T block_sum(T v, T* red) {
 //   w (N, K), b (N) if has_b
 //   y (M, N) written if store_y; zsave (M, N) written if store_z
 //   target (M, N) if has_t; loss_partials[gridDim.x * gridDim.y] written if loss
+//   act: the activation id when ACT == ACT_RUNTIME (act_forward_runtime, out of line, per
+//     element), else ignored (ACT itself: the activations with instantiations of their own)
 // A block owns the output tile rows [BM * blockIdx.x, +BM) x cols [BN * blockIdx.y, +BN).
 template <typename T, int ACT, int TILE, int MATH>
 __global__ void __launch_bounds__(GEMM_THREADS, (MinBlocks<T, TILE, MATH, true>::value))
@@ -263,7 +265,8 @@ dense_forward(const T* __restrict__ x, i64 sxm, i64 sxk,
               const T* __restrict__ w, const T* __restrict__ b, int has_b,
               i64 M, i64 N, i64 K,
               T* __restrict__ y, int store_y, T* __restrict__ zsave, int store_z,
-              const T* __restrict__ target, int has_t, int loss, T* __restrict__ loss_partials) {
+              const T* __restrict__ target, int has_t, int loss, T* __restrict__ loss_partials,
+              int act) {
     using G = Gemm<T, TILE, MATH>;
     __shared__ typename G::Smem sm;
     __shared__ T red[GEMM_THREADS];
@@ -274,20 +277,24 @@ dense_forward(const T* __restrict__ x, i64 sxm, i64 sxk,
     gemm.zero();
     gemm.run(sm, la, lb, M, N, r0, c0, 0, K);
     T local = T(0);
-    gemm.visit([&](int rr, int cc, T v) {
-        const i64 m = r0 + rr, n = c0 + cc;
-        if (m < M && n < N) {
-            const T z = has_b ? v + b[n] : v;
-            const T out = act_forward<ACT>(z);
-            const i64 o = m * N + n;
-            if (store_y) y[o] = out;
-            if (store_z) zsave[o] = z;
-            if (loss) {
-                const T r = has_t ? out - target[o] : out;
-                local += r * r;
+    auto epilogue = [&](auto f) {
+        gemm.visit([&](int rr, int cc, T v) {
+            const i64 m = r0 + rr, n = c0 + cc;
+            if (m < M && n < N) {
+                const T z = has_b ? v + b[n] : v;
+                const T out = f(z);
+                const i64 o = m * N + n;
+                if (store_y) y[o] = out;
+                if (store_z) zsave[o] = z;
+                if (loss) {
+                    const T r = has_t ? out - target[o] : out;
+                    local += r * r;
+                }
             }
-        }
-    });
+        });
+    };
+    if constexpr (ACT == ACT_RUNTIME) epilogue([&](T z) { return act_forward_runtime(act, z); });
+    else epilogue([](T z) { return act_forward<ACT>(z); });
     if (loss) {  // uniform branch: every thread takes part in the block sum
         const T s = block_sum(local, red);
         if (threadIdx.x == 0) loss_partials[blockIdx.x + (i64)gridDim.x * blockIdx.y] = s;

@@ -4,7 +4,7 @@
 //
 // A and B are *loaders*: small structs that produce operand elements on the fly (a
 // strided load, the upstream gradient times act'(.), an input recomputed from a tiny
-// previous layer, a column of ones...).  That is how the fusions of DESIGN.md §3-4
+// previous layer, a column of ones...).  That is how the fusions of docs/design.md
 // enter the GEMM: in the operand loads.  A loader works on a thread's whole fragment
 // of a K-slice (N elements; a Frag: element q at (i0 + q*d0, i1 + q*d1), so addresses
 // advance by one stride instead of being recomputed in 64-bit math per element) in

@@ -6,7 +6,7 @@
 //     per-lane fragment layout.  Every lane gathers the operand elements it needs from the
 //     lanes that own them, so a kernel that puts a value in the wrong lane computes the wrong
 //     product on the CPU exactly as it does on the GPU.  The emulated branch is pure kernel
-//     dialect (notes/CONTRACTS.md), so it also compiles under NVRTC: define
+//     dialect (kernels/README.md), so it also compiles under NVRTC: define
 //     CUPYNN_MMA_REFERENCE before including this header to run it on a GPU and compare it
 //     with the hardware instruction (tests/test_emulator_mma.py does this where a GPU exists).
 //

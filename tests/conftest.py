@@ -1,7 +1,14 @@
-"""Shared helpers for the tests: random models and the reference comparison."""
+"""Shared helpers for the tests: random models and the reference comparison.
+
+Tests marked ``slow`` (the sanitizer runs, the wheel install, the full benchmark smoke
+run, NVRTC compilations) are skipped unless pytest runs with ``--slow`` (or
+``CUPYNN_SLOW_TESTS=1``); CI (``.ci/run``) passes it. The README's test command leaves
+them out so that it finishes in a few minutes.
+"""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -10,6 +17,66 @@ import pytest
 import cupynn
 
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (sanitizers, wheel install, NVRTC, the "
+                          "full benchmark smoke run); CI does")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or os.environ.get("CUPYNN_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: `python -m pytest --slow` runs it (CI does)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
+_EMULATOR_BUILT: list = []
+
+
+def _say(request, line: str) -> None:
+    """Print a line now, past pytest's output capture (a progress note in a fixture)."""
+    if request is None:
+        return
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if capture is None or reporter is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
+
+
+def emulated_cuda_backend(request=None):
+    """A CudaBackend running on the CPU emulator, every kernel instantiation built.
+
+    The instantiations of each kernel source go into two modules (two g++ at a time,
+    about half a minute on two cores when nothing is cached), the same two for every
+    test module and every run: the loader caches the modules in the process and the
+    emulator caches the builds on disk by the hash of the sources (``CUPYNN_EMU_CACHE``),
+    so an unchanged kernel is built once. Building them all also checks that every
+    instantiation compiles under the emulator's dialect."""
+    import time
+
+    from cupynn.backends import cuda_catalog
+    from cupynn.backends.cuda_backend import CudaBackend
+    from cupynn.emulator import EmulatedModule
+
+    backend = CudaBackend(xp=np, module_cls=EmulatedModule)
+    catalog = cuda_catalog.all_instantiations()
+    first = not _EMULATOR_BUILT
+    if first:
+        _say(request, f"(emulator: {sum(len(n) for _, n in catalog)} kernel instantiations, "
+                      "2 modules, g++ -- half a minute the first time, cached by source hash)")
+    t0 = time.perf_counter()
+    for source, names in catalog:
+        backend.kernels.warm_up(source, names, workers=2, modules=2)
+    if first:
+        _EMULATOR_BUILT.append(True)
+        _say(request, f"(emulator: kernels ready in {time.perf_counter() - t0:.0f} s)")
+    return backend
 
 
 def random_model(sizes, activations, dtype, rng, *, bias=True, device="cpu", scale=1.0):

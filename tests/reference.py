@@ -1,4 +1,4 @@
-"""An independent float64 reference: the formulas of DESIGN.md §3 written plainly.
+"""An independent float64 reference: the formulas of docs/design.md (section 2) written plainly.
 
 It shares no code with cupynn: activations are re-derived here with
 ``math`` functions, and the network is a plain loop that keeps every

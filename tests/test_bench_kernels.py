@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupynn.backends import cuda_backend as cb
 from cupynn.backends.base import LossSpec
 from cupynn.bench import report
 from cupynn.bench.kernels import blocks_per_sm, kernel_breakdown
 
+from .conftest import emulated_cuda_backend
 from .test_kernels_emulated import REF, check_close, make_net
 
 emu = pytest.importorskip("cupynn.emulator", reason="the CPU emulator is not there")
@@ -20,8 +20,8 @@ H200 = {"count": 132, "registers": 65536, "shared_memory": 233472, "threads": 20
 
 
 @pytest.fixture(scope="module")
-def be():
-    backend = cb.CudaBackend(xp=np, module_cls=emu.EmulatedModule)
+def be(request):
+    backend = emulated_cuda_backend(request)  # the same modules as test_kernels_emulated's
     backend.kernels.poison = True
     backend.fused.enabled = False  # the per-layer breakdown; tests/test_fused.py has the fused one
     return backend

@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # every peer's JAX / PyTorch compilation: ~30 s (CI runs it with --slow)
 def test_pinn_workload_runs_and_every_implementation_agrees(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-m", "cupynn", "bench", "pinn", "--quick", "--device",

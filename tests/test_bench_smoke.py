@@ -25,6 +25,7 @@ def _run_bench(tmp_path, *args, timeout=240):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # every workload with every peer (PyTorch, JAX compilations)
 def test_quick_suite_writes_json_png_markdown_and_every_run_is_correct(tmp_path):
     pytest.importorskip("matplotlib")
     out = _run_bench(tmp_path, "--quick", "--device", "cpu", "--json", "b.json",
@@ -80,6 +81,7 @@ def test_seed_command_prints_times_ratio_and_loss(tmp_path):
                 and "cupynn" in ln)
     assert "ms" in line or "µs" in line
     assert f"{r['loss']:.6g}" in line and f"{r['ratio']:.2f}" in line
+    assert out.stdout.count("Columns: forward / gradient") == 1  # explained once
 
 
 def test_bad_arguments_are_reported(tmp_path):

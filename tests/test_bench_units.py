@@ -150,6 +150,22 @@ def test_finalize_ratios_against_the_best_peer():
     assert "0.25×" in table and "1.50" in table
 
 
+def test_a_time_with_a_wide_spread_is_marked_noisy():
+    def res(spread):
+        return {"workload": "seed", "shape": "1→1000→20→1", "batch": 10, "dtype": "float64",
+                "label": "x", "status": "ok", "loss": 1.0, "ratio": 2.0,
+                "forward": {"median_s": 1e-3, "spread": spread},
+                "gradient": {"median_s": 2e-3, "spread": 0.01}}
+
+    rows = report.terminal_table([res(0.19), res(0.25)]).splitlines()[2:]
+    assert "±19%" in rows[0] and "NOISY" not in rows[0]
+    assert "1 ms ±25% NOISY" in rows[1] and rows[1].count("NOISY") == 1
+    doc = {"machine": {"device": "cpu", "cpu": "x", "cpu_count": 2, "date": "d"},
+           "results": [res(0.5)]}
+    md = report.markdown(doc)
+    assert "NOISY" in md and "Columns: forward / gradient" in md
+
+
 def test_profile_wraps_each_timed_cpu_loop_in_a_named_nvtx_range(monkeypatch, capsys):
     """--profile on the CPU: one NVTX range per timed loop, through cupynn._nvtx."""
     from cupynn import _nvtx

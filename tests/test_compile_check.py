@@ -1,7 +1,8 @@
-"""python -m cupynn.compile_check: every kernel instantiation compiles through NVRTC.
+"""python -m cupynn.compile_check: its parsing, failure detection and cache.
 
 Runs without a GPU or driver (pip's nvidia-cuda-nvrtc-cu12); skips only when NVRTC cannot be
-loaded at all.  The full check takes a few minutes on 2 cores the first time (then cached).
+loaded at all.  The full check of every instantiation is not a test: it takes minutes, and
+CI runs it once as its own step (``python -m cupynn.compile_check`` in ``.ci/run``).
 """
 
 from __future__ import annotations
@@ -73,11 +74,29 @@ def test_compile_errors_fail_the_check(nvrtc, capsys, tmp_path, monkeypatch):
     assert rc == 1 and "no_such_name" in err
 
 
-def test_every_kernel_instantiation_compiles(nvrtc, capsys):
-    """The CI check proper: cuda_catalog.all_instantiations() for sm_80 and sm_90."""
-    rc = cc.main(["--quiet"])
+def test_results_are_cached_per_kernel(nvrtc, capsys, tmp_path, monkeypatch):
+    """A kernel compiled once (by any run) comes from the cache; new ones are compiled."""
+    monkeypatch.setenv("CUPYNN_EMU_CACHE", str(tmp_path / "cache"))
+    assert cc.main(["--source", str(SPILL), "--name", "small", "--arch", "sm_90"]) == 0
+    out, _ = capsys.readouterr()
+    assert "0 kernel results cached (by source hash); compiling 1 in 1 NVRTC programs" in out
+    argv = ["--source", str(SPILL), "--name", "small", "--name", "spills",
+            "--option=--maxrregcount=32", "--arch", "sm_90"]
+    assert cc.main(argv) == 1  # a new option: both compiled again
     out, err = capsys.readouterr()
-    assert rc == 0, err[-20000:] + out[-2000:]
+    assert "compiling 2 in 1 NVRTC programs" in out and "spills: hot kernel spills" in err
+    assert cc.main(argv) == 1  # all cached, and the spill is still reported
+    out, err = capsys.readouterr()
+    assert "2 kernel results cached (by source hash); compiling 0" in out
+    assert "spills: hot kernel spills registers" in err and "512" in out
+    copy = tmp_path / "elsewhere" / "spill.cu"  # the same text in another directory
+    copy.parent.mkdir()
+    copy.write_text(SPILL.read_text())
+    assert cc.main(["--source", str(copy), "--name", "small", "--arch", "sm_90"]) == 0
+    assert "1 kernel results cached" in capsys.readouterr().out
+    assert cc.main(["--source", str(copy), "--name", "small", "--arch", "sm_90",
+                    "--no-cache"]) == 0
+    assert "kernel results cached" not in capsys.readouterr().out
 
 
 def test_sample_covers_every_kind_once_before_any_twice_hot_first():

@@ -47,7 +47,7 @@ def _cupy_importable() -> bool:
 def test_show_config_prints_every_section(capsys):
     _config.show_config()
     out = capsys.readouterr().out
-    for key in ("cupynn", "python", "numpy", "cupy", "kernels", "kernel cache", "NVTX"):
+    for key in ("cupynn", "python", "numpy", "CPU threads", "cupy", "kernels", "kernel cache", "NVTX"):
         assert any(line.startswith(f"{key} ") for line in out.splitlines()), (key, out)
 
 

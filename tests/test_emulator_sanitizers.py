@@ -13,7 +13,7 @@ import pytest
 emu = pytest.importorskip("cupynn.emulator")
 from cupynn.emulator.testing import TESTDATA, emulated_module, sanitizer_available  # noqa: E402
 
-pytestmark = pytest.mark.emulator
+pytestmark = [pytest.mark.emulator, pytest.mark.slow]  # builds the sanitizer runtimes
 BUGS = TESTDATA / "planted_bugs.cu"
 
 

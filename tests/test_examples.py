@@ -26,7 +26,12 @@ def test_every_example_is_covered():
     assert {p.name for p in EXAMPLES} == set(EXPECT)
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+# dask_train.py starts a local cluster of worker processes (~15 s): with the slow tests
+SLOW = {"dask_train.py"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW
+                                  else p for p in EXAMPLES], ids=[p.name for p in EXAMPLES])
 def test_example_runs_quick(path, tmp_path):
     if path.name in ("lbfgs_scipy.py", "pinn_poisson.py"):
         pytest.importorskip("scipy.optimize")

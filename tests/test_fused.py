@@ -39,7 +39,7 @@ from .test_kernels_emulated import (
 )
 
 ACTS = list(ACTIVATIONS)
-ARCH = "sm_90"  # the emulator then runs mma.m16n8k16's own layout (sm_80: m8n8k4 sequences)
+ARCH = "sm_90"  # test_sm90_direct and the sanitizer runs: mma.m16n8k16's own emulation
 H200_SMEM = 232448
 
 
@@ -158,40 +158,18 @@ def make_backend(module_cls, arch, names):
     return be
 
 
-def _selected_kernels(request, arch):
-    def run(dry):
-        for item in request.session.items:
-            if getattr(item, "module", None) is not request.module:
-                continue
-            fn = getattr(item, "obj", None)
-            if "be" not in getattr(item, "fixturenames", ()):
-                continue
-            params = dict(getattr(getattr(item, "callspec", None), "params", {}) or {})
-            kwargs = {}
-            import inspect
-
-            for arg in inspect.signature(fn).parameters:
-                kwargs[arg] = {"be": dry, "rng": np.random.default_rng(0)}.get(arg, params.get(arg))
-                if arg == "monkeypatch":
-                    kwargs[arg] = pytest.MonkeyPatch()
-                if arg in ("small_wide", "few_blocks"):
-                    kwargs[arg] = None
-            mp = pytest.MonkeyPatch()
-            mp.setattr(fl, "WIDE_MIN", 24)
-            try:
-                dry_call(fn, **kwargs)
-            finally:
-                mp.undo()
-
-    return kernels_used(run, fused=True, arch=arch)
-
-
 @pytest.fixture(scope="module")
 def be(request):
+    """The shared emulated backend (every catalog kernel built once, for sm_80: the m16n8k16
+    steps run as m8n8k4 sequences; test_sm90_direct runs the sm_90 emulation itself)."""
+    from .conftest import emulated_cuda_backend
+
     try:
-        return make_backend(emu.EmulatedModule, ARCH, _selected_kernels(request, ARCH))
+        backend = emulated_cuda_backend(request)
     except Exception as exc:  # pragma: no cover - no compiler
         pytest.skip(f"emulator unusable: {exc}")
+    backend.kernels.poison = True
+    return backend
 
 
 @pytest.fixture
@@ -335,17 +313,23 @@ def test_planned_launches_reproduce_the_call(be, rng, small_wide):
 
 
 @pytest.mark.emulator
-def test_sm80_composition(rng, small_wide):
-    """arch sm_80: every m16n8k16 step as eight m8n8k4 (the A100 path)."""
-    be80 = make_backend(emu.EmulatedModule, "sm_80", [fl.kernel_name("double", 1),
-                                                     fl.reduce_name("double")])
-    case_fused(be80, np, rng, [3, 21, 6, 2], ["tanh", "elu", "identity"], "float64", 53,
+@pytest.mark.slow
+def test_sm90_direct(rng, small_wide, few_blocks):
+    """arch sm_90: the m16n8k16 / m16n8k8 emulation itself (what an H100/H200 runs), where
+    the rest of this file runs sm_80's m8n8k4 sequences."""
+    be90 = make_backend(emu.EmulatedModule, ARCH, [fl.kernel_name("double", 1),
+                                                  fl.reduce_name("double"),
+                                                  fl.kernel_name("float", 2),
+                                                  fl.reduce_name("float")])
+    case_fused(be90, np, rng, [3, 21, 6, 2], ["tanh", "elu", "identity"], "float64", 53,
                need_dx=True, wide=False)
-    case_fused(be80, np, rng, [2, 40, 9, 1], ["gelu", "relu", "identity"], "float64", 90,
+    case_fused(be90, np, rng, [2, 40, 9, 1], ["gelu", "relu", "identity"], "float64", 150,
                target=True, wide=True)
+    case_fused(be90, np, rng, [1, 30, 20, 1], "tanh", "float32", 77, precision="tf32", wide=True)
 
 
 @pytest.mark.emulator
+@pytest.mark.slow
 @pytest.mark.parametrize("sanitizer", ["address", "thread"])
 def test_clean_under_sanitizer(sanitizer, monkeypatch):
     from cupynn.emulator.testing import sanitizer_available

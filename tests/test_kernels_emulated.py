@@ -26,6 +26,8 @@ from cupynn.backends import cuda_select as cs
 from cupynn.backends.base import LayerSpec, LossSpec, NetSpec
 from cupynn.backends.numpy_backend import NumpyBackend
 
+from .conftest import emulated_cuda_backend
+
 pytestmark = pytest.mark.emulator
 
 ACTS = list(ACTIVATIONS)
@@ -228,17 +230,11 @@ def _kernels_of_selected_tests(request, xp_fixtures=()) -> list[str]:
 
 @pytest.fixture(scope="module")
 def be(request):
-    emu = pytest.importorskip("cupynn.emulator", reason="the CPU emulator (issue 3) is not there")
+    pytest.importorskip("cupynn.emulator", reason="the CPU emulator is not there")
     try:
-        backend = cb.CudaBackend(xp=np, module_cls=emu.EmulatedModule)
+        backend = emulated_cuda_backend(request)
     except Exception as exc:  # pragma: no cover - no compiler
         pytest.skip(f"emulator unusable: {exc}")
-    # Every emulated module carries its own fiber pool (~500 memory mappings), and one
-    # process may hold ~65k mappings: build the kernels of the selected tests into a few
-    # modules up front (two g++ at a time) instead of one module per kernel.
-    names = _kernels_of_selected_tests(request)
-    if names:
-        backend.warm_up(names, workers=2, modules=min(4, len(names)))
     backend.kernels.poison = True
     backend.fused.enabled = False  # this suite is about the per-layer kernels (tests/test_fused.py)
     return backend
@@ -430,7 +426,19 @@ def test_checks_say_what_to_change(be, rng):
 
 def test_instantiation_table_is_sane():
     (src, names), = cs.kernel_names_all()
-    assert src == "dense.cu" and len(names) == len(set(names)) and len(names) < 400
+    assert src == "dense.cu" and len(names) == len(set(names)) and len(names) < 160
+    forward_acts = {int(n.split("<")[1].split(",")[1]) for n in names if "dense_forward<" in n}
+    assert forward_acts == {*cs.FORWARD_ACTIVATIONS, cs.ACT_RUNTIME}
+    assert all(cs.forward_act(a.id) == (a.id if a.id in cs.FORWARD_ACTIVATIONS else -2)
+               for a in ACTIVATIONS.values())
+
+
+def test_hot_kernels_have_their_activation_compiled_in():
+    """The public workloads' forward kernels never switch on the activation at run time."""
+    for _sizes, act, *_ in cuda_catalog.PUBLIC_WORKLOADS:
+        assert ACTIVATIONS[act].id in cs.FORWARD_ACTIVATIONS and 0 in cs.FORWARD_ACTIVATIONS
+    hot = cuda_catalog.hot_kernels()
+    assert not [n for n in hot if "dense_forward<" in n and f", {cs.ACT_RUNTIME}," in n]
 
 
 def test_launch_plan_replays_with_new_arrays(be, rng):

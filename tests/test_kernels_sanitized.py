@@ -20,7 +20,7 @@ from .test_kernels_emulated import case_sanitizer_subset, dry_call, kernels_used
 emu = pytest.importorskip("cupynn.emulator", reason="the CPU emulator is not there")
 from cupynn.emulator.testing import sanitizer_available  # noqa: E402
 
-pytestmark = pytest.mark.emulator
+pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("sanitizer", ["address", "thread"])

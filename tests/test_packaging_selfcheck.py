@@ -46,6 +46,7 @@ def test_sample_covers_every_template_and_dtype():
         assert len(sample) == len(keys)
 
 
+@pytest.mark.slow  # NVRTC: CI's compile check covers every instantiation
 def test_sampled_kernels_compile_with_nvrtc():
     try:
         from cupy_backends.cuda.libs import nvrtc

@@ -131,7 +131,7 @@ class Backend(ABC):
 
         ``z`` is the GEMM output ``S @ W.T`` of a stack ``(nb, B, N)`` with
         ``nb = taylor_blocks(d, second)``, C-contiguous; ``b`` ``(N,)`` or None.
-        Returns a new ``(nb, B, N)`` array (formulas: ``backends/numpy_taylor.py``).
+        Returns a new ``(nb, B, N)`` array (formulas: ``cupynn/backends/numpy_taylor.py``).
         """
 
     @abstractmethod

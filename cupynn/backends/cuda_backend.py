@@ -188,6 +188,7 @@ class CudaBackend(Backend):
             z if z is not None else none, i32(z is not None),
             target if target is not None else none, i32(target is not None),
             i32(loss_partials is not None), loss_partials if loss_partials is not None else none,
+            i32(act),
         )
         del T
         self._launch(rng, fwd_name(CTYPE[dtype], act, tile, math), grid, args)
@@ -394,7 +395,8 @@ class CudaBackend(Backend):
     # -- whole networks ------------------------------------------------------------
     @staticmethod
     def _recompute_first(net: NetSpec, need_dx: bool) -> bool:
-        """Whether layer 0's output is recomputed by layer 1 instead of stored (DESIGN §4)."""
+        """Whether layer 0's output is recomputed by layer 1 instead of stored
+        (docs/design.md, section 3)."""
         return (len(net.layers) >= 2 and 0 < net.layers[0].in_features <= RECOMPUTE_MAX_FANIN
                 and not need_dx)
 

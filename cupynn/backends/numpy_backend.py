@@ -1,124 +1,357 @@
 """The NumPy backend: the reference implementation, and a fast CPU path.
 
-Speed comes from the memory hierarchy, not from tricks in the arithmetic:
+Speed comes from the memory hierarchy and from doing each pass once:
 
-* the batch is processed in chunks of rows small enough that every layer's
-  activations for one chunk stay in cache, so a 1000-wide hidden layer is
-  never written to and read back from main memory;
-* bias, activation and the activation derivative are applied in place in
-  preallocated per-chunk workspaces (no temporaries in the hot loop);
+* the batch is processed in chunks of rows small enough that every buffer of
+  one chunk stays in cache, so a 1000-wide hidden layer is never written to
+  and read back from main memory;
+* hidden activations are stored feature-major (``(width, rows)``), each one
+  directly in the next layer's input buffer ``[h; 1]``, whose last row is ones:
+  the bias is part of the next product (``[W | b] @ [h; 1]``) and the bias
+  gradient part of the weight gradient (``dz @ [h; 1].T = [dW | db]``) -- no
+  bias pass, no copy between layers, no reduction for ``db``;
+* the activation is applied in place on the product's output, its derivative
+  in place on the gradient (no temporaries in the hot loop for identity, relu,
+  leaky_relu, tanh and sigmoid);
 * the loss and the whole backward pass run on a chunk right after its
   forward, while its activations are still in cache; weight gradients
-  accumulate over chunks in a fixed order (deterministic);
+  accumulate over chunks, and then over groups, in a fixed order (deterministic);
 * the first layer's weight gradient, when its activation is the identity and
   the input gradient is not asked for, is reassociated:
-  ``dW0 = (dz1 @ W1).T @ x = W1.T @ (dz1.T @ x)`` — the same products in a
-  cheaper order, which never forms the ``(batch, width0)`` gradient.
+  ``dW0 = (dz1 @ W1).T @ x = W1.T @ (dz1.T @ x)`` -- the same products in a
+  cheaper order, which never forms the ``(batch, width0)`` gradient;
+* BLAS runs with one thread inside the loop, and a large batch is cut into
+  groups of chunks that lanes (threads of cupynn's own, one per core) take as
+  they finish (see ``cupynn/_threads.py``): a busy core then slows one lane,
+  which takes fewer groups, instead of every product;
+* workspaces are kept between calls (per network shape, a few per shape), so
+  a small batch costs little more than its arithmetic.
 
 Single-layer functions (``dense_forward`` ...) are plain and unchunked: they
-are the formulas of DESIGN.md §3 written out.
+are the formulas of ``cupynn/activations.py`` written out.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 
+from .. import _threads
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
 from . import numpy_optim, numpy_taylor
 from .base import Backend, LossSpec, NetSpec, OptimizerState, Params, write_into
 
-# Rows per chunk are chosen so that one chunk of the widest layer takes about
-# this many bytes: large enough for BLAS efficiency, small enough for L2/L3.
-_CHUNK_BYTES = 1 << 21
-_MIN_CHUNK_ROWS = 512
+# Rows per chunk are chosen so that one chunk's buffers (every layer's input, gradient
+# and saved pre-activation) take about this many bytes: large enough for BLAS
+# efficiency, small enough for the L2 cache.
+_CHUNK_BYTES = 1 << 20
+_MIN_CHUNK_ROWS = 256
 _MAX_CHUNK_ROWS = 16384
-# Layers with at most this fan-in fold their bias into the GEMM (see _Workspace).
+# The first layer copies x into [x^T; 1] (folding its bias into the product) when its
+# fan-in is at most this; wider inputs are read in place and the bias added after.
 _AUGMENT_MAX_FAN_IN = 16
+# Below this many multiply-adds per call, BLAS threads are left alone (a tiny product
+# runs on one thread anyway, and setting the limit costs microseconds).
+_SMALL_WORK = 1 << 18
+# Workspaces kept between calls: network shapes, and free workspaces per shape.
+_CACHED_SHAPES = 8
+
+# activations with an in-place forward / derivative below
+_INPLACE = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
 
 
-def _chunk_rows(net: NetSpec) -> int:
-    widest = max(max(s.in_features, s.out_features) for s in net.layers)
-    rows = _CHUNK_BYTES // (widest * net.dtype.itemsize)
+def _chunk_rows(net: NetSpec, train: bool = True) -> int:
+    """Rows per chunk for ``net`` (the same for forward and gradient calls)."""
+    per_row = 0
+    for s in net.layers:
+        per_row += s.in_features + 1 + 3 * s.out_features  # input, gradient, pre/scratch
+    rows = _CHUNK_BYTES // (per_row * net.dtype.itemsize)
     return int(min(_MAX_CHUNK_ROWS, max(_MIN_CHUNK_ROWS, rows)))
 
 
 def _activate_inplace(act, z, out):
     """Write ``act(z)`` into ``out`` (which may be ``z`` itself)."""
-    if act.name == "identity":
+    name = act.name
+    if name == "identity":
         if out is not z:
-            out[...] = z
-    elif act.name == "tanh":
+            np.copyto(out, z)
+    elif name == "tanh":
         np.tanh(z, out=out)
-    elif act.name == "relu":
-        np.maximum(z, z.dtype.type(0), out=out)  # propagates NaN, like the reference
+    elif name == "relu":
+        np.maximum(z, 0, out=out)  # propagates NaN, like the reference
+    elif name == "leaky_relu" and out is z:
+        np.multiply(z, z.dtype.type(0.01), out=z, where=z < 0)
+    elif name == "sigmoid" and out is z:
+        # 1 / (1 + exp(-z)): exp overflows to inf for z < -709 (float64) and gives 0, as
+        # the limit; the errstate keeps that quiet.
+        with np.errstate(over="ignore"):
+            np.negative(z, out=z)
+            np.exp(z, out=z)
+            z += 1
+            np.reciprocal(z, out=z)
     else:
         out[...] = act.forward(z)
 
 
-def _scale_by_derivative(act, g, saved):
+def _scale_by_derivative(act, g, saved, scratch):
     """``g *= act'(saved)`` in place (``saved`` is y or z as the activation needs)."""
-    if act.name == "relu":
+    name = act.name
+    if name == "identity":
+        return
+    if name == "tanh":  # 1 - y^2
+        np.multiply(saved, saved, out=scratch)
+        np.subtract(1, scratch, out=scratch)
+        g *= scratch
+    elif name == "relu":
         np.multiply(g, saved > 0, out=g)  # relu' from y: 1 where y > 0, else 0 (NaN y -> 0)
-    elif act.name != "identity":
+    elif name == "sigmoid":  # y (1 - y)
+        np.subtract(1, saved, out=scratch)
+        scratch *= saved
+        g *= scratch
+    elif name == "leaky_relu":
+        np.multiply(g, g.dtype.type(0.01), out=g, where=~(saved > 0))
+    else:
         g *= act.derivative(saved)
 
 
+class _Layer:
+    """What one layer of a network needs in the hot loop (built once per shape)."""
+
+    __slots__ = ("K", "N", "act", "bias", "aug", "first", "last", "save_z")
+
+    def __init__(self, spec, first, last):
+        self.K, self.N = spec.in_features, spec.out_features
+        self.act = get_activation(spec.activation)
+        self.bias = spec.bias
+        self.first, self.last = first, last
+        # the input is [h; 1] (bias folded into the product): hidden layers with a bias
+        # always (the previous layer writes h there), the first one for a small fan-in
+        self.aug = spec.bias and (not first or spec.in_features <= _AUGMENT_MAX_FAN_IN)
+        self.save_z = not self.act.from_output
+
+
 class _Workspace:
-    """Per-chunk buffers for one call, reused across chunks.
+    """Buffers for one chunk of ``rows`` rows, flat so that every view of ``n`` rows is
+    contiguous; reused across chunks, calls and lanes (one lane at a time)."""
 
-    A layer with a small fan-in and a bias runs as one GEMM against the
-    augmented weight ``[W | b]`` with a constant-1 input column, instead of
-    a thin GEMM followed by a full pass adding the bias.
-    """
-
-    def __init__(self, net: NetSpec, params: Params, rows: int, *, train: bool):
+    def __init__(self, net: NetSpec, layers: list[_Layer], rows: int, train: bool):
         dt = net.dtype
-        self.out = [np.empty((rows, s.out_features), dt) for s in net.layers]
-        # pre-activations, kept only where backward differentiates from z
-        self.pre = [
-            np.empty((rows, s.out_features), dt)
-            if train and not get_activation(s.activation).from_output
-            else None
-            for s in net.layers
-        ]
-        self.grad = [np.empty((rows, s.out_features), dt) for s in net.layers] if train else None
-        self.aug_w, self.aug_in = [], []
-        for spec, (W, b) in zip(net.layers, params):
-            if b is not None and spec.in_features <= _AUGMENT_MAX_FAN_IN:
-                self.aug_w.append(np.ascontiguousarray(np.concatenate([W, b[:, None]], axis=1).T))
-                aug = np.empty((rows, spec.in_features + 1), dt)
-                aug[:, -1] = 1
-                self.aug_in.append(aug)
+        self.rows = rows
+        self.layers = layers
+        L = len(layers)
+        # inp[l]: layer l's input, feature-major (K [+1], rows); None: read x in place
+        self.inp = []
+        for lay in layers:
+            if lay.first and not lay.aug:
+                self.inp.append(None)
             else:
-                self.aug_w.append(None)
-                self.aug_in.append(None)
+                self.inp.append(np.empty((lay.K + lay.aug) * rows, dt))
+        self.y = np.empty(rows * layers[-1].N, dt)  # the last layer's output, row-major
+        self.pre = [np.empty(rows * lay.N, dt) if lay.save_z else None for lay in layers]
+        self.grad = [np.empty(rows * lay.N, dt) for lay in layers] if train else None
+        widest = max(lay.N for lay in layers)
+        self.scratch = np.empty(rows * widest, dt)
+        self.ones = np.ones(rows, dt)
+        self._views = {}
+        self.L = L
+
+    def views(self, n: int):
+        """Per-layer (inp, out, pre, grad, scratch) views for a chunk of ``n`` rows."""
+        v = self._views.get(n)
+        if v is not None:
+            if n != self.rows:  # the full chunks' h rows overlap this view's row of ones
+                for l, lay in enumerate(self.layers):
+                    if lay.aug:
+                        v[l][0][lay.K] = 1
+            return v
+        v = []
+        for l, lay in enumerate(self.layers):
+            K, N = lay.K, lay.N
+            inp = None
+            if self.inp[l] is not None:
+                inp = self.inp[l][:(K + lay.aug) * n].reshape(K + lay.aug, n)
+                if lay.aug:
+                    inp[K] = 1
+            if lay.last:
+                shape = (n, N)
+                out = self.y[:n * N].reshape(shape)
+            else:
+                shape = (N, n)
+                nxt = self.layers[l + 1]
+                out = self.inp[l + 1][:(N + nxt.aug) * n].reshape(N + nxt.aug, n)[:N]
+            pre = self.pre[l][:n * N].reshape(shape) if lay.save_z else None
+            grad = self.grad[l][:n * N].reshape(shape) if self.grad is not None else None
+            scratch = self.scratch[:n * N].reshape(shape)
+            v.append((inp, out, pre, grad, scratch))
+        if len(self._views) > 4:
+            self._views.clear()
+        self._views[n] = v
+        return v
 
 
-class _WeightGrad:
-    """Accumulates ``dW += dz.T @ h`` over chunks in the faster GEMM orientation.
+class _Shape:
+    """One network shape: its layers, and the free workspaces per (rows, train)."""
 
-    BLAS is slow when the output's leading dimension is tiny (``out`` = 20
-    rows of 1000): for ``out < in`` it accumulates ``dW.T = h.T @ dz`` into an
-    ``(in, out)`` buffer and transposes once at the end.
-    """
+    __slots__ = ("net", "layers", "free", "chunk_rows", "macs_per_row", "acc_bytes")
 
-    def __init__(self, dW):
-        self.dW = dW
-        self.transposed = dW.shape[0] < dW.shape[1]
-        self.acc = np.zeros(dW.shape[::-1], dW.dtype) if self.transposed else dW
-        self.tmp = np.empty_like(self.acc)
+    def __init__(self, net: NetSpec):
+        self.net = net
+        n = len(net.layers)
+        self.layers = [_Layer(s, i == 0, i == n - 1) for i, s in enumerate(net.layers)]
+        self.free: dict = {}
+        self.chunk_rows = _chunk_rows(net)
+        self.macs_per_row = sum(s.in_features * s.out_features for s in net.layers)
+        self.acc_bytes = net.dtype.itemsize * sum((s.in_features + 1) * s.out_features
+                                                  for s in net.layers)
 
-    def add(self, dz, h):
-        if self.transposed:
-            np.matmul(h.T, dz, out=self.tmp)
+    def checkout(self, rows: int, train: bool) -> _Workspace:
+        free = self.free.get((rows, train))
+        if free:
+            try:
+                return free.pop()
+            except IndexError:  # another thread took the last one
+                pass
+        return _Workspace(self.net, self.layers, rows, train)
+
+    def checkin(self, ws: _Workspace, train: bool) -> None:
+        free = self.free.get((ws.rows, train))
+        if free is None:
+            if len(self.free) >= _CACHED_SHAPES:
+                self.free.clear()
+            free = self.free.setdefault((ws.rows, train), [])
+        if len(free) < 16:
+            free.append(ws)
+
+
+_CACHE_LOCK = threading.Lock()
+_SHAPES: OrderedDict = OrderedDict()  # NetSpec -> _Shape
+
+
+def _shape_of(net: NetSpec) -> _Shape:
+    shape = _SHAPES.get(net)
+    if shape is None:
+        with _CACHE_LOCK:
+            shape = _SHAPES.get(net)
+            if shape is None:
+                shape = _SHAPES[net] = _Shape(net)
+                while len(_SHAPES) > _CACHED_SHAPES:
+                    _SHAPES.popitem(last=False)
+    return shape
+
+
+def _blasable(x) -> bool:
+    """Whether BLAS can read the 2-D view ``x`` in place (else NumPy loops slowly)."""
+    item = x.itemsize
+    s0, s1 = x.strides
+    return (s1 == item and s0 >= item * x.shape[1] and s0 % item == 0) or (
+        s0 == item and s1 >= item * x.shape[0] and s1 % item == 0)
+
+
+class _Acc:
+    """``sum_chunks dz @ h`` as an (N, K') array, accumulated in the faster orientation.
+
+    BLAS is slow when the output's leading dimension is tiny (20 rows of 1000): for
+    ``N < K'`` it accumulates the transpose ``h.T @ dz.T``.  The first chunk writes the
+    product directly; later ones go through one temporary."""
+
+    __slots__ = ("t", "buf", "tmp")
+
+    def __init__(self, N, K):
+        self.t = N < K
+        self.buf = None
+        self.tmp = None
+
+    def add(self, D, H):
+        """``+= D @ H`` for ``D`` (N, n) and ``H`` (n, K')."""
+        a, b = (H.T, D.T) if self.t else (D, H)
+        if self.buf is None:
+            self.buf = np.matmul(a, b)
+            return
+        if self.tmp is None:
+            self.tmp = np.empty_like(self.buf)
+        np.matmul(a, b, out=self.tmp)
+        self.buf += self.tmp
+
+    def merge(self, other: _Acc) -> None:
+        if other.buf is None:
+            return
+        if self.buf is None:
+            self.buf = other.buf
         else:
-            np.matmul(dz.T, h, out=self.tmp)
-        self.acc += self.tmp
+            self.buf += other.buf
 
-    def finish(self):
-        if self.transposed:
-            self.dW[...] = self.acc.T
+    def result(self, shape, dtype):
+        """The (N, K') sum (zeros when no chunk was added)."""
+        if self.buf is None:
+            return np.zeros(shape, dtype)
+        return self.buf.T if self.t else self.buf
+
+
+class _Partial:
+    """One group's partial results: the per-layer accumulators and the loss sum."""
+
+    __slots__ = ("w", "b", "p", "q", "total")
+
+    def __init__(self, layers, reassociate):
+        self.w = [_Acc(lay.N, lay.K + lay.aug) for lay in layers]
+        # a bias of a layer that reads x in place: dz @ ones, accumulated separately
+        self.b = [_Acc(lay.N, 1) if lay.bias and not lay.aug else None for lay in layers]
+        if reassociate:
+            l0, l1 = layers[0], layers[1]
+            self.p = _Acc(l1.N, l0.K + l0.aug)
+            self.q = _Acc(l1.N, 1) if l0.bias and not l0.aug else None
+        else:
+            self.p = self.q = None
+        self.total = 0.0
+
+    def merge(self, other: _Partial) -> None:
+        for a, o in zip(self.w, other.w):
+            a.merge(o)
+        for a, o in zip(self.b, other.b):
+            if a is not None:
+                a.merge(o)
+        if self.p is not None:
+            self.p.merge(other.p)
+            if self.q is not None:
+                self.q.merge(other.q)
+        self.total += other.total
+
+
+# Partial gradients kept at once (one per group, see _groups) take at most this much memory.
+_GROUP_ACC_BYTES = 64 << 20
+
+
+def _lanes(batch: int, rows: int, work: int) -> int:
+    """How many threads a batch runs on (1 for a small one)."""
+    n_chunks = -(-batch // rows)
+    if n_chunks < 2 or work < 8 * _SMALL_WORK:
+        return 1
+    return min(_threads.lanes_available(), n_chunks)
+
+
+def _groups(batch: int, rows: int, lanes: int, acc_bytes: int) -> int:
+    """How many groups of whole chunks a gradient call is cut into.
+
+    Each group accumulates its own partial gradients, and the groups are added in
+    order at the end, so the result depends on the group count only (a function of the
+    batch and of the lane count), never on which thread ran which group. Threads take
+    the next group when they finish one, so a thread slowed by a busy core takes fewer:
+    four groups per lane, as far as the partials' memory allows."""
+    n_chunks = -(-batch // rows)
+    if lanes <= 1:
+        return 1
+    by_memory = max(lanes, _GROUP_ACC_BYTES // max(acc_bytes, 1))
+    return max(1, min(n_chunks, 4 * lanes, by_memory))
+
+
+def _ranges(batch: int, rows: int, groups: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges, whole chunks each, one per group."""
+    n_chunks = -(-batch // rows)
+    bounds = [min(batch, (n_chunks * i // groups) * rows) for i in range(groups + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(groups)]
 
 
 class NumpyBackend(Backend):
@@ -179,33 +412,77 @@ class NumpyBackend(Backend):
         return numpy_taylor.taylor_backward(g, z, y, b, activation, d, second)
 
     # -- a chain of layers ------------------------------------------------------
-    def _forward_chunk(self, net, params, xc, ws, n, *, train):
-        """Forward one chunk of ``n`` rows; return the output view ``ws.out[-1][:n]``."""
-        h = xc
-        for li, (spec, (W, b)) in enumerate(zip(net.layers, params)):
-            act = get_activation(spec.activation)
-            out, pre = ws.out[li][:n], ws.pre[li]
-            z = pre[:n] if (train and pre is not None) else out
-            if ws.aug_w[li] is not None:
-                aug = ws.aug_in[li][:n]
-                aug[:, :-1] = h
-                np.matmul(aug, ws.aug_w[li], out=z)
+    @staticmethod
+    def _weights(layers, params):
+        """Per layer, the matrix its product uses: ``[W | b]`` (N, K+1) or ``W``."""
+        mats = []
+        for lay, (W, b) in zip(layers, params):
+            if lay.aug:
+                m = np.empty((lay.N, lay.K + 1), W.dtype)
+                m[:, :lay.K] = W
+                m[:, lay.K] = b
+                mats.append(m)
             else:
-                np.matmul(h, W.T, out=z)
-                if b is not None:
-                    z += b
-            _activate_inplace(act, z, out)
-            h = out
-        return h
+                mats.append(W)
+        return mats
+
+    @staticmethod
+    def _forward_chunk(ws, views, mats, params, xc, y_out=None):
+        """Forward one chunk (``xc``: its rows of x); return the output (n, N_last)."""
+        layers = ws.layers
+        for l, lay in enumerate(layers):
+            inp, out, pre, _, _ = views[l]
+            if lay.last and y_out is not None:
+                out = y_out
+            z = pre if lay.save_z else out
+            if inp is None:  # the first layer reads x in place
+                a = xc if _blasable(xc) else np.ascontiguousarray(xc)
+                if lay.last:
+                    np.matmul(a, mats[l].T, out=z)
+                    if lay.bias:
+                        z += params[l][1]
+                else:
+                    np.matmul(mats[l], a.T, out=z)
+                    if lay.bias:
+                        z += params[l][1][:, None]
+            else:
+                if lay.first:
+                    np.copyto(inp[:lay.K], xc.T)
+                if lay.last:
+                    np.matmul(inp.T, mats[l].T, out=z)
+                else:
+                    np.matmul(mats[l], inp, out=z)
+            _activate_inplace(lay.act, z, out)
+        return out
 
     def network_forward(self, net: NetSpec, params: Params, x):
         batch = x.shape[0]
         y = np.empty((batch, net.out_features), net.dtype)
-        rows = min(_chunk_rows(net), max(batch, 1))
-        ws = _Workspace(net, params, rows, train=False)
-        for s in range(0, batch, rows):
-            n = min(rows, batch - s)
-            y[s:s + n] = self._forward_chunk(net, params, x[s:s + n], ws, n, train=False)
+        if batch == 0:
+            return y
+        shape = _shape_of(net)
+        rows = min(shape.chunk_rows, batch)
+        work = batch * shape.macs_per_row
+        lanes = _lanes(batch, rows, work)
+        mats = self._weights(shape.layers, params)
+        # every chunk is a group: outputs are independent, any order gives the same bits
+        ranges = _ranges(batch, rows, -(-batch // rows) if lanes > 1 else 1)
+
+        def group(i):
+            ws = shape.checkout(rows, False)
+            try:
+                lo, hi = ranges[i]
+                for s in range(lo, hi, rows):
+                    n = min(rows, hi - s)
+                    self._forward_chunk(ws, ws.views(n), mats, params, x[s:s + n], y[s:s + n])
+            finally:
+                shape.checkin(ws, False)
+
+        if work < _SMALL_WORK:
+            group(0)
+        else:
+            with _threads.blas_single_thread():
+                _threads.run_groups(group, len(ranges), lanes)
         return y
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
@@ -216,21 +493,21 @@ class NumpyBackend(Backend):
     def _value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, need_dx):
         batch = x.shape[0]
         dt = net.dtype
-        grads = [
-            (np.zeros_like(W), None if b is None else np.zeros_like(b)) for W, b in params
-        ]
         dx = np.empty(x.shape, dt) if need_dx else None
-        rows = min(_chunk_rows(net), max(batch, 1))
-        ws = _Workspace(net, params, rows, train=True)
+        shape = _shape_of(net)
+        rows = min(shape.chunk_rows, max(batch, 1))
+        work = batch * shape.macs_per_row
 
         user_g = None
         if loss.kind == "callable":
             y_full = self.network_forward(net, params, x)
             value, user_g = call_loss(loss.fn, y_full, np.ndarray)
             value = np.asarray(value, dtype=dt)
+            two_scale = None
         else:
             two_scale = dt.type(2.0 * loss_scale(loss.kind, batch * net.out_features))
-            total = 0.0
+        target = loss.target
+        dot = loss.kind == "dot"
 
         # Reassociated first-layer gradient (see the module docstring).
         reassociate = (
@@ -239,67 +516,111 @@ class NumpyBackend(Backend):
             and net.layers[0].activation == "identity"
             and net.layers[1].out_features < net.layers[0].out_features
         )
-        if reassociate:
-            p_acc = np.zeros((net.layers[1].out_features, net.in_features), dt)
-            p_tmp = np.empty_like(p_acc)
-            q_acc = np.zeros(net.layers[1].out_features, dt)
+        layers = shape.layers
+        mats = self._weights(layers, params)
+        forward_chunk = self._forward_chunk
+        if work < _SMALL_WORK:
+            lanes, ranges = 1, [(0, batch)]
+        else:
+            lanes = _lanes(batch, rows, work)
+            ranges = _ranges(batch, rows, _groups(batch, rows, lanes, shape.acc_bytes))
 
-        weight_grads = [_WeightGrad(dW) for dW, _ in grads]
-        for s in range(0, batch, rows):
-            n = min(rows, batch - s)
-            xc = x[s:s + n]
-            y = self._forward_chunk(net, params, xc, ws, n, train=True)
-            g = ws.grad[-1][:n]
-            if loss.kind == "dot":  # L = sum(y * t): dL/dy = t, known before the forward
-                g[...] = loss.target[s:s + n]
-                total += float(np.vdot(y, g))
-            elif user_g is None:
-                if loss.target is not None:
-                    np.subtract(y, loss.target[s:s + n], out=g)
-                else:
-                    g[...] = y
-                flat = g.reshape(-1)
-                total += float(np.dot(flat, flat))
-                g *= two_scale
-            else:
-                g[...] = user_g[s:s + n]
+        def group(i):
+            ws = shape.checkout(rows, True)
+            st = _Partial(layers, reassociate)
+            try:
+                lo, hi = ranges[i]
+                for s in range(lo, hi, rows):
+                    n = min(rows, hi - s)
+                    views = ws.views(n)
+                    xc = x[s:s + n]
+                    y = forward_chunk(ws, views, mats, params, xc)
+                    g = views[-1][3]
+                    if dot:  # L = sum(y * t): dL/dy = t, known before the forward
+                        np.copyto(g, target[s:s + n])
+                        st.total += float(np.vdot(y, g))
+                    elif user_g is None:
+                        if target is not None:
+                            np.subtract(y, target[s:s + n], out=g)
+                            st.total += float(np.vdot(g, g))
+                            g *= two_scale
+                        else:
+                            st.total += float(np.vdot(y, y))
+                            np.multiply(y, two_scale, out=g)
+                    else:
+                        np.copyto(g, user_g[s:s + n])
+                    self._backward_chunk(ws, views, st, params, xc, g, reassociate,
+                                         None if dx is None else dx[s:s + n])
+            finally:
+                shape.checkin(ws, True)
+            return st
 
-            for li in range(len(net.layers) - 1, -1, -1):
-                spec = net.layers[li]
-                act = get_activation(spec.activation)
-                W, _ = params[li]
-                dW, db = grads[li]
-                saved = ws.pre[li][:n] if ws.pre[li] is not None else ws.out[li][:n]
-                _scale_by_derivative(act, g, saved)  # g is now dz of layer li
-                h_in = xc if li == 0 else ws.out[li - 1][:n]
-                if li == 0 and reassociate:
-                    pass  # dW0/db0 come from layer 1's dz below
-                else:
-                    weight_grads[li].add(g, h_in)
-                    if db is not None:
-                        db += g.sum(axis=0)
-                if li == 1 and reassociate:
-                    np.matmul(g.T, xc, out=p_tmp)
-                    p_acc += p_tmp
-                    if grads[0][1] is not None:
-                        q_acc += g.sum(axis=0)
-                    break
-                if li > 0:
-                    g_prev = ws.grad[li - 1][:n]
-                    np.matmul(g, W, out=g_prev)
-                    g = g_prev
-                elif need_dx:
-                    np.matmul(g, W, out=dx[s:s + n])
+        if batch == 0:
+            states = [_Partial(layers, reassociate)]
+        elif work < _SMALL_WORK:
+            states = [group(0)]
+        else:
+            with _threads.blas_single_thread():
+                states = _threads.run_groups(group, len(ranges), lanes)
+        st = states[0]
+        for other in states[1:]:
+            st.merge(other)
 
-        for wg in weight_grads:
-            wg.finish()
-        if reassociate:
-            W1 = params[1][0]
-            dW0, db0 = grads[0]
-            np.matmul(W1.T, p_acc, out=dW0)
-            if db0 is not None:
-                np.matmul(W1.T, q_acc, out=db0)
+        grads = []
+        for l, lay in enumerate(layers):
+            if l == 0 and reassociate:
+                W1 = params[1][0]
+                P = st.p.result((layers[1].N, lay.K + lay.aug), dt)
+                M = W1.T @ P  # (N0, K0 [+1])
+                dW = np.ascontiguousarray(M[:, :lay.K])
+                db = None
+                if lay.bias:
+                    db = M[:, lay.K].copy() if lay.aug else (
+                        W1.T @ st.q.result((layers[1].N, 1), dt))[:, 0]
+                grads.append((dW, db))
+                continue
+            M = st.w[l].result((lay.N, lay.K + lay.aug), dt)
+            dW = np.ascontiguousarray(M[:, :lay.K]) if lay.aug or st.w[l].t else M
+            db = None
+            if lay.bias:
+                db = M[:, lay.K].copy() if lay.aug else np.ascontiguousarray(
+                    st.b[l].result((lay.N, 1), dt)[:, 0])
+            grads.append((dW, db))
 
         if user_g is None:
-            value = np.asarray(total * loss_scale(loss.kind, batch * net.out_features), dtype=dt)
+            value = np.asarray(st.total * loss_scale(loss.kind, batch * net.out_features),
+                               dtype=dt)
         return value, grads, dx
+
+    @staticmethod
+    def _backward_chunk(ws, views, st, params, xc, g, reassociate, dx_rows):
+        """Backward of one chunk from ``g = dL/dy`` (the last layer's gradient buffer)."""
+        layers = ws.layers
+        for l in range(len(layers) - 1, -1, -1):
+            lay = layers[l]
+            inp, out, pre, _, scratch = views[l]
+            _scale_by_derivative(lay.act, g, pre if lay.save_z else out, scratch)
+            D = g.T if lay.last else g  # dz, (N, n)
+            if not (l == 0 and reassociate):
+                H = xc if inp is None else inp.T  # the layer's input, (n, K [+1])
+                if inp is None and not _blasable(xc):
+                    H = np.ascontiguousarray(xc)
+                st.w[l].add(D, H)
+                if st.b[l] is not None:
+                    st.b[l].add(D, ws.ones[:D.shape[1], None])
+            if l == 1 and reassociate:
+                inp0 = views[0][0]
+                H0 = xc if inp0 is None else inp0.T
+                if inp0 is None and not _blasable(xc):
+                    H0 = np.ascontiguousarray(xc)
+                st.p.add(D, H0)
+                if st.q is not None:
+                    st.q.add(D, ws.ones[:D.shape[1], None])
+                return
+            W = params[l][0]
+            if l > 0:
+                g_prev = views[l - 1][3]  # (K, n), feature-major
+                np.matmul(W.T, D, out=g_prev)
+                g = g_prev
+            elif dx_rows is not None:
+                np.matmul(D.T, W, out=dx_rows)

@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     }
     if results:
         print(report.terminal_table(results))
+        print("\n" + report.COLUMNS)
     if thread:
         print("\nseed thread (float64): one call per input, gradients accumulated, "
               "vs one batched call")

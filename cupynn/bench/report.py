@@ -11,9 +11,22 @@ from .roofline import Ceilings, floor_seconds
 from .workloads import WORKLOADS, Workload, custom_workload
 
 __all__ = ["finalize", "machine_info", "terminal_table", "markdown", "fmt_time", "kernels_table",
-           "train_table"]
+           "train_table", "SPREAD_LIMIT", "COLUMNS"]
 
 PHASES = ("forward", "gradient")
+# A time whose spread (half the 10th-90th percentile range over the median) is above this is
+# marked NOISY: its median, and every ratio computed from it, is not to be trusted.
+SPREAD_LIMIT = 0.20
+
+COLUMNS = """\
+Columns: forward / gradient = the median time of one call (the loss; the loss and every
+gradient), ±N% = half the 10th-90th percentile range of the timed calls over the median, and
+NOISY when that exceeds ±20% (the median and the ratios built on it are not to be trusted:
+rerun on a quieter machine); grad/fwd = gradient median / forward median; % floor = the
+roofline floor (max(FLOPs / matrix rate, minimum bytes / copy bandwidth), measured on this
+device) over the time; vs best peer = the time over the fastest other implementation's for
+the same case; loss = the forward loss (equal across implementations after the check).
+bench/README.md says how each is measured."""
 
 
 def fmt_time(s: float | None) -> str:
@@ -113,11 +126,17 @@ def _vs(r: dict, ph: str) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
 
+def _spread_cell(median_s: float, spread: float) -> str:
+    """``1.2 ms ±3%``, with NOISY appended above SPREAD_LIMIT."""
+    return (f"{fmt_time(median_s)} ±{100 * spread:.0f}%"
+            + (" NOISY" if spread > SPREAD_LIMIT else ""))
+
+
 def _time_cell(r: dict, ph: str) -> str:
     s = r.get(ph)
     if not s:
         return "—"
-    return f"{fmt_time(s['median_s'])} ±{100 * s['spread']:.0f}%"
+    return _spread_cell(s["median_s"], s["spread"])
 
 
 HEADER = ("workload", "dtype", "implementation", "forward", "gradient", "grad/fwd",
@@ -204,7 +223,7 @@ def kernel_rows(b: dict) -> list[tuple[str, ...]]:
     return [(r["range"], r["kernel"].replace("cupynn::", ""), "×".join(map(str, r["grid"])),
              opt(r["registers"]), opt(r["static_smem"], lambda v: f"{v / 1024:.1f} KiB"),
              opt(r["blocks_per_sm"]), opt(r["waves"], lambda v: f"{v:.2f}"),
-             f"{fmt_time(r['median_s'])} ±{100 * r['spread']:.0f}%",
+             _spread_cell(r["median_s"], r["spread"]),
              opt(r["share"], lambda v: f"{100 * v:.0f}%")) for r in b["kernels"]]
 
 
@@ -240,7 +259,7 @@ def train_rows(results: list[dict]) -> list[tuple[str, ...]]:
         s = r["step"]
         vs = "—" if r.get("vs_best_peer") is None else f"{r['vs_best_peer']:.2f}×"
         c = r["check"]
-        rows.append(head + (f"{fmt_time(s['median_s'])} ±{100 * s['spread']:.0f}%", vs,
+        rows.append(head + (_spread_cell(s["median_s"], s["spread"]), vs,
                             f"params {c['params_rel_err']:.0e}, loss {c['loss_rel_err']:.0e}"))
     return rows
 
@@ -263,6 +282,7 @@ def markdown(doc: dict) -> str:
                   f"(read + write); matrix product {rates}.", ""]
     if doc["results"] or not (doc.get("train") or doc.get("derivatives")):
         lines.append(_md_table(HEADER, _rows(doc["results"])))
+        lines += ["", COLUMNS.replace("\n", " ")]
     if doc.get("thread"):
         header, rows = thread_rows(doc["thread"])
         n = doc["thread"][0]["samples_total"]

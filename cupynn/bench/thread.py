@@ -1,6 +1,6 @@
 """The seed thread's pattern: one call per input, gradients accumulated, against one batched call.
 
-The thread (``seed/flux-gradient-thread.txt``) evaluated a 1→1000→20→1
+The Julia Discourse thread that started cupynn (see README.md) evaluated a 1→1000→20→1
 network sample by sample (``map(t -> nn([t]), x)``): the gradient cost 10×
 the forward. Batching the 10,000 inputs into one call made both faster and
 left the gradient at 2.2× the forward. Here each implementation that offers

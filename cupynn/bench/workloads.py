@@ -103,7 +103,7 @@ WORKLOADS: dict[str, Workload] = {
     "wide": Workload("wide", (1024, 4096, 4096, 1024), "relu", 8192, init="he"),
 }
 
-# DESIGN.md §6: the seed in both precisions, the others in float32.
+# docs/design.md section 5: the seed in both precisions, the others in float32.
 DEFAULT_DTYPES: dict[str, tuple[str, ...]] = {
     "seed": ("float64", "float32"),
     "seed-1m": ("float64", "float32"),

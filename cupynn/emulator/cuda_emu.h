@@ -1,4 +1,4 @@
-// cuda_emu.h -- the CUDA kernel dialect of notes/CONTRACTS.md, on the CPU.
+// cuda_emu.h -- the CUDA kernel dialect of kernels/README.md, on the CPU.
 //
 // Force-included (g++ -include cuda_emu.h -DCUPYNN_EMULATE) in front of kernels/*.cu.
 // Every CUDA thread of a block is a fiber; the fibers of a block run on one OS thread and
