@@ -23,7 +23,7 @@ from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
 from .derivatives import input_derivatives, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
-from .functional import value_and_grad
+from .functional import execution_path, value_and_grad
 from .graph import compile
 from .io import load
 from .layers import MLP, Chain, Dense
@@ -49,6 +49,7 @@ __all__ = [
     "MLP",
     "compile",
     "cuda_available",
+    "execution_path",
     "flat_value_and_grad",
     "get_flat",
     "input_derivatives",

@@ -80,6 +80,15 @@ def _kernel_info() -> dict[str, Any]:
     return info
 
 
+def _fused_info() -> dict[str, Any]:
+    from cupynn.backends import cuda_fused_layout as fl
+
+    return {"enabled": fl.enabled(),
+            "networks": (f"every layer <= {fl.NARROW_MAX} wide, or a first layer <= "
+                         f"{fl.WIDE_MAX} wide with fan-in <= {fl.MAX_K0}; <= {fl.MAX_LAYERS} "
+                         "layers, built-in losses")}
+
+
 def _kernel_cache_dir() -> dict[str, Any]:
     # CuPy's rule (cupy.cuda.compiler.get_cache_dir): $CUPY_CACHE_DIR, else ~/.cupy/kernel_cache.
     env = os.environ.get("CUPY_CACHE_DIR")
@@ -211,6 +220,7 @@ def collect() -> dict[str, Any]:
         ("cupynn", _cupynn_info),
         ("kernels", _kernel_info),
         ("kernel_cache", _kernel_cache_dir),
+        ("fused", _fused_info),
         ("cupy", _cupy_info),
         ("nvtx", _nvtx_info),
     ):
@@ -231,6 +241,15 @@ def collect() -> dict[str, Any]:
     except Exception as exc:
         report["cpu_threads"] = f"unknown ({_error(exc)})"
     return report
+
+
+def _fused_row(info: dict[str, Any]) -> str:
+    if "error" in info:
+        return info["error"]
+    if not info.get("enabled"):
+        return "off (CUPYNN_FUSED=0, or kernels/fused.cu missing): every network runs per layer"
+    return (f"on for {info.get('networks')} (cupynn.execution_path(model, batch) says which; "
+            "the launch log shows fused.step / fused.reduce)")
 
 
 def _bracket(text: str | None) -> str:
@@ -297,6 +316,7 @@ def _format(report: dict[str, Any]) -> str:
     rows += [
         ("kernels", kernel_text),
         ("kernel cache", f"{value(cache.get('dir'))} ({value(cache.get('source'))})"),
+        ("fused path", _fused_row(report.get("fused", {}))),
         ("NVTX", value(nvtx_info.get("backend")) + _bracket(nvtx_info.get("error"))),
     ]
     width = max(len(k) for k, _ in rows)

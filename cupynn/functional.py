@@ -16,6 +16,7 @@ a copy (see ``cupynn/_arrays.py``); results are NumPy/CuPy arrays.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from .losses import loss_backward, loss_forward, make_loss
 __all__ = [
     "forward",
     "value_and_grad",
+    "execution_path",
     "vjp",
     "dense_forward",
     "dense_backward",
@@ -58,9 +60,23 @@ __all__ = [
 
 # -- whole models ---------------------------------------------------------------
 
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, parts)
+
 def _model_parts(model):
-    """(layers, NetSpec, [(W, b)], backend) of a Dense or Chain."""
+    """(layers, NetSpec, [(W, b)], backend) of a Dense or Chain.
+
+    Kept (weakly, beside the model: nothing is pickled with it) while the model's layers hold
+    the same arrays and activations -- the cache holds them, so their ids cannot be reused --
+    and a repeated call hands the backend the same NetSpec object, which it recognises
+    without hashing."""
     layers = model._dense_layers()
+    sig = [model.precision]
+    for l in layers:
+        sig += (id(l.weight), id(l.bias), id(l.activation), l._device, l.in_features,
+                l.out_features)
+    cached = _PARTS.get(model)
+    if cached is not None and cached[0] == sig:
+        return cached[1]
     net = NetSpec(
         tuple(LayerSpec(l.in_features, l.out_features, l.activation.name, l.bias is not None)
               for l in layers),
@@ -71,7 +87,9 @@ def _model_parts(model):
     backend = get_backend(model.device)
     if net.precision != "strict" and backend.device == "cpu":
         _warn_cpu_precision(net.precision)
-    return layers, net, params, backend
+    parts = (layers, net, params, backend)
+    _PARTS[model] = (sig, parts)
+    return parts
 
 
 _CPU_PRECISION_WARNED: set = set()
@@ -158,7 +176,27 @@ def forward(model, x):
     return y.reshape(-1) if single else y
 
 
-def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False):
+def _out_pairs(model, out, wrt_input, single):
+    """``out`` of value_and_grad as the backend's ``(value, [(dW, db)], dx)``."""
+    if not isinstance(out, tuple) or len(out) != (3 if wrt_input else 2):
+        raise TypeError(
+            "out= must be what an earlier value_and_grad call with the same arguments returned: "
+            f"a tuple (value, grads{', dx' if wrt_input else ''})"
+        )
+    value, grads = out[0], out[1]
+    dx = out[2] if wrt_input else None
+    items = [grads] if isinstance(grads, dict) else list(grads)
+    pairs = []
+    for i, g in enumerate(items):
+        if not isinstance(g, dict) or "weight" not in g:
+            raise TypeError(f"out= gradients of layer {i} must be a dict with 'weight' (and 'bias')")
+        pairs.append((g["weight"], g.get("bias")))
+    if dx is not None and single:
+        dx = dx.reshape(1, -1)
+    return value, pairs, dx
+
+
+def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False, out=None):
     """The scalar ``loss(model(x))`` and its gradient w.r.t. every weight and bias.
 
     Parameters
@@ -171,6 +209,10 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
         working on the model's array type
     target : optional array shaped like the output (built-in losses only)
     wrt_input : also return ``dL/dx``
+    out : the result of an earlier call with the same model, batch shape and ``wrt_input``:
+        the new value and gradients are written into those arrays, which are returned (on
+        CUDA's fused path such a call allocates nothing).  Without ``out`` every call returns
+        new arrays that later calls never overwrite.
 
     Returns
     -------
@@ -184,6 +226,7 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     >>> v, g = cupynn.value_and_grad(m, np.linspace(-1, 1, 5).reshape(5, 1))
     >>> g[0]["weight"].shape
     (8, 1)
+    >>> v, g = cupynn.value_and_grad(m, np.zeros((5, 1)), out=(v, g))   # reuses v and g
     """
     layers, net, params, backend = _model_parts(model)
     x = intake(x, what="x", device=model.device, dtype=model.dtype)
@@ -209,11 +252,36 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
             return out  # the backend's check says what is wrong with it
 
         spec = type(spec)("callable", None, fn2d)
-    value, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input)
-    grads = model._grads_like_parameters(pairs)
+    dest = None if out is None else _out_pairs(model, out, wrt_input, single)
+    value, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input,
+                                                      out=dest)
+    grads = model._grads_like_parameters(pairs) if out is None else out[1]
+    if out is not None:
+        value = out[0]
+        if wrt_input:
+            return value, grads, out[2]
+        return value, grads
     if wrt_input:
         return value, grads, (dx.reshape(-1) if single else dx)
     return value, grads
+
+
+def execution_path(model, batch: int, *, loss="sum_squares", wrt_input=False, kind="grad") -> str:
+    """Which implementation runs ``kind`` (``"grad"``: value_and_grad, ``"value"``, or
+    ``"forward"``: ``model(x)``) for ``model`` at ``batch`` rows.
+
+    On CUDA ``"fused"`` (one kernel per batch range for the whole step, kernels/fused.cu, plus
+    one reduction) or ``"per-layer: <why not fused>"``; on the CPU ``"numpy"``.
+
+    >>> import cupynn
+    >>> cupynn.execution_path(cupynn.MLP([1, 8, 1], device="cpu", rng=0), 10_000)
+    'numpy'
+    """
+    _layers, net, _params, backend = _model_parts(model)
+    if kind not in ("grad", "value", "forward"):
+        raise ValueError(f"kind must be 'grad', 'value' or 'forward', got {kind!r}")
+    spec = None if kind == "forward" else make_loss(loss)
+    return backend.execution_path(net, int(batch), mode=kind, need_dx=bool(wrt_input), loss=spec)
 
 
 def vjp(model, x, g, *, wrt_input=True):

@@ -1,7 +1,7 @@
 """What a kernel's K-step loop executes, read from its SASS, without a GPU.
 
     python -m cupynn.sass_stats 'cupynn::dense_forward<double, 0, 2, 1>' [NAME ...]
-        [--arch sm_90] [--activation identity] [--json FILE] [--dump DIR]
+        [--arch sm_90] [--activation identity] [--json FILE] [--dump DIR] [--all-loops]
 
 The loader's source and options go through NVRTC to PTX, the CUDA toolkit's ``ptxas``
 turns that into a cubin and ``nvdisasm`` into SASS.  For each kernel it prints the
@@ -36,7 +36,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["find_tool", "kernel_sass", "loop_body", "op_counts", "loop_stats", "main"]
+__all__ = ["find_tool", "kernel_sass", "loop_body", "mma_loops", "op_counts", "loop_stats",
+           "main"]
 
 KEY_OPS = ("LDG", "LDS", "STS", "BAR", "BRX", "BRA", "DMMA", "HMMA", "DFMA", "FFMA", "IMAD",
            "LEA", "IADD3", "ISETP", "MUFU")
@@ -123,14 +124,41 @@ def loop_body(lines: list[str]) -> tuple[int, int] | None:
     return best
 
 
+def mma_loops(lines: list[str]) -> list[tuple[int, int]]:
+    """Every innermost loop (the smallest label-to-branch-back span) around a matrix
+    instruction (DMMA / HMMA; an FMA kernel: FFMA / DFMA): each product loop of a multi-phase
+    kernel, the loops nested in it counted once."""
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    spans = []
+    for i, line in enumerate(lines):
+        m = _BRANCH.search(line)
+        if m and labels.get(m.group(1), len(lines)) < i:
+            spans.append((labels[m.group(1)], i))
+    mma = re.compile(r"\b(DMMA|HMMA)\b")
+    anchors = [i for i, line in enumerate(lines) if _INSTR.match(line) and mma.search(line)]
+    if not anchors:  # an FMA kernel: the loops of its FFMA / DFMA
+        fma = re.compile(r"\b(FFMA|DFMA)\b")
+        anchors = [i for i, line in enumerate(lines) if _INSTR.match(line) and fma.search(line)]
+    out = set()
+    for a in anchors:
+        inner = [sp for sp in spans if sp[0] < a < sp[1]]
+        if inner:
+            out.add(min(inner, key=lambda sp: sp[1] - sp[0]))
+    return sorted(out)
+
+
 def loop_stats(name: str, **kw) -> dict:
     regs, spill, lines = kernel_sass(name, **kw)
     span = loop_body(lines)
     body = op_counts(lines[span[0]:span[1] + 1]) if span else Counter()
+    loops = []
+    for a, b in mma_loops(lines):
+        c = op_counts(lines[a:b + 1])
+        loops.append({"instructions": sum(c.values()), "mix": {k: c[k] for k in KEY_OPS if c[k]}})
     return {"kernel": name, "registers": regs, "spill_bytes": spill,
             "instructions": sum(op_counts(lines).values()),
             "loop_instructions": sum(body.values()) if span else None,
-            "loop": {k: body[k] for k in KEY_OPS if body[k]}}
+            "loop": {k: body[k] for k in KEY_OPS if body[k]}, "all_loops": loops}
 
 
 def main(argv=None) -> int:
@@ -142,6 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--activation", default=None,
                    help="keep only this case of every runtime activation switch")
+    p.add_argument("--source", default=None,
+                   help="kernels/ file of the names (default: dense.cu; fused_* names: fused.cu)")
+    p.add_argument("--all-loops", action="store_true",
+                   help="also list every innermost loop with a matrix instruction (each product "
+                        "loop of a multi-phase kernel such as fused_mlp)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--dump", metavar="DIR", help="write each kernel's SASS there")
     args = p.parse_args(argv)
@@ -150,12 +183,17 @@ def main(argv=None) -> int:
         defines = (f"CUPYNN_ONLY_ACTIVATION={get_activation(args.activation).id}",)
     rows = []
     for name in args.names:
-        r = loop_stats(name, arch=args.arch, defines=defines,
+        source = args.source or ("fused.cu" if "fused_" in name else "dense.cu")
+        r = loop_stats(name, arch=args.arch, defines=defines, source=source,
                        dump=Path(args.dump) if args.dump else None)
         rows.append(r)
         mix = " ".join(f"{k} {v}" for k, v in r["loop"].items())
         print(f"{name}: {r['registers']} registers, {r['spill_bytes']} spill bytes, "
               f"{r['instructions']} instructions; K-step loop {r['loop_instructions']}: {mix}")
+        if args.all_loops:
+            for i, lp in enumerate(r["all_loops"]):
+                mix = " ".join(f"{k} {v}" for k, v in lp["mix"].items())
+                print(f"    loop {i}: {lp['instructions']} instructions: {mix}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -29,6 +29,18 @@
 //     C/D: c[i]     -> C[g + 8*(i >> 1)][2t + (i & 1)],  i = 0..3
 //                      (c0: (g, 2t), c1: (g, 2t+1), c2: (g+8, 2t), c3: (g+8, 2t+1))
 //
+//   m16n8k{4,8,16} f64 (sm_90; kernels/fused.cu), K = 4, 8 or 16, D(16x8) = A(16xK) * B(Kx8) + C
+//     A: a[v]       -> A[g + 8*(v & 1)][t + 4*(v >> 1)],  v < K/2
+//     B: b[v]       -> B[t + 4*v][g],                     v < K/4
+//     C/D: c[v]     -> C[g + 8*(v >> 1)][2t + (v & 1)],   v < 4
+//   ("the m16n8 layout": for K = 8 it is the tf32 m16n8k8 layout above, element for element.)
+//   Every 8x8x4 block of it is an m8n8k4 fragment: rows 8r.., k 4q.. of A are a[r + 2q], k 4q..
+//   of B is b[q], rows 8r.. of C are c[2r], c[2r + 1] -- so on sm_80, which has no m16n8k*.f64,
+//   mma_m16n8_f64 issues K/4 x 2 mma.m8n8k4 on the same registers, and a kernel written for the
+//   m16n8 layout runs unchanged on both.  sm_90 assembles m16n8k16 to one DMMA.16x8x16 (a
+//   sixteenth of the matrix and fragment instructions per flop of m8n8k4); tf32 k16 steps are
+//   two m16n8k8 on halves of the same registers (mma_m16n8k16_tf32).
+//
 // The helpers mma_*_row/col(lane[, i]) below return exactly these indices; kernels and tests
 // use them instead of repeating the formulas.
 //
@@ -54,6 +66,13 @@ __device__ __forceinline__ int mma_tf32_b_row(int lane, int i) { return (lane & 
 __device__ __forceinline__ int mma_tf32_b_col(int lane, int i) { (void)i; return lane >> 2; }  // n
 __device__ __forceinline__ int mma_tf32_c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
 __device__ __forceinline__ int mma_tf32_c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+__device__ __forceinline__ int mma_m16n8_a_row(int lane, int v) { return (lane >> 2) + 8 * (v & 1); }
+__device__ __forceinline__ int mma_m16n8_a_col(int lane, int v) { return (lane & 3) + 4 * (v >> 1); }
+__device__ __forceinline__ int mma_m16n8_b_row(int lane, int v) { return (lane & 3) + 4 * v; }  // k
+__device__ __forceinline__ int mma_m16n8_b_col(int lane, int v) { (void)v; return lane >> 2; }  // n
+__device__ __forceinline__ int mma_m16n8_c_row(int lane, int v) { return (lane >> 2) + 8 * (v >> 1); }
+__device__ __forceinline__ int mma_m16n8_c_col(int lane, int v) { return 2 * (lane & 3) + (v & 1); }
 
 #if defined(CUPYNN_EMULATE) || defined(CUPYNN_MMA_REFERENCE)
 // ---- reference implementation: shuffles only -------------------------------------------
@@ -124,6 +143,36 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned (
     for (int i = 0; i < 4; ++i) d[i] = (float)acc[i];
 }
 
+#if __CUDA_ARCH__ >= 900
+// D = A * B + C for one 16x8xK f64 tile (K = 4, 8, 16) in the m16n8 layout; products
+// accumulated with fma in k order.  (On sm_80 the composition below is emulated instead, so
+// the CPU runs the same m8n8k4 sequence as that GPU.)
+template <int K>
+__device__ __forceinline__ void mma_m16n8_f64(double (&d)[4], const double (&a)[K / 2],
+                                              const double (&b)[K / 4], const double (&c)[4]) {
+    static_assert(K == 4 || K == 8 || K == 16, "m16n8k4, k8 or k16");
+    const int lane = mma_ref_lane_id();
+    const int g = lane >> 2, t = lane & 3;
+    double acc[4] = {c[0], c[1], c[2], c[3]};
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        // A[r][k] is register (r >> 3) + 2 * (k >> 2) of lane 4 * (r & 7) + (k & 3);
+        // B[k][n] is register k >> 2 of lane 4 * n + (k & 3).
+        const double a_g = __shfl_sync(0xffffffffu, a[2 * (k >> 2)], g * 4 + (k & 3));       // A[g][k]
+        const double a_g8 = __shfl_sync(0xffffffffu, a[1 + 2 * (k >> 2)], g * 4 + (k & 3));  // A[g+8][k]
+        const double b_0 = __shfl_sync(0xffffffffu, b[k >> 2], (2 * t) * 4 + (k & 3));       // B[k][2t]
+        const double b_1 = __shfl_sync(0xffffffffu, b[k >> 2], (2 * t + 1) * 4 + (k & 3));   // B[k][2t+1]
+        acc[0] = fma(a_g, b_0, acc[0]);
+        acc[1] = fma(a_g, b_1, acc[1]);
+        acc[2] = fma(a_g8, b_0, acc[2]);
+        acc[3] = fma(a_g8, b_1, acc[3]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] = acc[i];
+}
+#define CUPYNN_MMA_M16N8_F64_DONE 1
+#endif
+
 #else
 // ---- GPU: the tensor-core instructions ---------------------------------------------------
 
@@ -150,7 +199,74 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned (
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
           "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
+
+#if __CUDA_ARCH__ >= 900
+template <int K>
+__device__ __forceinline__ void mma_m16n8_f64(double (&d)[4], const double (&a)[K / 2],
+                                              const double (&b)[K / 4], const double (&c)[4]) {
+    static_assert(K == 4 || K == 8 || K == 16, "m16n8k4, k8 or k16");
+    if constexpr (K == 16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7, %8, %9, %10, %11}, {%12, %13, %14, %15}, {%16, %17, %18, %19};\n"
+            : "=d"(d[0]), "=d"(d[1]), "=d"(d[2]), "=d"(d[3])
+            : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(a[4]), "d"(a[5]), "d"(a[6]),
+              "d"(a[7]), "d"(b[0]), "d"(b[1]), "d"(b[2]), "d"(b[3]),
+              "d"(c[0]), "d"(c[1]), "d"(c[2]), "d"(c[3]));
+    } else if constexpr (K == 8) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+            : "=d"(d[0]), "=d"(d[1]), "=d"(d[2]), "=d"(d[3])
+            : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b[0]), "d"(b[1]),
+              "d"(c[0]), "d"(c[1]), "d"(c[2]), "d"(c[3]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
+            "{%4, %5}, {%6}, {%7, %8, %9, %10};\n"
+            : "=d"(d[0]), "=d"(d[1]), "=d"(d[2]), "=d"(d[3])
+            : "d"(a[0]), "d"(a[1]), "d"(b[0]), "d"(c[0]), "d"(c[1]), "d"(c[2]), "d"(c[3]));
+    }
+}
+#define CUPYNN_MMA_M16N8_F64_DONE 1
 #endif
+#endif
+
+#ifndef CUPYNN_MMA_M16N8_F64_DONE
+// sm_80 (and the emulator compiled for it): the m16n8 tile as K/4 x 2 m8n8k4 on the same
+// registers (see the layout note at the top), rows 0-7 then rows 8-15, k in order.
+template <int K>
+__device__ __forceinline__ void mma_m16n8_f64(double (&d)[4], const double (&a)[K / 2],
+                                              const double (&b)[K / 4], const double (&c)[4]) {
+    static_assert(K == 4 || K == 8 || K == 16, "m16n8k4, k8 or k16");
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        double acc[2] = {c[2 * r], c[2 * r + 1]};
+#pragma unroll
+        for (int q = 0; q < K / 4; ++q) {
+            double out[2];
+            mma_m8n8k4_f64(out, a[r + 2 * q], b[q], acc);
+            acc[0] = out[0];
+            acc[1] = out[1];
+        }
+        d[2 * r] = acc[0];
+        d[2 * r + 1] = acc[1];
+    }
+}
+#endif
+#undef CUPYNN_MMA_M16N8_F64_DONE
+
+// One 16x8x16 tf32 step in the m16n8 layout: two m16n8k8 on halves of the registers
+// (a[0..3], b[0..1]: k 0-7; a[4..7], b[2..3]: k 8-15).  The operands are tf32 bit patterns
+// (f32_to_tf32 / split_tf32).
+__device__ __forceinline__ void mma_m16n8k16_tf32(float (&d)[4], const unsigned (&a)[8],
+                                                  const unsigned (&b)[4], const float (&c)[4]) {
+    const unsigned a0[4] = {a[0], a[1], a[2], a[3]}, a1[4] = {a[4], a[5], a[6], a[7]};
+    const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+    float mid[4];
+    mma_m16n8k8_tf32(mid, a0, b0, c);
+    mma_m16n8k8_tf32(d, a1, b1, mid);
+}
 
 // x ~ hi + lo with both parts tf32 (for 3xtf32: A*B ~ Ahi*Bhi + Ahi*Blo + Alo*Bhi).
 __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {

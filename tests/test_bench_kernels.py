@@ -23,6 +23,7 @@ H200 = {"count": 132, "registers": 65536, "shared_memory": 233472, "threads": 20
 def be(request):
     backend = emulated_cuda_backend(request)  # the same modules as test_kernels_emulated's
     backend.kernels.poison = True
+    backend.fused.enabled = False  # the per-layer breakdown; tests/test_fused.py has the fused one
     return backend
 
 

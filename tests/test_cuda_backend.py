@@ -74,6 +74,7 @@ def be(cp, request):
     # of one compile at a time as each test first needs one.
     backend.warm_up(_kernels_of_selected_tests(request, xp_fixtures=("cp",)))
     backend.kernels.poison = True
+    backend.fused.enabled = False  # the per-layer kernels (tests/test_fused.py: the fused path)
     return backend
 
 

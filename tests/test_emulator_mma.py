@@ -14,7 +14,8 @@ import pytest
 
 from cupynn.emulator.testing import TESTDATA, emulated_module
 
-KERNELS = ("mma_f64_tile", "mma_tf32_tile", "mma_3xtf32_tile", "to_tf32")
+KERNELS = ("mma_f64_tile", "mma_tf32_tile", "mma_3xtf32_tile", "to_tf32", "mma_f64_m16n8k16_tile",
+           "mma_f64_m16n8k8_tile", "mma_f64_m16n8k4_tile", "mma_tf32_m16n8k16_tile")
 KERNEL_DIR = TESTDATA.parents[2] / "kernels"
 
 
@@ -44,6 +45,23 @@ def run_all(launch, rng, xp=np):
     D = dev(np.full((8, 8), np.nan))
     launch("mma_f64_tile", (1,), (32,), (dev(A), dev(B), dev(C), D))
     np.testing.assert_allclose(host(D), A @ B + C, rtol=1e-14, atol=1e-14)
+
+    # f64 16x8xK in the m16n8 layout (sm_90: one mma.m16n8kK; sm_80: K/4 x 2 m8n8k4)
+    for K in (16, 8, 4):
+        A, B = rng.standard_normal((16, K)), rng.standard_normal((K, 8))
+        C = rng.standard_normal((16, 8))
+        D = dev(np.full((16, 8), np.nan))
+        launch(f"mma_f64_m16n8k{K}_tile", (1,), (32,), (dev(A), dev(B), dev(C), D))
+        np.testing.assert_allclose(host(D), A @ B + C, rtol=1e-14, atol=1e-14, err_msg=f"k{K}")
+
+    # tf32 16x8x16 as two m16n8k8 on the halves of the m16n8 registers
+    A = rng.standard_normal((16, 16)).astype(np.float32)
+    B = rng.standard_normal((16, 8)).astype(np.float32)
+    C = rng.standard_normal((16, 8)).astype(np.float32)
+    D = dev(np.full((16, 8), np.nan, np.float32))
+    launch("mma_tf32_m16n8k16_tile", (1,), (32,), (dev(A), dev(B), dev(C), D))
+    want = tf32_rna(A).astype(np.float64) @ tf32_rna(B).astype(np.float64) + C
+    np.testing.assert_allclose(host(D), want, rtol=2e-6, atol=2e-6)
 
     # tf32 16x8x8, with and without rounding the inputs first
     A = rng.standard_normal((16, 8)).astype(np.float32)
@@ -88,7 +106,11 @@ def test_layout_helpers_cover_each_tile_once():
                               ((g, g), (2 * t, 2 * t + 1), (8, 8)),
                               ((g, g + 8, g, g + 8), (t, t, t + 4, t + 4), (16, 8)),
                               ((t, t + 4), (g, g), (8, 8)),
-                              ((g, g, g + 8, g + 8), (2 * t, 2 * t + 1, 2 * t, 2 * t + 1), (16, 8))]:
+                              ((g, g, g + 8, g + 8), (2 * t, 2 * t + 1, 2 * t, 2 * t + 1), (16, 8)),
+                              # m16n8k16 f64: A (16 x 16), B (16 x 8)
+                              (tuple(g + 8 * (v & 1) for v in range(8)),
+                               tuple(t + 4 * (v >> 1) for v in range(8)), (16, 16)),
+                              (tuple(t + 4 * v for v in range(4)), (g,) * 4, (16, 8))]:
         seen = np.zeros(shape, int)
         for r, c in zip(rows, cols):
             np.add.at(seen, (r, c), 1)
@@ -96,8 +118,11 @@ def test_layout_helpers_cover_each_tile_once():
 
 
 @pytest.mark.emulator
-def test_mma_on_emulator():
-    mod = emulated_module(TESTDATA / "mma_test.cu", KERNELS)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_mma_on_emulator(arch):
+    # sm_80: the m16n8 f64 tiles run as m8n8k4 sequences; sm_90: the m16n8kK emulation itself
+    mod = emulated_module(TESTDATA / "mma_test.cu", KERNELS,
+                          options=("-I" + str(KERNEL_DIR), "-std=c++17", f"-arch={arch}"))
     run_all(lambda n, g, b, a: mod.get_function(n)(g, b, a), np.random.default_rng(0))
 
 
@@ -114,6 +139,9 @@ def _gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("reference", [False, True], ids=["mma.sync", "emulator-reference"])
 def test_mma_on_gpu(reference):
+    # On sm_90 "mma.sync" runs mma.m16n8k16/k8/k4.f64 (DMMA.16x8x16 ...) against NumPy, and the
+    # reference run checks the emulator's m16n8 layout against the same expectations; on sm_80
+    # both run the m8n8k4 composition.
     cp = _gpu()
     opts = ("-std=c++17", f"-I{KERNEL_DIR}") + (("-DCUPYNN_MMA_REFERENCE",) if reference else ())
     mod = cp.RawModule(code=(TESTDATA / "mma_test.cu").read_text(), options=opts,

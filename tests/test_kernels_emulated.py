@@ -177,14 +177,17 @@ class _Collector(cuda_catalog.NameCollector):
         return super().get_function(name)
 
 
-def kernels_used(run) -> list[str]:
+def kernels_used(run, *, fused: bool = False, arch: str | None = None) -> list[str]:
     """The kernels ``run(backend)`` asks for, on a backend that launches nothing (so they
-    can be compiled into a few modules up front instead of one module each)."""
+    can be compiled into a few modules up front instead of one module each); ``fused``: with
+    the fused path on (its kernels are in kernels/fused.cu)."""
     global _DRY_RUN
     _Collector.seen = set()
     _DRY_RUN = True
     try:
-        run(cb.CudaBackend(xp=np, module_cls=_Collector))
+        dry = cb.CudaBackend(xp=np, module_cls=_Collector, arch=arch)
+        dry.fused.enabled = fused
+        run(dry)
     finally:
         _DRY_RUN = False
     return sorted(_Collector.seen)
@@ -233,6 +236,7 @@ def be(request):
     except Exception as exc:  # pragma: no cover - no compiler
         pytest.skip(f"emulator unusable: {exc}")
     backend.kernels.poison = True
+    backend.fused.enabled = False  # this suite is about the per-layer kernels (tests/test_fused.py)
     return backend
 
 

@@ -36,4 +36,5 @@ def test_kernels_clean_under_sanitizer(sanitizer, monkeypatch):
                                                             sanitizer=sanitizer))
     be.warm_up(names, workers=2, modules=2)
     be.kernels.poison = True
+    be.fused.enabled = False  # the per-layer kernels; tests/test_fused.py sanitizes the fused ones
     case_sanitizer_subset(be, np, np.random.default_rng(11), monkeypatch)

@@ -146,13 +146,20 @@ class Backend(ABC):
 
     @abstractmethod
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
-                               need_dx: bool = False):
+                               need_dx: bool = False, out=None):
         """Return ``(value, grads, dx)``.
 
         ``value`` is a 0-d array of the network's dtype on the backend's
         device; ``grads`` is a list of ``(dW, db or None)`` pairs, new arrays
-        shaped like the parameters; ``dx`` is ``dL/dx`` or ``None``.
+        shaped like the parameters; ``dx`` is ``dL/dx`` or ``None``.  With ``out``
+        (the same structure, arrays of the right shapes and dtype) the results are
+        written there and ``out`` is returned.
         """
+
+    def execution_path(self, net: NetSpec, batch: int, *, mode: str = "grad",
+                       need_dx: bool = False, loss: LossSpec | None = None) -> str:
+        """Which implementation a call of this kind runs (the backend's name here)."""
+        return self.name
 
     # -- optimizers (cupynn/optim.py through cupynn/functional.py) --------------
     def optimizer_state(self, kind: str, shapes, dtype, buffers: tuple[str, ...]) -> OptimizerState:
@@ -185,3 +192,18 @@ class Backend(ABC):
     @abstractmethod
     def to_host(self, array) -> np.ndarray:
         """Copy an array of this backend to a NumPy array."""
+
+
+def write_into(out, res):
+    """Write a ``(value, grads, dx)`` result into the arrays of ``out`` (the same structure)
+    and return ``out`` (``dx`` None when the result has none)."""
+    value, grads, dx = res
+    ov, og, odx = out
+    ov[...] = value
+    for (dW, db), (oW, ob) in zip(grads, og):
+        oW[...] = dW
+        if db is not None:
+            ob[...] = db
+    if dx is not None:
+        odx[...] = dx
+    return ov, list(og), (odx if dx is not None else None)

@@ -39,7 +39,10 @@ import numpy as np
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
 from . import cuda_optim, cuda_plans, cuda_select, cuda_taylor
-from .base import Backend, LayerSpec, LossSpec, NetSpec, OptimizerState, Params
+from .base import Backend, LayerSpec, LossSpec, NetSpec, OptimizerState, Params, write_into
+from .cuda_fused import FusedRunner
+from .cuda_fused_layout import MODE_FORWARD, MODE_GRAD, MODE_VALUE, FusedLayout, fused_kernel_names
+from .cuda_fused_layout import SOURCE as FUSED_SOURCE
 from .cuda_launch import THREADS, CudaLaunchError, Launcher, elem_strides, expect
 from .cuda_plans import UNPLANNABLE, PlannedLaunch
 from .cuda_select import (
@@ -95,6 +98,7 @@ class CudaBackend(Backend):
         self._plans: dict = {}
         self._inp_override: tuple | None = None
         self._deferred: list | None = None  # split-batch reductions waiting for one launch
+        self.fused = FusedRunner(self.kernels, self._x_input)  # kernels/fused.cu, when it applies
 
     def _empty(self, shape, dtype):
         return self.kernels.empty(shape, dtype)
@@ -107,18 +111,22 @@ class CudaBackend(Backend):
 
     def warm_up(self, names=None, *, workers: int | None = None, modules: int | None = None) -> int:
         """Compile kernels ahead of use (default: every instantiation the backend can
-        request); see :meth:`Launcher.warm_up`.  Names of the optimizer update go to
-        ``kernels/optim.cu``, all others to ``kernels/dense.cu``."""
-        optim_names = set(cuda_optim.kernel_names_all()[0][1])
+        request); see :meth:`Launcher.warm_up`.  Each name goes to the source file the catalog
+        lists it under (``kernels/dense.cu``, ``fused.cu``, ``optim.cu``, ``derivatives.cu``);
+        names it does not know, to ``kernels/dense.cu``."""
+        catalog = (cuda_select.kernel_names_all() + fused_kernel_names()
+                   + cuda_optim.kernel_names_all() + cuda_taylor.kernel_names_all())
+        owner = {n: src for src, ns in catalog for n in ns}
         if names is None:
-            names = list(cuda_select.kernel_names_all()[0][1]) + sorted(optim_names)
-        names = list(names)
-        dense = [n for n in names if n not in optim_names]
-        opt = [n for n in names if n in optim_names]
-        n = self.kernels.warm_up(SOURCE, dense, workers=workers, modules=modules) if dense else 0
-        if opt:
-            n += self.kernels.warm_up(cuda_optim.SOURCE, opt, workers=workers, modules=1)
-        return n
+            names = list(owner)
+        by_source: dict[str, list[str]] = {}
+        for n in names:
+            by_source.setdefault(owner.get(n, SOURCE), []).append(n)
+        total = 0
+        for src, ns in by_source.items():
+            spread = modules if src in (SOURCE, FUSED_SOURCE) else 1
+            total += self.kernels.warm_up(src, ns, workers=workers, modules=spread)
+        return total
 
     # -- arrays ---------------------------------------------------------------------
     def owns(self, array) -> bool:
@@ -553,25 +561,46 @@ class CudaBackend(Backend):
                 g = out
 
     # -- whole networks: public entry points, through cached launch plans ----------
+    def execution_path(self, net: NetSpec, batch: int, *, mode: str = "grad",
+                       need_dx: bool = False, loss: LossSpec | None = None) -> str:
+        """``"fused"`` when a call of this kind runs on kernels/fused.cu, else
+        ``"per-layer: <why>"``."""
+        m = {"forward": MODE_FORWARD, "value": MODE_VALUE, "grad": MODE_GRAD}[mode]
+        lay = self.fused.layout(net, batch, m, need_dx=need_dx, loss=loss)
+        return "fused" if isinstance(lay, FusedLayout) else f"per-layer: {lay}"
+
     def network_forward(self, net: NetSpec, params: Params, x):
+        if x.shape[0]:
+            plan = self.fused.plan(MODE_FORWARD, net, x, None, False)
+            if plan is not None:
+                return self.fused.forward(plan, net, params, x)
         key = self._plan_key("forward", net, x, None, False)
         return self._run_planned(key, net, params, x, None,
                                  lambda: self._forward_impl(net, params, x))
 
     def network_value(self, net: NetSpec, params: Params, x, loss: LossSpec):
         """The loss value alone: forward with the loss fused, nothing saved (graph forward)."""
-        key = self._plan_key("value", net, x, loss, False)
         target = self._target_of(loss)
+        if x.shape[0]:
+            plan = self.fused.plan(MODE_VALUE, net, x, loss, False)
+            if plan is not None:
+                return self.fused.value(plan, net, params, x, target)
+        key = self._plan_key("value", net, x, loss, False)
         return self._run_planned(key, net, params, x, target,
                                  lambda: self._value_impl(net, params, x, loss, target))
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
-                               need_dx: bool = False):
-        key = self._plan_key("grad", net, x, loss, need_dx)
+                               need_dx: bool = False, out=None):
         target = self._target_of(loss)
-        return self._run_planned(key, net, params, x, target,
-                                 lambda: self._value_and_grad_impl(net, params, x, loss, target,
-                                                                   need_dx))
+        if x.shape[0]:
+            plan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
+            if plan is not None:
+                return self.fused.value_and_grad(plan, net, params, x, loss, target, need_dx, out)
+        key = self._plan_key("grad", net, x, loss, need_dx)
+        res = self._run_planned(key, net, params, x, target,
+                                lambda: self._value_and_grad_impl(net, params, x, loss, target,
+                                                                  need_dx))
+        return res if out is None else write_into(out, res)
 
     # A launch plan records, once per (network, batch, layout, loss kind), the kernels,
     # grids and scalar arguments a call launches and the buffers it allocates; later
@@ -654,6 +683,11 @@ class CudaBackend(Backend):
         once all have run: the per-kernel breakdown of ``python -m cupynn bench --kernels``.
         Kernels only write their outputs (no accumulation), so launching one repeatedly
         leaves the same bytes."""
+        target = self._target_of(loss)
+        if x.shape[0]:
+            fplan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
+            if fplan is not None:
+                return self.fused.planned_launches(fplan, net, params, x, loss, target, need_dx)
         key = self._plan_key("grad", net, x, loss, need_dx)
         self.network_value_and_grad(net, params, x, loss, need_dx=need_dx)  # records the plan
         plan = None if key is None else self._plans.get(key)

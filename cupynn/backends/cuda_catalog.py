@@ -15,6 +15,7 @@ import numpy as np
 from . import cuda_optim, cuda_taylor
 from .base import LayerSpec, LossSpec, NetSpec
 from .cuda_backend import CudaBackend
+from .cuda_fused_layout import fused_kernel_names
 from .cuda_select import kernel_names_all
 
 __all__ = ["NameCollector", "all_instantiations", "hot_kernels", "kernel_names_for",
@@ -32,13 +33,19 @@ class NameCollector:
 
 
 def all_instantiations() -> list[tuple[str, tuple[str, ...]]]:
-    """(source file, name expressions) for every kernel the CUDA backend can request."""
-    return kernel_names_all() + cuda_optim.kernel_names_all() + cuda_taylor.kernel_names_all()
+    """(source file, name expressions) for every kernel the CUDA backend can request: the
+    per-layer kernels (kernels/dense.cu), the fused ones (kernels/fused.cu), the optimizer
+    updates and the forward Laplacian's steps."""
+    return (kernel_names_all() + fused_kernel_names() + cuda_optim.kernel_names_all()
+            + cuda_taylor.kernel_names_all())
 
 
-def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False) -> set[str]:
-    """The kernels value_and_grad and forward of ``net`` at ``batch`` launch (nothing runs)."""
-    be = CudaBackend(xp=np, module_cls=NameCollector)
+def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False,
+                     fused: bool = True) -> set[str]:
+    """The kernels value_and_grad and forward of ``net`` at ``batch`` launch (nothing runs);
+    ``fused=False``: those of the per-layer path."""
+    be = CudaBackend(xp=np, module_cls=NameCollector, arch="sm_90")
+    be.fused.enabled = fused
     params = [(np.empty((s.out_features, s.in_features), net.dtype),
                np.empty((s.out_features,), net.dtype) if s.bias else None) for s in net.layers]
     x = np.empty((batch, net.in_features), net.dtype)
@@ -58,9 +65,10 @@ PUBLIC_WORKLOADS = (
 
 
 def hot_kernels() -> set[str]:
-    """Every kernel the public workloads launch, their training steps' optimizer update
-    and the pinn workload's elementwise step (kernels/derivatives.cu) included (the compile
-    check forbids spills there)."""
+    """Every kernel the public workloads launch, on the fused path and on the per-layer path
+    (which a callable loss or CUPYNN_FUSED=0 takes), their training steps' optimizer update
+    and the pinn workload's elementwise step (kernels/derivatives.cu) included: the compile
+    check forbids spills there."""
     names: set[str] = {n for _, ns in cuda_optim.kernel_names_all() for n in ns}
     names |= {n for _, ns in cuda_taylor.kernel_names_all() for n in ns}
     for sizes, act, batch, dtypes, precisions in PUBLIC_WORKLOADS:
@@ -69,5 +77,7 @@ def hot_kernels() -> set[str]:
             for prec in precisions:
                 net = NetSpec(tuple(LayerSpec(i, o, a) for i, o, a in zip(sizes, sizes[1:], acts)),
                               np.dtype(dt), prec)
-                names |= kernel_names_for(net, batch)
+                names |= kernel_names_for(net, batch) | kernel_names_for(net, batch, fused=False)
+    for _source, fused in fused_kernel_names():  # every precision mode of the fused kernel
+        names |= set(fused)
     return names

@@ -83,7 +83,7 @@ class Launcher:
         """Every output and workspace of the backend comes from here."""
         a = self.xp.empty(shape, dtype=dtype)
         if self.poison:
-            a.fill(np.nan)
+            a.fill(np.nan if a.dtype.kind == "f" else -1)
         if self.keep_alive is not None:
             self.keep_alive.append(a)
         if self.recording is not None:

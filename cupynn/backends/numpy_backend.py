@@ -42,7 +42,7 @@ from .. import _threads
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
 from . import numpy_optim, numpy_taylor
-from .base import Backend, LossSpec, NetSpec, OptimizerState, Params
+from .base import Backend, LossSpec, NetSpec, OptimizerState, Params, write_into
 
 # Rows per chunk are chosen so that one chunk's buffers (every layer's input, gradient
 # and saved pre-activation) take about this many bytes: large enough for BLAS
@@ -486,7 +486,11 @@ class NumpyBackend(Backend):
         return y
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
-                               need_dx=False):
+                               need_dx=False, out=None):
+        res = self._value_and_grad(net, params, x, loss, need_dx)
+        return res if out is None else write_into(out, res)
+
+    def _value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, need_dx):
         batch = x.shape[0]
         dt = net.dtype
         dx = np.empty(x.shape, dt) if need_dx else None

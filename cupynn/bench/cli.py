@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: also time each kernel of cupynn's gradient step alone (grid, "
                         "registers, blocks per SM, waves, share of the step) per workload and "
                         "dtype; with '--peers none' only that")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="only the CUDA backend's host cost per call: its real host code against "
+                        "a stand-in module whose kernels do nothing (no GPU needed): us per "
+                        "call, launches and allocations per call, fused and per-layer paths")
     p.add_argument("--train", action="store_true",
                    help="also time one Adam training step (loss, gradient, update) of cupynn "
                         "(plain and compiled), PyTorch eager + torch.optim.Adam (for-loop, "
@@ -122,12 +126,31 @@ def _resolve_device(device: str) -> str:
     return resolved
 
 
+def _host_overhead(args) -> int:
+    from .host_overhead import WORKLOADS as HO_WORKLOADS
+    from .host_overhead import format_table, host_overhead
+
+    quick = args.quick
+    rows = host_overhead(workloads=HO_WORKLOADS[:1] if quick else HO_WORKLOADS,
+                         reps=3 if quick else 7, loops=30 if quick else 400)
+    print(format_table(rows))
+    if args.json:
+        doc = {"schema": "cupynn-host-overhead/1",
+               "command": "python -m cupynn bench --host-overhead",
+               "machine": report.machine_info("cpu"), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    return 0
+
+
 def main(argv=None) -> int:
     if (sys.argv[1:] if argv is None else list(argv))[:1] == ["dask"]:
         from .dask_bench import main as dask_main
 
         return dask_main(sys.argv[2:] if argv is None else list(argv)[1:])
     args = build_parser().parse_args(argv)
+    if args.host_overhead:
+        return _host_overhead(args)
     t_start = time.perf_counter()
     device = _resolve_device(args.device)
     try:

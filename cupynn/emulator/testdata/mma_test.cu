@@ -66,3 +66,38 @@ extern "C" __global__ void to_tf32(const float* __restrict__ x, unsigned* __rest
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_tf32(x[i]);
 }
+
+// A: 16xK row-major, B: Kx8 row-major (B[k][n]), C, D: 16x8 row-major; K = 4, 8, 16.  One warp.
+// Each lane loads its m16n8-layout elements through the mma_m16n8_* helpers.
+template <int K>
+__device__ void mma_f64_m16n8(const double* __restrict__ A, const double* __restrict__ B,
+                              const double* __restrict__ C, double* __restrict__ D) {
+    const int lane = threadIdx.x & 31;
+    double a[K / 2], b[K / 4], c[4], d[4];
+    for (int v = 0; v < K / 2; ++v) a[v] = A[mma_m16n8_a_row(lane, v) * K + mma_m16n8_a_col(lane, v)];
+    for (int v = 0; v < K / 4; ++v) b[v] = B[mma_m16n8_b_row(lane, v) * 8 + mma_m16n8_b_col(lane, v)];
+    for (int v = 0; v < 4; ++v) c[v] = C[mma_m16n8_c_row(lane, v) * 8 + mma_m16n8_c_col(lane, v)];
+    mma_m16n8_f64<K>(d, a, b, c);
+    for (int v = 0; v < 4; ++v) D[mma_m16n8_c_row(lane, v) * 8 + mma_m16n8_c_col(lane, v)] = d[v];
+}
+
+extern "C" __global__ void mma_f64_m16n8k16_tile(const double* A, const double* B, const double* C,
+                                                 double* D) { mma_f64_m16n8<16>(A, B, C, D); }
+extern "C" __global__ void mma_f64_m16n8k8_tile(const double* A, const double* B, const double* C,
+                                                double* D) { mma_f64_m16n8<8>(A, B, C, D); }
+extern "C" __global__ void mma_f64_m16n8k4_tile(const double* A, const double* B, const double* C,
+                                                double* D) { mma_f64_m16n8<4>(A, B, C, D); }
+
+// The tf32 k16 pair in the m16n8 layout (A 16x16, B 16x8 row-major), inputs rounded first.
+extern "C" __global__ void mma_tf32_m16n8k16_tile(const float* __restrict__ A,
+                                                  const float* __restrict__ B,
+                                                  const float* __restrict__ C, float* __restrict__ D) {
+    const int lane = threadIdx.x & 31;
+    unsigned a[8], b[4];
+    float c[4], d[4];
+    for (int v = 0; v < 8; ++v) a[v] = f32_to_tf32(A[mma_m16n8_a_row(lane, v) * 16 + mma_m16n8_a_col(lane, v)]);
+    for (int v = 0; v < 4; ++v) b[v] = f32_to_tf32(B[mma_m16n8_b_row(lane, v) * 8 + mma_m16n8_b_col(lane, v)]);
+    for (int v = 0; v < 4; ++v) c[v] = C[mma_m16n8_c_row(lane, v) * 8 + mma_m16n8_c_col(lane, v)];
+    mma_m16n8k16_tf32(d, a, b, c);
+    for (int v = 0; v < 4; ++v) D[mma_m16n8_c_row(lane, v) * 8 + mma_m16n8_c_col(lane, v)] = d[v];
+}
