@@ -17,7 +17,9 @@ same moment also gets one thread (correct results, possibly slower products).
 
 ``CUPYNN_CPU_THREADS=N`` sets the number of lanes (BLAS stays at one thread inside the
 hot loop either way); the default is the number of cores this process may run on
-(``os.sched_getaffinity``), at most 16.  The group count (from the batch and the lane
+(``os.sched_getaffinity``), at most 16.  ``lane_limit(n)`` caps it for the calls one
+thread makes inside a block (``cupynn.dask`` runs every chunk of a CPU worker on one lane,
+so that worker processes sharing a host do not oversubscribe its cores).  The group count (from the batch and the lane
 count, never from timing) fixes the order in which partial gradients are added, so
 results are bit-identical run to run on one machine and setting, busy or not.
 """
@@ -30,14 +32,15 @@ import itertools
 import os
 import threading
 
-__all__ = ["lanes_available", "blas_limiter", "blas_single_thread", "run_groups", "thread_control",
-           "usable_cores"]
+__all__ = ["lanes_available", "lane_limit", "blas_limiter", "blas_single_thread", "run_groups",
+           "thread_control", "usable_cores"]
 
 _MAX_LANES = 16
 _LOCK = threading.Lock()
 _POOL: cf.ThreadPoolExecutor | None = None
 _CONTROLLER: object | None = None
 _CONTROLLER_REASON: str | None = None
+_LOCAL = threading.local()  # .lanes: the cap lane_limit() set for this thread, or absent
 
 
 def usable_cores() -> int:
@@ -90,9 +93,26 @@ def lanes_available() -> int:
             raise ValueError(f"CUPYNN_CPU_THREADS must be a positive integer, got {env!r}")
     else:
         n = min(_MAX_LANES, usable_cores())
+    cap = getattr(_LOCAL, "lanes", None)
+    if cap is not None:
+        n = min(n, cap)
     if n > 1 and _blas_controller() is None:
         return 1
     return n
+
+
+@contextlib.contextmanager
+def lane_limit(n: int):
+    """Within the block, NumPy-backend calls made by *this* thread run on at most ``n``
+    lanes (other threads are not affected; blocks nest, the innermost cap applies)."""
+    if isinstance(n, bool) or not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"a lane limit must be a positive integer, got {n!r}")
+    prev = getattr(_LOCAL, "lanes", None)
+    _LOCAL.lanes = n
+    try:
+        yield
+    finally:
+        _LOCAL.lanes = prev
 
 
 def blas_limiter(n: int):

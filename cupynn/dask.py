@@ -14,8 +14,9 @@ movement and recovery from lost workers; this module only builds the graph:
 * chunk ``i`` computes ``sum((y_i - t_i)**2)`` and its gradient with the
   worker's backend: a chunk that is a CuPy array runs on the worker's GPU (the
   worker moves its copy of the model there once), a NumPy chunk on the NumPy
-  backend with ``blas_threads`` BLAS threads (default 1, so that worker
-  processes sharing a host do not oversubscribe its cores);
+  backend with ``cpu_threads`` threads (its lanes, and BLAS outside its hot loop;
+  default 1, so that worker processes sharing a host, one per core, do not
+  oversubscribe its cores);
 * the chunk results are added in a **fixed binary tree over chunk indices**
   (``(0+1), (2+3), ...``, then the sums of those pairs, an odd last one going up
   alone), so the result is bit-identical whatever the number of workers, the
@@ -143,7 +144,7 @@ def _shipped(model) -> _Shipped:
     return _Shipped(_build(kind, model.precision, layers))
 
 
-# -- BLAS threads on CPU workers -----------------------------------------------
+# -- CPU threads on CPU workers ------------------------------------------------
 
 class _BlasLimit:
     """``with limit(n):`` at most ``n`` BLAS threads in this process while any chunk runs.
@@ -197,10 +198,23 @@ def _structured(model, flat):
 
 # -- tasks (run on the workers) ----------------------------------------------------
 
-def _chunk_value_and_grad(shipped, x, target, index, rows, blas_threads):
+@contextlib.contextmanager
+def _cpu_threads(n: int | None):
+    """A chunk's thread budget: at most ``n`` NumPy-backend lanes for this worker thread and
+    ``n`` BLAS threads in the process (``None``: the worker's own settings)."""
+    if n is None:
+        yield
+        return
+    from ._threads import lane_limit  # the one owner of cupynn's CPU threads
+
+    with _blas_limit(n), lane_limit(int(n)):
+        yield
+
+
+def _chunk_value_and_grad(shipped, x, target, index, rows, cpu_threads):
     """``(sum of squares as a Python float, [dW0, db0, dW1, ...])`` of one chunk."""
     try:
-        with _blas_limit(blas_threads):
+        with _cpu_threads(cpu_threads):
             model = shipped.on(_device_of(x))
             value, grads = functional.value_and_grad(model, x, "sum_squares", target=target)
             return float(value), _flat(grads)
@@ -230,10 +244,10 @@ def _finish(total, scale, dtype):
     return np.asarray(value * scale, dtype=dt), grads
 
 
-def _chunk_forward(x, shipped, blas_threads, block_info=None):
+def _chunk_forward(x, shipped, cpu_threads, block_info=None):
     info = block_info[0]
     try:
-        with _blas_limit(blas_threads):
+        with _cpu_threads(cpu_threads):
             return shipped.on(_device_of(x))(x)
     except Exception as exc:
         raise ChunkError(info["chunk-location"][0], info["array-location"][0],
@@ -271,9 +285,9 @@ def _check_batch_array(a, what: str, width: int, width_name: str, dtype: np.dtyp
         )
 
 
-def _check_blas_threads(n):
+def _check_cpu_threads(n):
     if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"blas_threads must be a positive integer or None, got {n!r}")
+        raise ValueError(f"cpu_threads must be a positive integer or None, got {n!r}")
 
 
 def _get_client(client):
@@ -318,7 +332,7 @@ def _connect_timeout() -> float:
 # -- public API -----------------------------------------------------------------
 
 def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, workers=None,
-                   timeout=None, blas_threads=1):
+                   timeout=None, cpu_threads=1):
     """``loss(model(X))`` and its gradient w.r.t. every weight and bias, chunk by chunk on Dask.
 
     ``L = sum_i sum((model(X_i) - T_i)**2)`` over the chunks ``X_i`` of ``X`` (``"sum_squares"``),
@@ -340,8 +354,9 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
     timeout : seconds to wait for the result (``None``: no limit); a cluster without workers
         fails when the model is scattered, after ``timeout`` or, when ``None``,
         ``distributed.comm.timeouts.connect``
-    blas_threads : BLAS threads per running chunk on CPU workers (default 1; ``None``
-        leaves the workers' setting alone)
+    cpu_threads : threads per running chunk on CPU workers: the NumPy backend's lanes and
+        BLAS's threads (default 1: run one single-threaded worker per core; ``None``
+        leaves the workers' settings alone: lanes on every core, ``CUPYNN_CPU_THREADS``)
 
     Returns
     -------
@@ -380,7 +395,7 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
         )
     if not isinstance(model, (Dense, Chain)):
         raise TypeError(f"model must be a cupynn Dense or Chain, got {type(model).__name__}")
-    _check_blas_threads(blas_threads)
+    _check_cpu_threads(cpu_threads)
     layers = model._dense_layers()
     n_in, n_out = layers[0].in_features, layers[-1].out_features
     _check_batch_array(X, "X", n_in, "in", model.dtype)
@@ -405,7 +420,7 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
     try:
         level = [
             dask.delayed(_chunk_value_and_grad, pure=True)(
-                shipped, xb, tb, i, (starts[i], starts[i + 1]), blas_threads,
+                shipped, xb, tb, i, (starts[i], starts[i + 1]), cpu_threads,
                 dask_key_name=f"{name}-chunk-{i}")
             for i, (xb, tb) in enumerate(zip(x_blocks, t_blocks))
         ]
@@ -442,14 +457,15 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
     return value, _structured(model, flat)
 
 
-def forward(model, X, *, blas_threads=1):
+def forward(model, X, *, cpu_threads=1):
     """The model's outputs for ``X``, lazily: a ``dask.array`` ``(batch, out)`` chunked like ``X``.
 
     ``Y_i = model(X_i)`` for every chunk ``X_i`` (``y = act(x @ W.T + b)`` layer by layer),
     computed where and when ``Y`` is computed (any Dask scheduler); CuPy chunks give CuPy
     output chunks, computed on the worker's GPU. The model is one key of ``Y``'s graph,
     which every worker fetches once (a lazy array holds no state on the cluster, and a
-    lost worker's chunks are recomputed). ``X`` must be as for :func:`value_and_grad`.
+    lost worker's chunks are recomputed). ``X`` must be as for :func:`value_and_grad`, and
+    ``cpu_threads`` means what it means there.
 
     Example
     -------
@@ -464,12 +480,12 @@ def forward(model, X, *, blas_threads=1):
     """
     if not isinstance(model, (Dense, Chain)):
         raise TypeError(f"model must be a cupynn Dense or Chain, got {type(model).__name__}")
-    _check_blas_threads(blas_threads)
+    _check_cpu_threads(cpu_threads)
     layers = model._dense_layers()
     _check_batch_array(X, "X", layers[0].in_features, "in", model.dtype)
     token = uuid.uuid4().hex[:12]
     shipped = dask.delayed(_shipped(model), name=f"cupynn-model-{token}")
-    return X.map_blocks(_chunk_forward, shipped, blas_threads, dtype=model.dtype,
+    return X.map_blocks(_chunk_forward, shipped, cpu_threads, dtype=model.dtype,
                         chunks=(X.chunks[0], (layers[-1].out_features,)), meta=X._meta,
                         name=f"cupynn-forward-{token}")
 

@@ -152,3 +152,30 @@ def test_calls_from_several_threads_at_once(monkeypatch, rng):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_lane_limit_caps_this_thread_only_and_nests(monkeypatch, rng):
+    monkeypatch.setenv("CUPYNN_CPU_THREADS", "4")
+    monkeypatch.setattr(nb, "_SMALL_WORK", 1)
+    calls = []
+    run_groups = _threads.run_groups
+    monkeypatch.setattr(_threads, "run_groups",
+                        lambda fn, groups, threads: calls.append(threads) or run_groups(fn, groups, threads))
+    model = random_model([3, 64, 8, 2], "tanh", np.float64, rng)
+    x = rng.standard_normal((4 * nb._chunk_rows(model_spec(model)) + 1, 3))
+    seen = {}
+    with _threads.lane_limit(2):
+        outer = _threads.lanes_available()
+        with _threads.lane_limit(1):
+            inner = _threads.lanes_available()
+            _check(model, x)
+        other = threading.Thread(target=lambda: seen.update(lanes=_threads.lanes_available()))
+        other.start()
+        other.join()
+        again = _threads.lanes_available()
+    assert (outer, inner, again, seen["lanes"], _threads.lanes_available()) == (2, 1, 2, 4, 4)
+    assert calls and set(calls) == {1}  # the call inside lane_limit(1) ran on one lane
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="lane limit must be a positive integer"):
+            with _threads.lane_limit(bad):
+                pass

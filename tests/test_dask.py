@@ -259,8 +259,8 @@ def test_bad_chunking_and_bad_arguments_say_what_to_do(rng):
         cdask.value_and_grad(model, da.from_array(x[:, 0], chunks=10))
     with pytest.raises(ValueError, match="callable loss"):
         cdask.value_and_grad(model, X, lambda y: ((y**2).sum(), 2 * y))
-    with pytest.raises(ValueError, match="blas_threads must be a positive integer"):
-        cdask.value_and_grad(model, X, blas_threads=0)
+    with pytest.raises(ValueError, match="cpu_threads must be a positive integer"):
+        cdask.value_and_grad(model, X, cpu_threads=0)
     with pytest.raises(TypeError, match="Dense or Chain"):
         cdask.forward(object(), X)
     unknown = X[X[:, 0] > 0]
@@ -281,6 +281,26 @@ def test_unreachable_scheduler_is_a_clear_error_within_the_timeout(client):
     model = _seed_model("float64")
     with pytest.raises(ConnectionError, match="'closed'.*cupynn.dask.connect"):
         cdask.value_and_grad(model, _chunked(np.zeros((10, 1)) + 0.5, 5), client=closed)
+
+
+def _thread_budget(cpu_threads):
+    """What a chunk task on this worker sees: its lanes and the process's BLAS threads."""
+    import threadpoolctl
+
+    from cupynn import _threads
+
+    with cdask._cpu_threads(cpu_threads):
+        blas = {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+        return _threads.lanes_available(), blas
+
+
+def test_a_chunk_runs_on_cpu_threads_lanes_and_blas_threads(client):
+    from cupynn import _threads
+
+    cores = _threads.lanes_available()
+    assert client.submit(_thread_budget, 1, pure=False).result(DEADLINE_S) == (1, {1})
+    lanes, _ = client.submit(_thread_budget, None, pure=False).result(DEADLINE_S)
+    assert lanes == cores  # None: the worker's own lane count (every core it may use)
 
 
 def _slow(block):

@@ -2,17 +2,18 @@
 
 The seed network (1→1000→20→1, identity, randn weights, inputs ``linspace(-1, 1)``)
 on ``--batch`` inputs (default 10⁷, float32), chunked along the batch, on a
-``distributed.LocalCluster`` of worker processes with one thread (and one BLAS
-thread) each. For each worker count ``k`` of ``--workers`` (default 1,2) the
+``distributed.LocalCluster`` of worker processes with one thread each, which runs
+every chunk on one CPU thread (``cpu_threads=1``: one lane of the NumPy backend, one
+BLAS thread). For each worker count ``k`` of ``--workers`` (default 1,2) the
 chunks are generated on ``k`` workers and kept there (``persist``), and
 ``cupynn.dask.value_and_grad(model, X)`` is restricted to them. The single-process
 baseline is one ``cupynn.value_and_grad(model, x)`` in this process, on the same
-data, with ``t`` BLAS threads for each ``t`` of ``--single-threads`` (default: the
-worker counts). After one warm-up call of each, the calls are timed in rounds, each
-round timing every configuration once (a change of the machine's load then hits all
-of them alike); the median over ``--repeat`` rounds gives the throughput in
-inputs/s. The *overhead* of ``k`` workers is their time over the single process's
-with ``k`` BLAS threads, minus one.
+data, on ``t`` CPU threads (``t`` lanes of the NumPy backend, ``t`` BLAS threads) for
+each ``t`` of ``--single-threads`` (default: the worker counts). After one warm-up call
+of each, the calls are timed in rounds, each round timing every configuration once
+(a change of the machine's load then hits all of them alike); the median over
+``--repeat`` rounds gives the throughput in inputs/s. The *overhead* of ``k`` workers
+is their time over the single process's on ``k`` CPU threads, minus one.
 
 Checked before anything is reported: every worker count gives bit-identical
 results, and they match the single process within the float tolerance of
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_ints, default=[1, 2],
                    help="worker counts to time, comma list (default 1,2)")
     p.add_argument("--single-threads", type=_ints, default=None,
-                   help="BLAS thread counts of the single-process baseline (default: --workers; "
-                        "--quick: 1)")
+                   help="CPU thread counts (NumPy-backend lanes and BLAS threads) of the "
+                        "single-process baseline (default: --workers; --quick: 1)")
     p.add_argument("--chunk-rows", type=int, default=None,
                    help="rows per chunk (default: batch / (8 x the largest worker count))")
     p.add_argument("--repeat", type=int, default=None, help="timed calls each (default 3; --quick 2)")
@@ -93,10 +94,10 @@ def run(*, batch: int, dtype: str, workers: list[int], single_threads: list[int]
     """
     import dask.array as da
     import distributed
-    from threadpoolctl import threadpool_limits
 
     import cupynn
     import cupynn.dask as cdask
+    from cupynn._threads import blas_limiter, lane_limit
 
     say = progress or (lambda text: None)
     w = get_workload("seed", batch=batch)
@@ -107,14 +108,19 @@ def run(*, batch: int, dtype: str, workers: list[int], single_threads: list[int]
     # the seed thread's inputs, generated chunk by chunk where they are used
     lazy_X = da.linspace(-1.0, 1.0, batch, chunks=chunk_rows).astype(dtype)[:, None]
     x = lazy_X.compute(scheduler="sync")
-    doc = {"schema": "cupynn-bench-dask/1", "workload": w.describe(), "shape": w.shape,
+    doc = {"schema": "cupynn-bench-dask/2", "workload": w.describe(), "shape": w.shape,
            "batch": batch, "dtype": dtype, "chunk_rows": chunk_rows,
            "chunks": math.ceil(batch / chunk_rows), "repeat": repeat, "interleaved": True,
            "load_before": list(os.getloadavg()), "single": [], "dask": []}
 
     def single_call(threads):
-        with threadpool_limits(limits=threads, user_api="blas"):
-            return cupynn.value_and_grad(model, x)
+        limiter = blas_limiter(threads)
+        try:
+            with lane_limit(threads):
+                return cupynn.value_and_grad(model, x)
+        finally:
+            if limiter is not None:
+                limiter.restore_original_limits()
 
     cluster = None
     if client is None:
@@ -173,7 +179,7 @@ def run(*, batch: int, dtype: str, workers: list[int], single_threads: list[int]
         entry = {"times_s": ts, "median_s": med, "inputs_per_s": batch / med,
                  "cpu_s": cpu[(kind, k)], "cpu_median_s": statistics.median(cpu[(kind, k)])}
         if kind == "single":
-            doc["single"].append({"blas_threads": k, **entry})
+            doc["single"].append({"cpu_threads": k, **entry})
             continue
         value, grads = results[(kind, k)]
         first = first or flat(results[(kind, k)])
@@ -184,7 +190,7 @@ def run(*, batch: int, dtype: str, workers: list[int], single_threads: list[int]
                                           for a, b in zip(flat(results[(kind, k)]), first)),
         })
     one = next((d["median_s"] for d in doc["dask"] if d["workers"] == 1), None)
-    single = {s["blas_threads"]: s["median_s"] for s in doc["single"]}
+    single = {s["cpu_threads"]: s["median_s"] for s in doc["single"]}
     for d in doc["dask"]:
         d["speedup_vs_1_worker"] = one / d["median_s"] if one is not None else None
         d["overhead_vs_single"] = (d["median_s"] / single[d["workers"]] - 1.0
@@ -202,7 +208,7 @@ def table(doc: dict) -> str:
              "", f"{'run':<32} {'time':>10} {'inputs/s':>12} {'vs 1 worker':>12} {'overhead':>9} "
                  f"{'CPU s':>9}"]
     for s in doc["single"]:
-        lines.append(f"{'single process, ' + str(s['blas_threads']) + ' BLAS thr.':<32} "
+        lines.append(f"{'single process, ' + str(s['cpu_threads']) + ' CPU thr.':<32} "
                      f"{s['median_s']:>9.3f}s {s['inputs_per_s']:>12.3g} {'':>12} {'':>9} "
                      f"{s['cpu_median_s']:>9.2f}")
     for d in doc["dask"]:
