@@ -111,17 +111,9 @@ def _cupynn(compiled: bool):
 
 def _torch(variant: str):
     def prepare(problem: Problem) -> TrainRunner:
-        import torch
+        from .impls.torch_impl import setup
 
-        from .impls.torch_impl import _make_model
-
-        if problem.workload.activation not in ("identity", "relu", "tanh", "sigmoid"):
-            raise Skip(f"activation {problem.workload.activation!r} not mapped to torch.nn")
-        dev = "cuda" if problem.device == "cuda" else "cpu"
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        model = _make_model(torch, problem, dev)
+        torch, dev, model = setup(problem)
         kw = {"foreach": False} if variant == "loop" else (
             {"foreach": True} if variant == "foreach" else {"fused": True})
         try:
@@ -158,28 +150,13 @@ def _torch(variant: str):
 # -- JAX + optax ------------------------------------------------------------------------------
 
 def _jax_optax(problem: Problem) -> TrainRunner:
-    from .impls.jax_impl import _jax
+    from .impls.jax_impl import setup
 
-    jax = _jax()
-    import jax.numpy as jnp
+    jax, loss, params, xs = setup(problem)
     import optax
 
-    acts = problem.activations
-    fns = {"identity": lambda z: z, "relu": jax.nn.relu, "tanh": jnp.tanh,
-           "sigmoid": jax.nn.sigmoid}
-    if any(a not in fns for a in acts):
-        raise Skip(f"activation not mapped to jax: {acts}")
     gpu = problem.device == "cuda"
-    dev = jax.devices("gpu" if gpu else "cpu")[0]
-    params = [(jax.device_put(W, dev), jax.device_put(b, dev)) for W, b in problem.params]
-    xs = [jax.device_put(x, dev) for x in problem.inputs]
     tx = optax.adam(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS)
-
-    def loss(params, x):
-        h = x
-        for (W, b), act in zip(params, acts):
-            h = fns[act](jnp.matmul(h, W.T, precision="highest") + b)
-        return jnp.sum(h ** 2)
 
     def train_step(params, opt_state, x):
         value, grads = jax.value_and_grad(loss)(params, x)

@@ -24,6 +24,30 @@ def _jax():
     return jax
 
 
+def setup(problem: Problem):
+    """``(jax, loss, params, xs)``: the problem's ``loss(params, x) = sum(net(x)**2)`` as
+    JAX code (full-precision products), its parameters and inputs on its device."""
+    jax = _jax()
+    import jax.numpy as jnp
+
+    acts = problem.activations
+    fns = {"identity": lambda z: z, "relu": jax.nn.relu, "tanh": jnp.tanh,
+           "sigmoid": jax.nn.sigmoid}
+    if any(a not in fns for a in acts):
+        raise Skip(f"activation not mapped to jax: {acts}")
+    dev = jax.devices("gpu" if problem.device == "cuda" else "cpu")[0]
+    params = [(jax.device_put(W, dev), jax.device_put(b, dev)) for W, b in problem.params]
+    xs = [jax.device_put(x, dev) for x in problem.inputs]
+
+    def loss(params, x):
+        h = x
+        for (W, b), act in zip(params, acts):
+            h = fns[act](jnp.matmul(h, W.T, precision="highest") + b)
+        return jnp.sum(h ** 2)
+
+    return jax, loss, params, xs
+
+
 class JaxImpl(Implementation):
     name, label = "jax", "JAX jit"
     memory_factor = 3.0
@@ -44,23 +68,8 @@ class JaxImpl(Implementation):
         return {"jax": jax.__version__}
 
     def prepare(self, problem: Problem) -> Runner:
-        jax = _jax()
+        jax, loss, params, xs = setup(problem)
         import jax.numpy as jnp
-
-        acts = problem.activations
-        fns = {"identity": lambda z: z, "relu": jax.nn.relu, "tanh": jnp.tanh,
-               "sigmoid": jax.nn.sigmoid}
-        if any(a not in fns for a in acts):
-            raise Skip(f"activation not mapped to jax: {acts}")
-        dev = jax.devices("gpu" if problem.device == "cuda" else "cpu")[0]
-        params = [(jax.device_put(W, dev), jax.device_put(b, dev)) for W, b in problem.params]
-        xs = [jax.device_put(x, dev) for x in problem.inputs]
-
-        def loss(params, x):
-            h = x
-            for (W, b), act in zip(params, acts):
-                h = fns[act](jnp.matmul(h, W.T, precision="highest") + b)
-            return jnp.sum(h ** 2)
 
         fwd = jax.jit(loss)
         vg = jax.jit(jax.value_and_grad(loss))

@@ -38,6 +38,20 @@ def _make_model(torch, problem: Problem, dev: str):
     return nn.Sequential(*layers)
 
 
+def setup(problem: Problem):
+    """``(torch, device, model)``: the problem's network as a ``torch.nn`` model on its device,
+    with TF32 off everywhere (full-precision float32 products, like every peer)."""
+    import torch
+
+    if problem.workload.activation not in ("identity", "relu", "tanh", "sigmoid"):
+        raise Skip(f"activation {problem.workload.activation!r} not mapped to torch.nn")
+    dev = "cuda" if problem.device == "cuda" else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    return torch, dev, _make_model(torch, problem, dev)
+
+
 class TorchImpl(Implementation):
     memory_factor = 3.0
 
@@ -59,15 +73,7 @@ class TorchImpl(Implementation):
         return {"torch": torch.__version__}
 
     def prepare(self, problem: Problem) -> Runner:
-        import torch
-
-        if problem.workload.activation not in ("identity", "relu", "tanh", "sigmoid"):
-            raise Skip(f"activation {problem.workload.activation!r} not mapped to torch.nn")
-        dev = "cuda" if problem.device == "cuda" else "cpu"
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        model = _make_model(torch, problem, dev)
+        torch, dev, model = setup(problem)
         params = list(model.parameters())
         xs = [torch.from_numpy(x).to(dev) for x in problem.inputs]
 
