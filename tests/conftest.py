@@ -100,6 +100,40 @@ def activations_of(model):
     return [l.activation.name for l in model.layers]
 
 
+def gpu_reason() -> str | None:
+    """Why the ``gpu`` tests cannot run here (None: CuPy and a GPU are usable)."""
+    try:
+        from cupynn._devices import cuda_available, cuda_unavailable_reason
+    except Exception:  # pragma: no cover
+        cuda_available = None
+    try:
+        import cupy
+    except Exception as exc:
+        return f"CuPy is not importable ({exc})"
+    if cuda_available is not None and not cuda_available():
+        return f"no usable GPU: {cuda_unavailable_reason()}"
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"no usable GPU: {exc}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cp():
+    """CuPy, for the ``gpu`` tests (skipped with the reason where no GPU is usable);
+    ``CUPYNN_TEST_NO_POOL=1`` turns CuPy's memory pool off (compute-sanitizer needs that to
+    see small overruns)."""
+    reason = gpu_reason()
+    if reason:
+        pytest.skip(reason)
+    import cupy
+
+    if os.environ.get("CUPYNN_TEST_NO_POOL") == "1":
+        cupy.cuda.set_allocator(None)
+    return cupy
+
+
 @pytest.fixture
 def rng(request):
     # a fresh, reproducible stream per test (seeded from the test's name)

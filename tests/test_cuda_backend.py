@@ -8,8 +8,6 @@ compute-sanitizer needs to see small overruns; .ci/gpu does this).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -34,36 +32,6 @@ from .test_kernels_emulated import (
 )
 
 pytestmark = pytest.mark.gpu
-
-
-def _gpu_reason():
-    try:
-        from cupynn._devices import cuda_available, cuda_unavailable_reason
-    except Exception:  # pragma: no cover
-        cuda_available = None
-    try:
-        import cupy
-    except Exception as exc:
-        return f"CuPy is not importable ({exc})"
-    if cuda_available is not None and not cuda_available():
-        return f"no usable GPU: {cuda_unavailable_reason()}"
-    try:
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return f"no usable GPU: {exc}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cp():
-    reason = _gpu_reason()
-    if reason:
-        pytest.skip(reason)
-    import cupy
-
-    if os.environ.get("CUPYNN_TEST_NO_POOL") == "1":
-        cupy.cuda.set_allocator(None)
-    return cupy
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ pool, which is what compute-sanitizer needs to see small overruns (.ci/gpu runs
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -17,23 +15,10 @@ from cupynn.activations import ACTIVATIONS
 from cupynn.backends import cuda_backend as cb
 from cupynn.backends.base import LossSpec
 
-from .test_cuda_backend import _gpu_reason
 from .test_fused import case_fused, case_fused_launches, case_fused_sanitizer_subset
 from .test_kernels_emulated import host, make_net, to_dev
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cp():
-    reason = _gpu_reason()
-    if reason:
-        pytest.skip(reason)
-    import cupy
-
-    if os.environ.get("CUPYNN_TEST_NO_POOL") == "1":
-        cupy.cuda.set_allocator(None)
-    return cupy
 
 
 @pytest.fixture(scope="module")

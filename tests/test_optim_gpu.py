@@ -12,20 +12,9 @@ import pytest
 import cupynn
 from cupynn import optim
 
-from .test_cuda_backend import _gpu_reason
 from .test_optim_emulated import KINDS, SHAPES, rel
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cp():
-    reason = _gpu_reason()
-    if reason:
-        pytest.skip(reason)
-    import cupy
-
-    return cupy
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
