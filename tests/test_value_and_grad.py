@@ -15,6 +15,19 @@ from .conftest import TOL, activations_of, host_params, random_model
 DTYPES = [np.float64, np.float32]
 
 
+@pytest.fixture(scope="module", autouse=True, params=["direct", "chunked"])
+def numpy_path(request):
+    """Every test here runs twice on the NumPy backend: as it chooses (a small call takes the
+    direct path, a large one the chunked path), and with the chunked path forced for all
+    but the empty batch."""
+    from cupynn.backends import numpy_backend as nb
+
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "chunked":
+            mp.setattr(nb, "_SMALL_WORK", 1)  # batch 0 stays direct
+        yield request.param
+
+
 def check_against_reference(model, x, loss="sum_squares", target=None, wrt_input=False):
     dtype = model.dtype
     tol = TOL[dtype]
@@ -225,3 +238,22 @@ def test_gradients_are_deterministic(rng):
     for ga, gb in zip(a[1], b[1]):
         np.testing.assert_array_equal(ga["weight"], gb["weight"])
         np.testing.assert_array_equal(ga["bias"], gb["bias"])
+
+
+def test_small_calls_take_the_direct_path_large_ones_the_chunked(numpy_path, monkeypatch, rng):
+    from cupynn.backends import numpy_backend as nb
+
+    calls = []
+    for name in ("_direct_forward", "_direct_value_and_grad"):
+        real = getattr(nb, name)
+        monkeypatch.setattr(nb, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    model = random_model([24, 8, 2], "tanh", np.float32, rng)
+    x = rng.standard_normal((200, 24)).astype(np.float32)
+    check_against_reference(model, x)
+    # the gradient, its forward pass, then model(x)
+    direct = ["_direct_value_and_grad", "_direct_forward", "_direct_forward"]
+    assert calls == (direct if numpy_path == "direct" else [])
+    calls.clear()
+    big = random_model([1, 1000, 20, 1], "identity", np.float64, rng)  # 2.1e4 MACs a row
+    check_against_reference(big, rng.standard_normal((64, 1)))  # 1.3e6 MACs: chunked
+    assert calls == []
