@@ -10,25 +10,15 @@ optimizer=opt)`` adds the optimizer's state (``optimizer.meta`` and
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from . import _npz
 from .backends import get_backend
 
 __all__ = ["save", "load"]
 
 _FORMAT = "cupynn-model-1"
-
-
-def _resolve(path):
-    """``path``, or ``path + ".npz"`` when only that exists (``save("m")`` writes ``m.npz``,
-    as ``numpy.savez`` does)."""
-    if isinstance(path, (str, os.PathLike)):
-        p = os.fspath(path)
-        if not os.path.exists(p) and not p.endswith(".npz") and os.path.exists(p + ".npz"):
-            return p + ".npz"
-    return path
 
 
 def save(model, path, *, optimizer=None) -> None:
@@ -93,7 +83,7 @@ def load(path, *, device: str = "auto"):
     """
     from .layers import Chain, Dense
 
-    path = _resolve(path)
+    path = _npz.resolve(path)
     data = np.load(path, allow_pickle=False)
     if not hasattr(data, "files"):
         raise ValueError(f"{path}: holds a single array, not a cupynn model (an .npz written by "

@@ -43,7 +43,7 @@ import math
 
 import numpy as np
 
-from . import functional
+from . import _npz, functional
 from .backends import get_backend
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "load_state"]
@@ -383,7 +383,7 @@ def state_arrays(state_dict: dict) -> tuple[str, dict[str, np.ndarray]]:
 
 def load_state(path) -> dict:
     """The optimizer state saved by ``model.save(path, optimizer=opt)``, for
-    ``opt.load_state_dict``.
+    ``opt.load_state_dict`` (``path`` may omit the ``.npz`` suffix that ``save`` appended).
 
     >>> import numpy as np, cupynn, tempfile, os
     >>> model = cupynn.MLP([1, 4, 1], "tanh", device="cpu", rng=0)
@@ -394,6 +394,7 @@ def load_state(path) -> dict:
     >>> opt2 = cupynn.optim.Adam(model2.parameters())
     >>> opt2.load_state_dict(cupynn.optim.load_state(path))
     """
+    path = _npz.resolve(path)
     with np.load(path, allow_pickle=False) as data:
         if "optimizer.meta" not in data:
             raise ValueError(f"{path}: holds no optimizer state (save it with "

@@ -267,6 +267,19 @@ def test_load_state_dict_checks_everything_first(rng, tmp_path):
         optim.load_state(tmp_path / "m.npz")
 
 
+def test_load_state_finds_the_suffix_save_appended(tmp_path, rng):
+    model = random_model([2, 3, 1], "tanh", np.float64, rng)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    opt.step(grads_like(model, rng, np.float64))
+    model.save(tmp_path / "ckpt", optimizer=opt)  # writes ckpt.npz
+    assert (tmp_path / "ckpt.npz").exists() and not (tmp_path / "ckpt").exists()
+    state = optim.load_state(tmp_path / "ckpt")
+    assert state["step"] == opt.state_dict()["step"]
+    for k, v in opt.state.items():
+        for x, y in zip(v, state["state"][k]):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_float32_parameters_keep_float32_state(rng):
     model = random_model([3, 5, 1], "tanh", np.float32, rng)
     opt = optim.Adam(model.parameters(), lr=1e-2)
