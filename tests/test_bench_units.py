@@ -191,3 +191,26 @@ def test_profile_wraps_each_timed_cpu_loop_in_a_named_nvtx_range(monkeypatch, ca
                    "--no-roofline", "-q"])
     capsys.readouterr()
     assert rc == 0 and calls == []  # no ranges without --profile
+
+
+def test_a_failing_peer_is_recorded_and_its_runner_closed_quietly():
+    from cupynn.bench.runner import close_quietly, record_error
+
+    res = {"status": "pending"}
+    try:
+        raise RuntimeError("out of memory\nsecond line")
+    except RuntimeError as e:
+        record_error(res, e)
+    assert res["status"] == "error" and res["reason"] == "RuntimeError: out of memory"
+    assert "Traceback" in res["traceback"] and "out of memory" in res["traceback"]
+
+    closed = []
+
+    class Runner:
+        def close(self):
+            closed.append(True)
+            raise ValueError("already closed")
+
+    close_quietly(Runner())
+    close_quietly(None)
+    assert closed == [True]

@@ -24,13 +24,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import timing
 from .impls.base import Skip, import_reason
+from .runner import record_error
 
 __all__ = ["PinnProblem", "make_problem", "run", "table", "markdown_table", "IMPLS", "SIZES",
            "BATCH", "QUICK_BATCH"]
@@ -267,9 +267,7 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, budget_s:
         except Skip as e:
             res["reason"] = str(e)
         except Exception as e:  # one failing peer must not end the run
-            res["status"] = "error"
-            res["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            res["traceback"] = traceback.format_exc(limit=8)
+            record_error(res, e)
     best = min((r["gradient"]["median_s"] for r in results
                 if r["status"] == "ok" and not r["is_cupynn"]), default=None)
     for r in results:

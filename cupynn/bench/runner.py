@@ -254,16 +254,27 @@ def run_one(impl: Implementation, problem: Problem, ref, settings: Settings,
     except Skip as e:
         res["reason"] = str(e)
     except Exception as e:  # one failing peer must not end the sweep
-        res["status"] = "error"
-        res["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        res["traceback"] = traceback.format_exc(limit=8)
+        record_error(res, e)
     finally:
-        if runner is not None:
-            try:
-                runner.close()
-            except Exception:
-                pass
+        close_quietly(runner)
     return res
+
+
+def record_error(res: dict, e: Exception) -> None:
+    """Mark a result as failed: the exception's type and first line, and a short traceback
+    (every sweep catches a peer's error so that it does not end the sweep)."""
+    res["status"] = "error"
+    res["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    res["traceback"] = traceback.format_exc(limit=8)
+
+
+def close_quietly(runner) -> None:
+    """Release a runner's memory; a failure to do so does not hide the result."""
+    if runner is not None:
+        try:
+            runner.close()
+        except Exception:
+            pass
 
 
 def run_cases(settings: Settings) -> list[dict]:

@@ -16,7 +16,7 @@ import time
 
 from . import reference, timing
 from .impls import Implementation, Skip
-from .runner import Progress, compute_reference, make_problem, tolerance
+from .runner import Progress, close_quietly, compute_reference, make_problem, record_error, tolerance
 from .workloads import Workload
 
 __all__ = ["run_thread"]
@@ -86,14 +86,9 @@ def run_thread(workload: Workload, device: str, impls: list[Implementation], *,
             res["status"] = "ok"
         except Skip as e:
             res["reason"] = str(e)
-        except Exception as e:
-            res["status"] = "error"
-            res["reason"] = f"{type(e).__name__}: {str(e)[:300]}"
+        except Exception as e:  # one failing peer must not end the sweep
+            record_error(res, e)
         finally:
             prog.done += 1
-            if runner is not None:
-                try:
-                    runner.close()
-                except Exception:
-                    pass
+            close_quietly(runner)
     return results

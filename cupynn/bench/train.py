@@ -20,7 +20,6 @@ benchmark; the parameters keep training while timed).
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 
 from . import timing
 from .impls.base import Problem, Skip, import_reason
-from .runner import Progress, compute_reference, make_problem, tolerance
+from .runner import Progress, close_quietly, compute_reference, make_problem, record_error, tolerance
 from .workloads import Workload
 
 __all__ = ["TRAIN_IMPLS", "TrainImpl", "TrainRunner", "run_train", "reference_step", "select_train"]
@@ -281,17 +280,11 @@ def run_train(cases: list[tuple[Workload, str]], device: str, *, budget_s: float
             res["reason"] = str(e)
             budget.done()
         except Exception as e:  # one failing peer must not end the sweep
-            res["status"] = "error"
-            res["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            res["traceback"] = traceback.format_exc(limit=8)
+            record_error(res, e)
             budget.done()
         finally:
             prog.done += 1
-            if runner is not None:
-                try:
-                    runner.close()
-                except Exception:
-                    pass
+            close_quietly(runner)
     best: dict = {}
     for r in results:
         if r["status"] == "ok" and not r["is_cupynn"]:
