@@ -168,3 +168,10 @@ def test_nested_chain_precision_rules():
         cupynn.Chain(a, cupynn.Dense(4, 1, dtype="float32", device="cpu"))
     with pytest.raises(TypeError, match="Chain takes Dense layers or Chains; argument 1 is list"):
         cupynn.Chain(a, [b])
+
+
+def test_callable_loss_returning_only_a_value_asks_for_the_pair(model):
+    x = np.ones((3, 3))
+    with pytest.raises(TypeError, match=r"must return a pair \(value, dL/dy\); got float64: "
+                                        r"return the gradient too"):
+        cupynn.value_and_grad(model, x, lambda y: (y ** 2).sum())
