@@ -210,6 +210,7 @@ def compile_kernels(
     (default: one per CPU). Returns the failures, each with NVRTC's log.
     """
     import concurrent.futures
+    import multiprocessing
     import os
 
     from cupynn import _loader
@@ -231,7 +232,9 @@ def compile_kernels(
         results = map(_compile_program, work)
         pool = None
     else:
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs)
+        # fresh interpreters, not forks of a process that may run threads (JAX, BLAS)
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
         results = pool.map(_compile_program, work)
     try:
         for source_file, arch, count, seconds, error in results:

@@ -33,6 +33,7 @@ import concurrent.futures as cf
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -351,7 +352,10 @@ def run_check(instantiations, options_for_arch, archs=DEFAULT_ARCHS, *, read_sou
         for i, t in enumerate(tasks):
             done(i, compile_chunk(*t), t0)
     else:
-        with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
+        # fresh interpreters, not forks: a caller may have threads running (JAX's, BLAS's,
+        # cupynn's lanes), and a fork of a threaded process can deadlock in the child
+        with cf.ProcessPoolExecutor(max_workers=jobs,
+                                    mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(compile_chunk, *t): i for i, t in enumerate(tasks)}
             for fut in cf.as_completed(futures):
                 done(futures[fut], fut.result(), t0)
