@@ -18,10 +18,11 @@ same moment also gets one thread (correct results, possibly slower products).
 ``CUPYNN_CPU_THREADS=N`` sets the number of lanes (BLAS stays at one thread inside the
 hot loop either way); the default is the number of cores this process may run on
 (``os.sched_getaffinity``), at most 16.  ``lane_limit(n)`` caps it for the calls one
-thread makes inside a block (``cupynn.dask`` runs every chunk of a CPU worker on one lane,
-so that worker processes sharing a host do not oversubscribe its cores).  The group count (from the batch and the lane
-count, never from timing) fixes the order in which partial gradients are added, so
-results are bit-identical run to run on one machine and setting, busy or not.
+thread makes inside a block (``cupynn.dask`` runs every chunk of a CPU worker on one
+lane, so that worker processes sharing a host do not oversubscribe its cores).  The
+group count (from the batch and the lane count, never from timing) fixes the order in
+which partial gradients are added, so results are bit-identical run to run on one
+machine and setting, busy or not.
 """
 
 from __future__ import annotations
