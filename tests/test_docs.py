@@ -89,7 +89,7 @@ _PATH = re.compile(r"(?<![\w/.$~:{}<-])((?:\.\.?/)*(?:[\w.-]+/)+[\w.-]+\." + _EX
 # an upper-case Markdown file name on its own: README.md, RESULTS.md
 _BARE = re.compile(r"(?<![\w/.$~:-])([A-Z][A-Z0-9_-]*\.md)\b")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")  # Markdown links, in .md files
-# a section of an upper-case document: "DESIGN §4", "NOTES.md §2"
+# a section of an upper-case document: "PLAN §4", "NOTES.md §2"
 _SECTION = re.compile(r"\b([A-Z][A-Z0-9_-]+)(?:\.md)?\s*§")
 _ISSUE = re.compile(r"\bissues?\s*#?\s*\d+", re.IGNORECASE)
 
@@ -143,9 +143,9 @@ def test_no_reference_to_a_missing_file_and_no_issue_numbers():
 
 
 @pytest.mark.parametrize("text,found", [
-    ("see DESIGN.md section 3", ["DESIGN.md"]),
-    ("recomputed instead (DESIGN §4)", ["DESIGN.md"]),
-    ("the dialect of notes/CONTRACTS.md", ["notes/CONTRACTS.md"]),
+    ("see PLAN.md section 3", ["PLAN.md"]),
+    ("recomputed instead (PLAN §4)", ["PLAN.md"]),
+    ("the dialect of notes/ABSENT.md", ["notes/ABSENT.md"]),
     ("[api](docs/missing.md#x) and [site](https://example.org/a.md)", ["docs/missing.md"]),
     ("$OUT/bench.json, /tmp/k.json, ~/x/y.txt, x.astype(cp.float64)", []),
 ])
