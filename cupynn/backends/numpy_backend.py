@@ -556,7 +556,6 @@ class NumpyBackend(Backend):
         batch = x.shape[0]
         dt = net.dtype
         shape = _shape_of(net)
-        rows = min(shape.chunk_rows, max(batch, 1))
         work = batch * shape.macs_per_row
 
         user_g = None
@@ -566,17 +565,18 @@ class NumpyBackend(Backend):
             value = np.asarray(value, dtype=dt)
             two_scale = None
         else:
-            two_scale = dt.type(2.0 * loss_scale(loss.kind, batch * net.out_features))
+            scale = loss_scale(loss.kind, batch * net.out_features)
+            two_scale = dt.type(2.0 * scale)
         target = loss.target
         dot = loss.kind == "dot"
         if work < _SMALL_WORK:  # batch 0 included
             total, grads, dx_small = _direct_value_and_grad(shape.layers, params, x, target, dot,
                                                             two_scale, user_g, need_dx)
             if user_g is None:
-                value = np.asarray(total * loss_scale(loss.kind, batch * net.out_features),
-                                   dtype=dt)
+                value = np.asarray(total * scale, dtype=dt)
             return value, grads, dx_small
 
+        rows = min(shape.chunk_rows, batch)
         dx = np.empty(x.shape, dt) if need_dx else None
         # Reassociated first-layer gradient (see the module docstring).
         reassociate = (
@@ -649,8 +649,7 @@ class NumpyBackend(Backend):
             grads.append((dW, db))
 
         if user_g is None:
-            value = np.asarray(st.total * loss_scale(loss.kind, batch * net.out_features),
-                               dtype=dt)
+            value = np.asarray(st.total * scale, dtype=dt)
         return value, grads, dx
 
     @staticmethod
