@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -167,3 +168,197 @@ def test_no_merge_conflict_markers():
         found += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(lines, 1)
                   if marker.match(line)]
     assert not found, "unresolved merge conflict markers:\n" + "\n".join(found)
+
+
+# -- the code blocks of the README and the pages under docs/ ----------------------------
+#
+# Every ```python block runs in a fresh interpreter (in a temporary directory), skipped only
+# when a module it imports is missing or when the comment line right above its fence says
+# why: "<!-- docs-test: skip: REASON -->" (not a program, e.g. a list of signatures),
+# "<!-- docs-test: slow -->" (runs with --slow), "<!-- docs-test: gpu -->" (runs where a GPU
+# is usable), "<!-- docs-test: tested by tests/NAME.py -->" (a test of its own runs it).
+# Every command line of a ```bash block is checked without running it: `python -m cupynn
+# bench ...` parses with the benchmark's own parser, `pip install ".[extra]"` names extras
+# that pyproject.toml has, a script or file it names exists, and any other program is one
+# of the tools the pages describe (docker, nsys, apt-get, ...), never an unknown one.
+
+# docs/api.md is generated from the docstrings, whose examples run as doctests above
+DOC_PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")
+                                  if p.name != "api.md")]
+_FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.S | re.M)
+_DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(skip|slow|gpu|tested by)\b:?\s*(.*?)\s*-->")
+# importable or not decides whether a block runs here; anything else must be importable
+_OPTIONAL = ("torch", "jax", "dask", "distributed", "matplotlib", "scipy", "cupy", "threadpoolctl")
+
+
+def doc_blocks(page: str, lang: str) -> list[tuple[int, str, tuple[str, str] | None]]:
+    """(line number, code, directive) of each ``lang`` block of ``page``."""
+    text = (ROOT / page).read_text()
+    found = []
+    for m in _FENCE.finditer(text):
+        if m.group(1) != lang:
+            continue
+        before = text[:m.start()].rstrip("\n").splitlines()
+        d = _DIRECTIVE.search(before[-1]) if before else None
+        found.append((text.count("\n", 0, m.start()) + 1, m.group(2),
+                      (d.group(1), d.group(2)) if d else None))
+    return found
+
+
+def _python_cases():
+    cases = []
+    for page in DOC_PAGES:
+        for line, code, directive in doc_blocks(page, "python"):
+            marks = [pytest.mark.slow] if directive and directive[0] == "slow" else []
+            cases.append(pytest.param(page, line, code, directive, id=f"{page}:{line}", marks=marks))
+    return cases
+
+
+def _gpu_usable() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device
+        return False
+
+
+@pytest.mark.parametrize("page,line,code,directive", _python_cases())
+def test_docs_python_block_runs(page, line, code, directive, tmp_path):
+    if directive is not None:
+        kind, why = directive
+        if kind == "skip":
+            assert why, f"{page}:{line}: say why the block is not run"
+            pytest.skip(f"{page}:{line}: not a program: {why}")
+        if kind == "tested by":
+            assert (ROOT / why).is_file() and page in (ROOT / why).read_text(), \
+                f"{page}:{line}: {why} does not exist or does not read {page}"
+            pytest.skip(f"{page}:{line}: run by {why}")
+        if kind == "gpu" and not _gpu_usable():
+            pytest.skip(f"{page}:{line}: needs a GPU")
+    for mod in sorted(set(re.findall(r"^\s*(?:import|from)\s+(\w+)", code, flags=re.M))):
+        if mod in _OPTIONAL:
+            pytest.importorskip(mod)
+    script = tmp_path / "block.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"{page}:{line} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
+
+
+# programs that the pages describe but that the docs tests do not run (no engine, no GPU
+# profiler here, or they change the machine)
+_NOT_RUN = {"docker", "nsys", "ncu", "apt-get", "apt", "sudo", "mkdir", "sed", "echo", "tee",
+            "curl", "wget", "gpg", "dpkg", "cat", "nvidia-smi", "hadolint", "ruff", "py-spy",
+            "snakeviz", "cd", "export", "git"}
+
+
+def _commands(code: str):
+    """Command lines of a bash block: continuation lines joined, comments and `&&` split."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    for raw in joined.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        for part in re.split(r"\s*(?:&&|\|\||;|\|)\s*", line):
+            if part:
+                yield part
+
+
+def check_command(cmd: str, pyproject: dict) -> str | None:
+    """None if ``cmd`` is a command line the docs may show, else why not."""
+    import shlex
+
+    words = shlex.split(cmd)
+    while words and re.match(r"^\w+=", words[0]):  # VAR=value prefixes
+        words = words[1:]
+    if not words:
+        return None
+    prog, args = words[0], words[1:]
+    if prog in ("python", "python3"):
+        if args[:2] == ["-m", "venv"] or args[:2] == ["-m", "pytest"]:
+            return None
+        if args[:1] == ["-m"] and len(args) >= 2:
+            module = args[1]
+            if module == "cupynn":
+                return _check_cupynn_cli(args[2:])
+            if module == "pip":
+                return check_command(" ".join(shlex.quote(a) for a in ["pip", *args[2:]]), pyproject)
+            return None if importlib.util.find_spec(module) else f"no module {module}"
+        if args[:1] == ["-c"]:
+            return None
+        script = next((a for a in args if not a.startswith("-")), None)
+        return None if script and (ROOT / script).is_file() else f"no script {script}"
+    if prog in (".", "source"):
+        return None if args and args[0].endswith("activate") else f"sources {args}"
+    if prog in ("bash", "sh"):
+        return None if args and (ROOT / args[0]).is_file() else f"no script {args[:1]}"
+    if prog == "pip":
+        extras = set(pyproject["project"]["optional-dependencies"])
+        for a in args:
+            m = re.match(r"^(?:-e\s*)?\.\[([\w,-]+)\]$", a)
+            if m:
+                unknown = set(m.group(1).split(",")) - extras
+                if unknown:
+                    return f"pyproject.toml has no extra {sorted(unknown)}"
+        return None
+    if prog.startswith(("bench/", "docker/", ".ci/", "examples/", "./")):
+        return None if (ROOT / prog).is_file() else f"no script {prog}"
+    if prog in _NOT_RUN:
+        return None
+    return f"unknown program {prog!r}: check it here or add it to _NOT_RUN"
+
+
+def _check_cupynn_cli(args: list[str]) -> str | None:
+    import contextlib
+    import io
+
+    if not args:
+        return None
+    command, rest = args[0], args[1:]
+    if command == "bench":
+        if rest[:1] == ["dask"]:
+            from cupynn.bench.dask_bench import build_parser as parser
+            rest = rest[1:]
+        else:
+            from cupynn.bench.cli import build_parser as parser
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parser().parse_args(rest)
+        except SystemExit:
+            return f"python -m cupynn bench rejects {rest}: {err.getvalue().strip()[-300:]}"
+        return None
+    from cupynn.__main__ import _COMMANDS
+    return None if command in _COMMANDS else f"no command {command!r} in python -m cupynn"
+
+
+def test_docs_command_lines_are_known():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    bad, seen = [], 0
+    for page in DOC_PAGES:
+        for line, code, _ in doc_blocks(page, "bash"):
+            for cmd in _commands(code):
+                seen += 1
+                why = check_command(cmd, pyproject)
+                if why:
+                    bad.append(f"{page}:{line}: {cmd}\n    {why}")
+    assert seen > 20
+    assert not bad, "command lines in the docs that would not work as written:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("cmd,ok", [
+    ('pip install ".[cuda12,profile]"', True),
+    ('pip install ".[cuda12,nosuchextra]"', False),
+    ("python -m cupynn bench seed --device cpu --quick", True),
+    ("python -m cupynn bench seed --no-such-option", False),
+    ("python -m cupynn nosuchcommand", False),
+    ("python examples/no_such_example.py --quick", False),
+    ("frobnicate --all", False),
+])
+def test_the_command_checker(cmd, ok):
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert (check_command(cmd, pyproject) is None) == ok
