@@ -13,12 +13,12 @@ import json
 
 import numpy as np
 
-from . import _npz
-from .backends import get_backend
+from . import _modelfile, _npz
+from .layers import Chain, Dense
 
 __all__ = ["save", "load"]
 
-_FORMAT = "cupynn-model-1"
+_FORMAT = _modelfile.FORMAT
 
 
 def save(model, path, *, optimizer=None) -> None:
@@ -41,28 +41,7 @@ def save(model, path, *, optimizer=None) -> None:
       Dense(3 => 1),
     )
     """
-    from .layers import Dense
-
-    layers = model._dense_layers()
-    backend = get_backend(model.device)
-    arrays = {}
-    for i, layer in enumerate(layers):
-        arrays[f"layers.{i}.weight"] = backend.to_host(layer.weight)
-        if layer.bias is not None:
-            arrays[f"layers.{i}.bias"] = backend.to_host(layer.bias)
-    meta = {
-        "format": _FORMAT,
-        "kind": "Dense" if isinstance(model, Dense) else "Chain",
-        "precision": model.precision,
-        "activations": [layer.activation.name for layer in layers],
-    }
-    if optimizer is not None:
-        from .optim import state_arrays
-
-        opt_meta, opt_arrays = state_arrays(optimizer.state_dict())
-        arrays["optimizer.meta"] = np.array(opt_meta)
-        arrays.update(opt_arrays)
-    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    _modelfile.write(model, path, optimizer=optimizer)
 
 
 def load(path, *, device: str = "auto"):
@@ -81,8 +60,6 @@ def load(path, *, device: str = "auto"):
     >>> layer, layer(np.ones((4, 3))).shape
     (Dense(3 => 2, relu), (4, 2))
     """
-    from .layers import Chain, Dense
-
     path = _npz.resolve(path)
     data = np.load(path, allow_pickle=False)
     if not hasattr(data, "files"):

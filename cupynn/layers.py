@@ -130,9 +130,9 @@ class _Model:
     def save(self, path, *, optimizer=None) -> None:
         """Save the architecture and parameters to an ``.npz`` file (see :func:`cupynn.load`),
         and ``optimizer``'s state with them if given (see :func:`cupynn.optim.load_state`)."""
-        from .io import save
+        from ._modelfile import write
 
-        save(self, path, optimizer=optimizer)
+        write(self, path, optimizer=optimizer)
 
 
 class Dense(_Model):
@@ -161,6 +161,8 @@ class Dense(_Model):
     >>> layer(np.ones((4, 3))).shape
     (4, 2)
     """
+
+    _FILE_KIND = "Dense"  # what a saved file of it loads as (cupynn.load)
 
     def __init__(self, in_features: int, out_features: int, activation: str = "identity", *,
                  bias: bool = True, dtype="float64", device: str = "auto",
@@ -290,6 +292,8 @@ class Chain(_Model):
     >>> [p["weight"].shape for p in model.parameters()]
     [(8, 2), (4, 8), (1, 4)]
     """
+
+    _FILE_KIND = "Chain"  # what a saved file of it loads as (cupynn.load)
 
     def __init__(self, *layers: Dense | Chain, precision: str | None = None):
         if not layers:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import timing
+from . import report, timing
 from .impls.base import Skip, import_reason
 from .runner import record_error
 
@@ -276,33 +276,11 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, budget_s:
     return results
 
 
-HEADER = ("workload", "implementation", "value and gradient", "vs best peer", "rel. error",
-          "loss")
-
-
-def _rows(results):
-    from .report import fmt_time
-
-    rows = []
-    for r in results:
-        head = (f"pinn ({r['shape']}, {r['batch']:,}, {r['dtype']})", r["label"])
-        if r["status"] == "ok":
-            g = r["gradient"]
-            vs = "—" if r.get("vs_best_peer") is None else f"{r['vs_best_peer']:.2f}×"
-            rows.append(head + (f"{fmt_time(g['median_s'])} ±{100 * g['spread']:.0f}%", vs,
-                                f"{r['check']['rel_err']:.1e}", f"{r['loss']:.6g}"))
-        else:
-            rows.append(head + (f"{r['status'].upper()}: {r['reason']}",))
-    return rows
-
-
 def table(results) -> str:
-    from .report import _aligned
-
-    return _aligned(HEADER, _rows(results), 2)
+    """The results as an aligned text table (``report`` formats every table)."""
+    return report.pinn_table(results)
 
 
 def markdown_table(results) -> str:
-    from .report import _md_table
-
-    return _md_table(HEADER, _rows(results))
+    """The results as a Markdown table."""
+    return report.pinn_markdown_table(results)

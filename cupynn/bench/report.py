@@ -290,10 +290,8 @@ def markdown(doc: dict) -> str:
                       f"accumulated) against one batched call of {n:,}, float64:", "",
                   _md_table(header, rows)]
     if doc.get("derivatives"):
-        from .pinn import markdown_table
-
         lines += ["", "Input derivatives (pinn): the Poisson residual loss and its gradient:", "",
-                  markdown_table(doc["derivatives"])]
+                  pinn_markdown_table(doc["derivatives"])]
     if doc.get("train"):
         lines += ["", "Training step (loss, gradient and an Adam update of every parameter; "
                       "lr 1e-3):", "", _md_table(TRAIN_HEADER, train_rows(doc["train"]))]
@@ -305,3 +303,31 @@ def markdown(doc: dict) -> str:
             lines += [_md_table(KERNEL_HEADER, kernel_rows(k["breakdown"])), "",
                       _kernels_summary(k["breakdown"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+# -- the pinn workload's table (cupynn.bench.pinn runs it) --------------------------------
+
+PINN_HEADER = ("workload", "implementation", "value and gradient", "vs best peer", "rel. error",
+               "loss")
+
+
+def pinn_rows(results):
+    rows = []
+    for r in results:
+        head = (f"pinn ({r['shape']}, {r['batch']:,}, {r['dtype']})", r["label"])
+        if r["status"] == "ok":
+            g = r["gradient"]
+            vs = "—" if r.get("vs_best_peer") is None else f"{r['vs_best_peer']:.2f}×"
+            rows.append(head + (f"{fmt_time(g['median_s'])} ±{100 * g['spread']:.0f}%", vs,
+                                f"{r['check']['rel_err']:.1e}", f"{r['loss']:.6g}"))
+        else:
+            rows.append(head + (f"{r['status'].upper()}: {r['reason']}",))
+    return rows
+
+
+def pinn_table(results) -> str:
+    return _aligned(PINN_HEADER, pinn_rows(results), 2)
+
+
+def pinn_markdown_table(results) -> str:
+    return _md_table(PINN_HEADER, pinn_rows(results))
