@@ -119,6 +119,25 @@ class _Apply(torch.autograd.Function):
         return (dx, None, *grads)
 
 
+class _Layer(torch.nn.Module):
+    """The Parameters of one cupynn Dense layer (``weight (out, in)``, ``bias (out,)``); printed
+    like the layer, e.g. ``Dense(1000 => 20, tanh)``."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.activation = layer.activation.name
+        self.weight = torch.nn.Parameter(_tensor(layer.weight))
+        self.register_parameter("bias", None if layer.bias is None else torch.nn.Parameter(_tensor(layer.bias)))
+
+    def _get_name(self) -> str:
+        return "Dense"
+
+    def extra_repr(self) -> str:
+        out, in_ = self.weight.shape
+        extra = "" if self.activation == "identity" else f", {self.activation}"
+        return f"{in_} => {out}{extra}" + (", bias=false" if self.bias is None else "")
+
+
 class Module(torch.nn.Module):
     """``torch.nn.Module`` running a cupynn :class:`~cupynn.Dense` or :class:`~cupynn.Chain`.
 
@@ -144,11 +163,7 @@ class Module(torch.nn.Module):
         self._model = model
         self.layers = torch.nn.ModuleList()
         for layer in _layers(model):
-            holder = torch.nn.Module()
-            holder.weight = torch.nn.Parameter(_tensor(layer.weight))
-            bias = None if layer.bias is None else torch.nn.Parameter(_tensor(layer.bias))
-            holder.register_parameter("bias", bias)
-            self.layers.append(holder)
+            self.layers.append(_Layer(layer))
         self._arrays = self._model_arrays(model)
         self._seen = self._signature()
 
@@ -197,10 +212,24 @@ class Module(torch.nn.Module):
         return self._synced_model()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` for a tensor ``x (batch, in)`` (or one sample ``(in,)``) on the model's device
+        and dtype: ``y (batch, out)``, with ``y = act(x @ W.T + b)`` per layer, differentiable with
+        respect to ``x`` and every Parameter (one cupynn backward call for all of them).
+
+        >>> import torch, cupynn, cupynn.torch
+        >>> module = cupynn.torch.Module(cupynn.MLP([3, 4, 2], "tanh", device="cpu", rng=0))
+        >>> x = torch.ones(5, 3, dtype=torch.float64, requires_grad=True)
+        >>> y = module(x)                     # calls forward
+        >>> y.sum().backward()
+        >>> y.shape, x.grad.shape, module.layers[0].weight.grad.shape
+        (torch.Size([5, 2]), torch.Size([5, 3]), torch.Size([4, 3]))
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         model = self._synced_model()
         return _Apply.apply(x, model, *self._params())
 
     def extra_repr(self) -> str:
-        return repr(self._model)
+        first = _layers(self._model)[0]
+        precision = getattr(self._model, "precision", "strict")
+        return f"{first.dtype.name}, {first.device}" + ("" if precision == "strict" else f", precision={precision!r}")

@@ -245,3 +245,14 @@ def test_cuda_gradcheck_and_device_errors(rng):
     cpu_net.cuda()  # torch moves the Parameters: the module now runs cupynn's CUDA kernels
     assert cpu_net.model.device == "cuda"
     assert torch.autograd.gradcheck(lambda x, *p: cpu_net(x), (x, *cpu_net.parameters()))
+
+
+def test_print_says_what_the_model_is():
+    model = cupynn.MLP([1, 1000, 20, 1], "tanh", device="cpu", rng=0)
+    text = repr(torch.nn.Sequential(cupynn.torch.Module(model), torch.nn.Tanh()))
+    for line in ("(0): Dense(1 => 1000, tanh)", "(1): Dense(1000 => 20, tanh)", "(2): Dense(20 => 1)",
+                 "float64, cpu"):
+        assert line in text, text
+    assert "Module()" not in text and " x " not in text
+    one = cupynn.torch.Module(cupynn.Dense(3, 2, "relu", bias=False, dtype="float32", device="cpu", rng=0))
+    assert "Dense(3 => 2, relu, bias=false)" in repr(one) and "float32, cpu" in repr(one)
