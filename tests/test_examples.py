@@ -45,6 +45,8 @@ def test_example_runs_quick(path, tmp_path):
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert EXPECT[path.name] in proc.stdout, proc.stdout
+    if path.name == "seed_thread.py":
+        check_seed_thread_ratios(proc.stdout)
     if path.name == "fit_sine.py":
         try:
             import matplotlib  # noqa: F401
@@ -52,3 +54,31 @@ def test_example_runs_quick(path, tmp_path):
             return
         png = tmp_path / "fit.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def check_seed_thread_ratios(out: str) -> None:
+    """The ratios the seed-thread example prints are the work's, not a start-up cost's.
+
+    A gradient is a forward pass plus a backward pass, so gradient/value under 0.5 means a
+    one-time cost landed in the value's timing (it once printed 0.1x: its warm-up ran on other
+    shapes than the timed ones). The bounds are loose on purpose: a timing, not a benchmark.
+    """
+    import re
+
+    rows = dict(re.findall(r"^(per-sample|batched)\s+[\d.]+s\s+[\d.]+s\s+([\d.]+)x$", out, flags=re.M))
+    assert set(rows) == {"per-sample", "batched"}, out
+    for name, ratio in rows.items():
+        assert 0.5 <= float(ratio) <= 50, f"{name} gradient/value ratio {ratio}x is not a sane one:\n{out}"
+
+
+@pytest.mark.parametrize("out,ok", [
+    ("per-sample       0.0024s     0.0255s   10.5x\nbatched          0.0004s     0.0007s    1.9x\n", True),
+    ("per-sample       0.0024s     0.0255s   10.5x\nbatched          0.0080s     0.0015s    0.2x\n", False),
+    ("per-sample       0.0024s     0.0255s   10.5x\n", False),
+])
+def test_the_seed_thread_ratio_check(out, ok):
+    if ok:
+        check_seed_thread_ratios(out)
+    else:
+        with pytest.raises(AssertionError):
+            check_seed_thread_ratios(out)
