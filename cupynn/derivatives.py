@@ -27,7 +27,10 @@ slower as soon as another process holds a core. While a call runs, this limit ap
 to the whole process.
 
 relu and leaky_relu networks are piecewise linear: their Laplacian is 0 wherever it
-exists, so a Laplacian loss gives them no signal (see :mod:`cupynn.activations`).
+exists, so a Laplacian loss gives them no signal (see :mod:`cupynn.activations`). Asking
+for second derivatives of such a network (every activation relu, leaky_relu or identity,
+at least one not identity) warns; a purely linear network (identity only) has Δu = 0
+exactly and does not.
 
 Shapes, for a batch of ``B`` points and a model with ``m`` outputs: one output gives
 ``u (B,)``, ``du (B, d)``, ``lap (B,)``, ``d2 (B, d)``; ``m > 1`` outputs give
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +114,22 @@ def _check_x(net: _Net, x, what="x"):
             f"(cupynn.derivatives.MAX_INPUT_DIM); this one has {net.d}: its cost is (d + 2) "
             "forward passes, so split the inputs or use a trace estimator for larger d")
     return x
+
+
+_PIECEWISE_LINEAR = ("relu", "leaky_relu")
+
+
+def _warn_if_piecewise_linear(net: _Net, what: str, stacklevel: int = 3) -> None:
+    """Warn when ``what`` (second derivatives) is asked of a network made of relu/leaky_relu
+    and identity layers only: its second derivatives are 0 wherever they exist."""
+    acts = [a for _, _, a in net.layers]
+    if all(a in _PIECEWISE_LINEAR + ("identity",) for a in acts) and any(a != "identity" for a in acts):
+        kinked = sorted(set(acts) - {"identity"})
+        warnings.warn(
+            f"{what}: this network is piecewise linear ({', '.join(kinked)} and identity layers "
+            "only), so its second derivatives with respect to x are 0 wherever they exist and a "
+            "loss of them gives no gradient signal; use a smooth activation (tanh, silu, gelu, "
+            "softplus, sigmoid, elu), e.g. cupynn.MLP(sizes, \"tanh\")", UserWarning, stacklevel=stacklevel)
 
 
 def _second_of(order, diag):
@@ -249,6 +269,8 @@ def input_derivatives(model, x, order: int = 2, *, diag: bool = False):
     second = _second_of(order, diag)
     net = _net_of(model)
     x = _check_x(net, x)
+    if second != "none":
+        _warn_if_piecewise_linear(net, "input_derivatives(order=2)")
     nb = taylor_blocks(net.d, second)
     B = x.shape[0]
     out = net.xp.empty((nb, B, net.m), dtype=net.dtype)
@@ -291,6 +313,9 @@ def _check_partials(net: _Net, out, u, du, sec, second):
         if g.dtype != net.dtype:
             raise TypeError(f"the residual function returned {name} of dtype {g.dtype}; the "
                             f"model is {net.dtype}: return it as {net.dtype}")
+    if out[3] is not None:  # the loss depends on the second derivatives
+        _warn_if_piecewise_linear(net, f"residual_value_and_grad (a residual that returns {names[2]})",
+                                  stacklevel=5)
     value = net.xp.asarray(out[0])
     if value.size != 1 or value.ndim > 1:
         raise ValueError(f"the residual function's value must be a scalar, got shape "
@@ -387,6 +412,8 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
     else:
         raise TypeError(f"residual must be a name in {RESIDUALS} or a callable, got "
                         f"{type(residual).__name__}")
+    if isinstance(residual, str):
+        _warn_if_piecewise_linear(net, f"residual_value_and_grad({residual!r})")
 
     with _cpu_threads(net):
         value, grads = _residual_chunks(net, x, residual, second, rhs, k2)

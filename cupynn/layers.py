@@ -358,12 +358,17 @@ class Chain(_Model):
         return f"Chain({inner}\n)"
 
 
-def MLP(sizes: Sequence[int], activation: str = "relu", final_activation: str = "identity", *,
+def MLP(sizes: Sequence[int], activation: str = "tanh", final_activation: str = "identity", *,
         bias: bool = True, dtype="float64", device: str = "auto", init="default", rng=None,
         precision: str = "strict") -> Chain:
     """A :class:`Chain` of ``Dense(sizes[i] => sizes[i+1])`` layers.
 
     Hidden layers use ``activation``, the last ``final_activation``.
+
+    The default hidden activation is ``"tanh"``: smooth, so every derivative cupynn computes
+    (gradients with respect to the inputs, Laplacians, physics-informed residuals) is
+    informative. A relu network is piecewise linear, with second derivatives 0 wherever they
+    exist; ask for it by name (``cupynn.MLP(sizes, "relu")``) where that does not matter.
 
     >>> import cupynn
     >>> cupynn.MLP([1, 1000, 20, 1], "tanh", device="cpu", rng=0)

@@ -523,3 +523,32 @@ def test_host_constants_match_the_kernel_source():
     assert len(names) == 4
     assert names <= {n for _, ns in cuda_catalog.all_instantiations() for n in ns}
     assert names <= cuda_catalog.hot_kernels()
+
+
+def test_second_derivatives_of_a_piecewise_linear_network_warn(rng):
+    """A relu network has Δu = 0 wherever it exists: a Poisson loss of it has no gradient
+    signal (value 1.0, every gradient 0 for f = 1), so asking for it warns; smooth and
+    purely linear networks, and first derivatives, do not."""
+    import warnings
+
+    x = rng.uniform(-1, 1, (64, 2))
+    relu = cupynn.MLP([2, 32, 32, 1], "relu", device="cpu", rng=0)
+    with pytest.warns(UserWarning, match="piecewise linear.*smooth activation"):
+        value, grads = cupynn.residual_value_and_grad(relu, x, "poisson", rhs=1.0)
+    assert float(value) == 1.0 and not _flat(grads).any()  # what the warning is about
+    with pytest.warns(UserWarning, match="piecewise linear"):
+        cupynn.input_derivatives(relu, x)
+    with pytest.warns(UserWarning, match="piecewise linear"):
+        cupynn.input_derivatives(cupynn.MLP([2, 8, 1], "leaky_relu", device="cpu", rng=0), x, diag=True)
+    with pytest.warns(UserWarning, match="returns dL/d\\(lap\\)"):
+        cupynn.residual_value_and_grad(relu, x, lambda u, du, lap: (float((lap ** 2).sum()), None, None,
+                                                                     2 * lap))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cupynn.input_derivatives(relu, x, order=1)                       # first derivatives: fine
+        cupynn.residual_value_and_grad(relu, x, lambda u, du, lap: (float((du ** 2).sum()), None, 2 * du, None))
+        cupynn.input_derivatives(cupynn.MLP([2, 8, 1], "identity", device="cpu", rng=0), x)  # Δu = 0 exactly
+        smooth = cupynn.MLP([2, 32, 32, 1], device="cpu", rng=0)         # the default: tanh
+        assert [layer.activation.name for layer in smooth.layers] == ["tanh", "tanh", "identity"]
+        value, grads = cupynn.residual_value_and_grad(smooth, x, "poisson", rhs=1.0)
+        assert np.abs(_flat(grads)).max() > 0
