@@ -203,11 +203,18 @@ def _nvtx_info() -> dict[str, Any]:
                 continue
         if backend is None:
             return {"backend": "none", "error": f"cupynn._nvtx: {_error(exc)}"}
+    try:
+        from cupynn._nvtx import nvtx_problem
+
+        problem = nvtx_problem()
+    except Exception:  # noqa: BLE001 - the backend line above says what is known
+        problem = None
+    extra = {"error": problem} if problem else {}
     if backend == "nvtx":
-        return {"backend": f"nvtx package {_dist_version('nvtx') or ''}".rstrip()}
+        return {"backend": f"nvtx package {_dist_version('nvtx') or ''}".rstrip(), **extra}
     if backend == "cupy.cuda.nvtx":
-        return {"backend": "CuPy's binding (cupy.cuda.nvtx); pip install cupynn[profile] for nvtx"}
-    return {"backend": "none (install cupynn[profile], or CuPy, for NVTX ranges)"}
+        return {"backend": "CuPy's binding (cupy.cuda.nvtx)", **extra}
+    return {"backend": "none (install cupynn[profile], or CuPy, for NVTX ranges)", **extra}
 
 
 def collect() -> dict[str, Any]:

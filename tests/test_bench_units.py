@@ -214,3 +214,84 @@ def test_a_failing_peer_is_recorded_and_its_runner_closed_quietly():
     close_quietly(Runner())
     close_quietly(None)
     assert closed == [True]
+
+
+def test_cprofile_writes_a_report_of_the_timed_loops(tmp_path, capsys, monkeypatch):
+    """--cprofile: where the CPU time of the timed loops goes, without a GPU or nsys."""
+    import pstats
+
+    from cupynn.bench import cli
+
+    monkeypatch.setenv("CUPYNN_CPU_THREADS", "1")
+    path = tmp_path / "seed.prof"
+    rc = cli.main(["seed", "--device", "cpu", "--dtype", "float64", "--batch", "256",
+                   "--peers", "cupynn", "--budget-s", "0.2", "--no-thread", "--no-roofline", "-q",
+                   "--cprofile", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"cProfile of the timed loops (written to {path}" in out
+    assert "Ordered by: internal time" in out and "numpy_backend.py" in out
+    names = {func for (_, _, func) in pstats.Stats(str(path)).stats}
+    assert {"value_and_grad", "network_forward"} <= names, sorted(names)[:40]
+    # the checks against the float64 reference run outside the timed loops: not in it
+    assert "compute_reference" not in names
+
+
+def test_profile_says_when_its_ranges_cannot_be_recorded(monkeypatch, capsys):
+    from cupynn import _nvtx
+    from cupynn.bench import cli
+
+    monkeypatch.setattr(_nvtx, "_BACKEND", "")  # no implementation importable
+    monkeypatch.setattr(_nvtx, "_PUSH", None)
+    args = ["seed", "--device", "cpu", "--dtype", "float64", "--batch", "64", "--sizes", "1,8,1",
+            "--peers", "cupynn", "--budget-s", "0.1", "--no-thread", "--no-roofline", "-q", "--profile"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: --profile: the benchmark's NVTX ranges cannot be recorded" in err
+    assert "no NVTX implementation" in err and "cupynn[profile]" in err
+
+    monkeypatch.setattr(_nvtx, "_BACKEND", "nvtx")  # an nvtx package that nsys drops
+    monkeypatch.setattr(_nvtx, "_PUSH", lambda name: None)
+    monkeypatch.setattr(_nvtx, "_POP", lambda: None)
+    monkeypatch.setattr(_nvtx, "_package_version", lambda: (0, 2, 17))
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "cannot be recorded: the nvtx package 0.2.17 is in use" in err and "nvtx<0.2.12" in err
+
+    monkeypatch.setattr(_nvtx, "_package_version", lambda: (0, 2, 11))
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" not in err and "NVTX ranges (through nvtx) around the timed loops" in err
+
+
+@pytest.mark.parametrize("choice,backend", [("none", None), ("cupy", "cupy.cuda.nvtx"), ("nvtx", "nvtx"),
+                                            ("auto", "cupy.cuda.nvtx")])
+def test_cupynn_nvtx_picks_the_implementation(monkeypatch, choice, backend):
+    """CuPy's binding first (nsys records it), the nvtx package where CuPy is missing."""
+    from cupynn import _nvtx
+
+    monkeypatch.setenv("CUPYNN_NVTX", choice)
+    monkeypatch.setattr(_nvtx, "_BACKEND", None)
+    monkeypatch.setattr(_nvtx, "_PUSH", None)
+    monkeypatch.setattr(_nvtx, "_POP", None)
+    monkeypatch.setattr(_nvtx, "_from_cupy", lambda: ("cupy.cuda.nvtx", print, print))
+    monkeypatch.setattr(_nvtx, "_from_package", lambda: ("nvtx", print, print))
+    assert _nvtx.nvtx_backend() == backend
+    assert (_nvtx.nvtx_problem() is None) == (backend is not None)
+
+
+def test_cupynn_nvtx_falls_back_and_refuses_a_bad_choice(monkeypatch):
+    from cupynn import _nvtx
+
+    def missing():
+        raise ImportError("no cupy here")
+
+    for name, value in (("_BACKEND", None), ("_PUSH", None), ("_POP", None)):
+        monkeypatch.setattr(_nvtx, name, value)
+    monkeypatch.setattr(_nvtx, "_from_cupy", missing)
+    monkeypatch.setattr(_nvtx, "_from_package", lambda: ("nvtx", print, print))
+    monkeypatch.setenv("CUPYNN_NVTX", "auto")
+    assert _nvtx.nvtx_backend() == "nvtx"
+    monkeypatch.setenv("CUPYNN_NVTX", "nvtx-please")
+    with pytest.raises(ValueError, match="CUPYNN_NVTX must be one of auto, cupy, nvtx, none"):
+        _nvtx.nvtx_problem()

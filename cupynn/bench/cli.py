@@ -25,7 +25,7 @@ from .reference import ACTIVATION_NAMES
 from .runner import Settings, run_cases
 from .workloads import DEFAULT_DTYPES, WORKLOADS, custom_workload, get_workload
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "cprofile_report"]
 
 DTYPES = ("float64", "float32")
 
@@ -83,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "around each implementation's two timed loops, and an NVTX range per "
                         "loop; warm-ups and checks stay outside (for nsys "
                         "--capture-range=cudaProfilerApi / ncu --profile-from-start off); "
-                        "CPU: the NVTX ranges only")
+                        "CPU: the NVTX ranges only. Says so when the ranges cannot be recorded "
+                        "(no NVTX implementation, or an nvtx package that nsys drops)")
+    p.add_argument("--cprofile", metavar="PATH",
+                   help="run Python's cProfile during every timed loop (not the checks and "
+                        "warm-ups), write its statistics to PATH (python -m pstats PATH, or "
+                        "snakeviz) and print the functions with the most own time: where the "
+                        "CPU time goes, no GPU or nsys needed (the timings then include "
+                        "cProfile's overhead per Python call)")
     p.add_argument("--kernels", action="store_true",
                    help="CUDA: also time each kernel of cupynn's gradient step alone (grid, "
                         "registers, blocks per SM, waves, share of the step) per workload and "
@@ -115,6 +122,47 @@ def _dtypes(spec: list[str] | None, workload_name: str) -> tuple[str, ...]:
             if dd not in out:
                 out.append(dd)
     return tuple(out)
+
+
+def _profile_note(device: str) -> None:
+    """Say on stderr what --profile records, and loudly when a profiler cannot record it."""
+    from cupynn._nvtx import nvtx_backend, nvtx_problem
+
+    problem = nvtx_problem()
+    if device != "cuda":
+        if problem:
+            print(f"WARNING: --profile: the benchmark's NVTX ranges cannot be recorded: {problem}",
+                  file=sys.stderr)
+        else:
+            print(f"note: --profile on the CPU: NVTX ranges (through {nvtx_backend()}) around the "
+                  "timed loops only; no cudaProfilerStart/Stop, so no nsys "
+                  "--capture-range=cudaProfilerApi; cupynn's own per-layer ranges exist on the "
+                  "CUDA backend only. For where the CPU time goes: --cprofile PATH", file=sys.stderr)
+    elif problem:
+        print(f"WARNING: --profile: cupynn's own ranges (Dense[i].forward, ...) cannot be "
+              f"recorded: {problem} (the benchmark's ranges go through CuPy)", file=sys.stderr)
+
+
+def cprofile_report(profiler, path: str, top: int = 15) -> str:
+    """Write ``profiler``'s statistics to ``path`` and return the ``top`` functions by own time."""
+    import io
+    import pstats
+
+    profiler.dump_stats(path)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    body = out.getvalue().strip("\n")
+    from cupynn._threads import lanes_available
+
+    lanes = lanes_available()
+    note = ("" if lanes == 1 else
+            f"\n(The NumPy backend ran on up to {lanes} threads; cProfile sees the calling thread "
+            "only, where the others' work shows as lock waits: CUPYNN_CPU_THREADS=1 runs it all "
+            "in that thread.)")
+    return (f"cProfile of the timed loops (written to {path}; python -m pstats {path}), the "
+            f"{top} functions with the most own time (a NumPy call such as a matrix product or "
+            f"np.tanh counts as its caller's own time):\n{body}{note}")
 
 
 def _resolve_device(device: str) -> str:
@@ -182,9 +230,12 @@ def main(argv=None) -> int:
         floor_s=0.005 if args.quick else 0.05,
         profile=args.profile, seed=args.seed, progress=not args.no_progress,
     )
-    if args.profile and device != "cuda":
-        print("note: --profile on the CPU: NVTX ranges around the timed loops only (no "
-              "cudaProfilerStart/Stop, so no nsys --capture-range=cudaProfilerApi)", file=sys.stderr)
+    if args.profile:
+        _profile_note(device)
+    if args.cprofile:
+        import cProfile
+
+        settings.cpu_profiler = cProfile.Profile()
 
     ceilings = None
     if not args.no_roofline and cases:
@@ -248,7 +299,7 @@ def main(argv=None) -> int:
         "machine": report.machine_info(device),
         "settings": {"device": device, "quick": args.quick, "budget_s": settings.budget_s,
                      "cap_s": settings.cap_s, "peers": [i.name for i in impls],
-                     "seed": args.seed, "profile": args.profile},
+                     "seed": args.seed, "profile": args.profile, "cprofile": args.cprofile},
         "ceilings": ceilings.to_dict() if ceilings else None,
         "results": results,
         "thread": thread,
@@ -276,6 +327,8 @@ def main(argv=None) -> int:
                           for k, v in ceilings.matmul_flops_per_s.items())
         print(f"\nceilings ({device}): copy {ceilings.copy_bytes_per_s / 1e9:.3g} GB/s, "
               f"matmul {rates}")
+    if settings.cpu_profiler is not None:
+        print("\n" + cprofile_report(settings.cpu_profiler, args.cprofile))
     doc["wall_s"] = time.perf_counter() - t_start
     if args.json:
         with open(args.json, "w") as f:

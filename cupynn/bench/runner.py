@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,8 @@ class Settings:
     cap_s: float = 1.0  # at most this per measurement
     floor_s: float = 0.05  # at least this per measurement (and 3 runs)
     profile: bool = False
+    # a cProfile.Profile enabled around every timed loop (--cprofile), else None
+    cpu_profiler: Any = None
     seed: int = 0
     progress: bool = True
     log: list[str] = field(default_factory=list)
@@ -168,6 +171,37 @@ def _nvtx_range(device: str, label: str):
     return lambda: cupyx.profiler.time_range(label)
 
 
+def _profiled(profiler):
+    """``profiler`` (a ``cProfile.Profile``) enabled while the context lasts."""
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+
+
+def _regions(device: str, label: str, settings: Settings):
+    """The context-manager factory that wraps one timed loop: its NVTX range (--profile) and
+    the cProfile profiler (--cprofile), each when asked for; None when neither is."""
+    factories = []
+    if settings.profile:
+        nvtx = _nvtx_range(device, label)
+        if nvtx is not None:
+            factories.append(nvtx)
+    if settings.cpu_profiler is not None:
+        factories.append(lambda: contextlib.contextmanager(_profiled)(settings.cpu_profiler))
+    if not factories:
+        return None
+
+    def region():
+        stack = contextlib.ExitStack()
+        for factory in factories:
+            stack.enter_context(factory())
+        return stack
+
+    return region
+
+
 class Progress:
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.enabled = total, 0, enabled
@@ -244,7 +278,7 @@ def run_one(impl: Implementation, problem: Problem, ref, settings: Settings,
                 stats = timing.measure(
                     fn, n_inputs=len(problem.inputs), budget_s=budget.per_measurement(),
                     timer=runner.timer, sync=runner.sync, per_call=warm[phase],
-                    region=_nvtx_range(device, label) if settings.profile else None)
+                    region=_regions(device, label, settings))
                 budget.done()
                 progress.done += 1
                 res[phase] = stats.to_dict()
