@@ -289,7 +289,7 @@ def check_command(cmd: str, pyproject: dict) -> str | None:
         script = next((a for a in args if not a.startswith("-")), None)
         return None if script and (ROOT / script).is_file() else f"no script {script}"
     if prog in (".", "source"):
-        return None if args and args[0].endswith("activate") else f"sources {args}"
+        return None if args and args[0] in (".venv/bin/activate", "/etc/os-release") else f"sources {args}"
     if prog in ("bash", "sh"):
         return None if args and (ROOT / args[0]).is_file() else f"no script {args[:1]}"
     if prog == "pip":
