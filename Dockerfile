@@ -2,7 +2,8 @@
 # Nsight Systems' CLI. Kernels compile at run time through NVRTC; NVRTC and the CUDA headers
 # come from the cuda12 extra's wheels (the same install CI tests: docker/install.sh).
 #
-#   docker build -t cupynn .
+#   docker build -t cupynn .                          # with a running Docker engine
+#   bash docker/build.sh                              # with or without one (docs/docker.md)
 #   docker run --rm --gpus all cupynn                 # self-check, then the seed benchmark
 #   docker run --rm --gpus all cupynn python -m cupynn info
 #
