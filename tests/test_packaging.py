@@ -344,3 +344,18 @@ def test_build_script_says_why_it_cannot_build(tmp_path):
     proc = _build_sh([], env, tmp_path)
     assert proc.returncode == 1 and "docker build failed" in proc.stderr
     assert "Builds" not in proc.stdout and _build_sh(["--help"], env, tmp_path).stdout.startswith("Build cupynn's")
+
+
+def test_docker_scripts_parse_and_ci_says_what_it_changes_on_the_host():
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    for script in ("docker/build.sh", "docker/engine.sh", ".ci/image", ".ci/run"):
+        proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    assert os.access(ROOT / "docker" / "build.sh", os.X_OK)
+    ci = (ROOT / ".ci" / "image").read_text()
+    assert "What it changes on the host" in ci and "apt-get install" in ci and "systemd" in ci
+    assert ". docker/engine.sh" in ci and ". docker/engine.sh" in (ROOT / "docker" / "build.sh").read_text()
+    page = (ROOT / "docs" / "docker.md").read_text()
+    assert "bash docker/build.sh" in page and "docker load -i cupynn-image.tar" in page
+    assert "What `.ci/image` changes on the host" in page
