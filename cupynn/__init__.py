@@ -21,6 +21,7 @@ from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
+from .composite import Composite, LossTerm, ResidualTerm, add_grads, scale_grads
 from .derivatives import input_derivatives, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
@@ -44,9 +45,13 @@ def __getattr__(name):
 __all__ = [
     "ACTIVATIONS",
     "Chain",
+    "Composite",
     "Dense",
     "DeviceMismatchError",
+    "LossTerm",
     "MLP",
+    "ResidualTerm",
+    "add_grads",
     "compile",
     "cuda_available",
     "execution_path",
@@ -57,6 +62,7 @@ __all__ = [
     "num_parameters",
     "optim",
     "residual_value_and_grad",
+    "scale_grads",
     "set_flat",
     "show_config",
     "value_and_grad",

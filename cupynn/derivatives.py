@@ -278,7 +278,9 @@ def _check_partials(net: _Net, out, u, du, sec, second):
         raise TypeError(
             "the residual function must return (value, dL/du, dL/d(du), "
             f"{names[2]}) -- each partial an array shaped like its argument, or None for 0; "
-            f"got {got}")
+            f"got {got}. Or let an autodiff library differentiate a scalar residual: write it "
+            "in jax.numpy and pass cupynn.jax.residual(r), or in torch and pass "
+            "cupynn.torch.residual(r)")
     array_type = net.xp.ndarray
     for name, g, ref in zip(names, out[1:], (u, du, sec)):
         if g is None:

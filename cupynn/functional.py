@@ -205,8 +205,12 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     x : array of shape ``(batch, in)`` or ``(in,)``, the model's dtype and device
         (NumPy/CuPy, or any DLPack producer such as a torch tensor, read without a copy)
     loss : ``"sum_squares"`` (``sum((y - target)**2)``), ``"mse"`` (the same
-        divided by ``y.size``), or a callable ``loss(y) -> (value, dL/dy)``
-        working on the model's array type
+        divided by ``y.size``), a callable ``loss(y) -> (value, dL/dy)``
+        working on the model's array type, or a scalar ``f(y)`` written in ``jax.numpy``
+        or torch and wrapped as ``cupynn.jax.loss(f)`` / ``cupynn.torch.loss(f)``
+        (the library differentiates it; ``y`` and ``dL/dy`` cross through DLPack).
+        ``x`` may instead be a :class:`cupynn.Composite` (or a single term), which states
+        its own points and losses: ``value_and_grad(model, composite)``.
     target : optional array shaped like the output (built-in losses only)
     wrt_input : also return ``dL/dx``
     out : the result of an earlier call with the same model, batch shape and ``wrt_input``:
@@ -228,6 +232,8 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     (8, 1)
     >>> v, g = cupynn.value_and_grad(m, np.zeros((5, 1)), out=(v, g))   # reuses v and g
     """
+    if getattr(x, "_cupynn_objective", False):  # a LossTerm / ResidualTerm / Composite
+        return _objective_value_and_grad(model, x, loss, target, wrt_input, out)
     layers, net, params, backend = _model_parts(model)
     x = intake(x, what="x", device=model.device, dtype=model.dtype)
     if target is not None:
@@ -264,6 +270,14 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     if wrt_input:
         return value, grads, (dx.reshape(-1) if single else dx)
     return value, grads
+
+
+def _objective_value_and_grad(model, objective, loss, target, wrt_input, out):
+    """``value_and_grad(model, composite)``: the objective states its own points and losses."""
+    if loss != "sum_squares" or target is not None or wrt_input or out is not None:
+        raise TypeError(f"value_and_grad(model, {type(objective).__name__}) takes no loss, target, "
+                        "wrt_input or out: the terms state their own points and losses")
+    return objective.value_and_grad(model)
 
 
 def execution_path(model, batch: int, *, loss="sum_squares", wrt_input=False, kind="grad") -> str:

@@ -37,7 +37,8 @@ def _xp(a):
 def make_loss(loss: str | Callable, target=None) -> LossSpec:
     """Turn the user's ``loss`` argument into a :class:`LossSpec`.
 
-    ``loss`` is ``"sum_squares"``, ``"mse"`` or a callable ``loss(y) -> (value, dL/dy)``;
+    ``loss`` is ``"sum_squares"``, ``"mse"`` or a callable ``loss(y) -> (value, dL/dy)``
+(``cupynn.jax.loss(f)`` / ``cupynn.torch.loss(f)`` make one from a scalar ``f(y)``);
     ``target`` (built-in losses only) is an array shaped like the output, or None (0).
 
     >>> from cupynn.losses import make_loss
@@ -121,7 +122,10 @@ def call_loss(fn, y, array_type):
     if not isinstance(out, tuple) or len(out) != 2:
         raise TypeError(
             "the loss callable must return a pair (value, dL/dy); got "
-            f"{type(out).__name__}: return the gradient too, e.g. (float((y**2).sum()), 2 * y)"
+            f"{type(out).__name__}. Two ways out: let an autodiff library differentiate it -- "
+            "write it in jax.numpy and pass cupynn.jax.loss(f), or in torch and pass "
+            "cupynn.torch.loss(f) -- or return the gradient too, e.g. "
+            "(float((y**2).sum()), 2 * y)"
         )
     value, g = out
     if not isinstance(g, array_type) or g.shape != y.shape:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 try:
     import torch
 except ImportError as e:  # pragma: no cover - exercised where torch is absent
@@ -45,9 +47,10 @@ except ImportError as e:  # pragma: no cover - exercised where torch is absent
 
 from . import functional
 from ._arrays import intake
+from ._autodiff import AutodiffLoss, AutodiffResidual, wants_x
 from .layers import Chain, Dense
 
-__all__ = ["Module"]
+__all__ = ["Module", "loss", "residual"]
 
 
 def _stream(device: torch.device):
@@ -204,3 +207,98 @@ class Module(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self._model)
+
+
+# -- scalar functions of cupynn's outputs, differentiated by torch's autograd ---------------
+
+def _leaf(a, differentiate: bool) -> torch.Tensor:
+    """A NumPy/CuPy array as a torch tensor on the same memory (DLPack, no copy), a leaf that
+    requires grad when ``differentiate``. A read-only NumPy array (which DLPack cannot export
+    writable) is copied once."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        a = a.copy()
+    t = torch.from_dlpack(a)
+    return t.requires_grad_(True) if differentiate else t
+
+
+def _run_on_stream(a):
+    """cupynn's CUDA arrays are used by torch on torch's current stream; nothing on the CPU."""
+    return _stream(torch.device("cuda")) if not isinstance(a, np.ndarray) else contextlib.nullcontext()
+
+
+def _check_scalar(v, what: str) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"the {what} given to cupynn.torch.{what} must return a torch scalar "
+                        f"(a 0-d tensor computed from its arguments), got {type(v).__name__}")
+    if v.numel() != 1:
+        raise ValueError(f"the {what} must return a scalar; it returned a tensor of shape "
+                         f"{tuple(v.shape)} (sum or average it)")
+    return v.reshape(())
+
+
+def loss(f):
+    """A loss for :func:`cupynn.value_and_grad` from a scalar function ``f(y)`` in torch.
+
+    ``f`` takes the network's output ``y`` as a torch tensor (``(batch, out)``, or ``(out,)``
+    for one sample; the model's dtype and device, sharing cupynn's memory through DLPack: no
+    copy) and returns a 0-d tensor; it may couple samples. torch's autograd gives ``dL/dy``
+    (``torch.autograd.grad``), which comes back through DLPack without a copy, and cupynn runs
+    its own backward. The result is a callable ``y -> (value, dL/dy)``, the protocol of a
+    hand-written loss, so it works wherever one does (``cupynn.flat_value_and_grad``,
+    :class:`cupynn.LossTerm`).
+
+    >>> import numpy as np, torch, cupynn, cupynn.torch
+    >>> model = cupynn.MLP([1, 16, 1], "tanh", device="cpu", rng=0)
+    >>> x = np.linspace(-1, 1, 100).reshape(-1, 1)
+    >>> lse = cupynn.torch.loss(lambda y: torch.logsumexp(y.reshape(-1), 0))
+    >>> value, grads = cupynn.value_and_grad(model, x, lse)
+    >>> grads[0]["weight"].shape
+    (16, 1)
+    """
+    if not callable(f):
+        raise TypeError(f"cupynn.torch.loss takes a function f(y) -> scalar, got {type(f).__name__}")
+
+    def value_and_grad(y):
+        with _run_on_stream(y), torch.enable_grad():
+            yt = _leaf(y, True)
+            v = _check_scalar(f(yt), "loss")
+            (g,) = torch.autograd.grad(v, yt, allow_unused=True)
+        if g is None:
+            g = torch.zeros_like(yt)
+        return v.detach(), g
+
+    return AutodiffLoss("torch", value_and_grad, f)
+
+
+def residual(r):
+    """A residual for :func:`cupynn.residual_value_and_grad` from a scalar ``r`` in torch.
+
+    ``r(u, du, lap)`` or ``r(u, du, lap, x)`` (four positional parameters: it also gets the
+    points ``x``) takes torch tensors sharing the memory of the arrays
+    :func:`cupynn.input_derivatives` returns (with ``diag=True`` the second partials ``d2``
+    instead of ``lap``) and returns a 0-d tensor. torch's autograd gives its gradient with
+    respect to ``u``, ``du`` and ``lap``; cupynn runs the reverse of the forward Laplacian.
+
+    >>> import numpy as np, torch, cupynn, cupynn.torch
+    >>> model = cupynn.MLP([2, 16, 1], "tanh", device="cpu", rng=0)
+    >>> x = np.random.default_rng(0).uniform(size=(64, 2))
+    >>> def r(u, du, lap, x):                        # -lap u = f on the unit square
+    ...     f = 2 * torch.pi ** 2 * torch.sin(torch.pi * x[:, 0]) * torch.sin(torch.pi * x[:, 1])
+    ...     return ((lap + f) ** 2).mean()
+    >>> value, grads = cupynn.residual_value_and_grad(model, x, cupynn.torch.residual(r))
+    >>> grads[0]["weight"].shape
+    (16, 2)
+    """
+    if not callable(r):
+        raise TypeError(f"cupynn.torch.residual takes a function r(u, du, lap[, x]) -> scalar, "
+                        f"got {type(r).__name__}")
+    pass_x = wants_x(r)
+
+    def value_and_grads(u, du, lap, *x):
+        with _run_on_stream(u), torch.enable_grad():
+            leaves = [_leaf(a, True) for a in (u, du, lap)]
+            v = _check_scalar(r(*leaves, *(_leaf(a, False) for a in x)), "residual")
+            grads = torch.autograd.grad(v, leaves, allow_unused=True)
+        return v.detach(), grads
+
+    return AutodiffResidual("torch", value_and_grads, pass_x, r)

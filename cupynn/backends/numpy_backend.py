@@ -335,6 +335,16 @@ class _Partial:
         self.total += other.total
 
 
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array on 64-byte aligned memory: what JAX on the CPU
+    reads through DLPack without a copy (``cupynn.jax.loss`` hands it the output ``y``)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(n + 64, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + n].view(dtype).reshape(shape)
+
+
 def _direct_forward(layers, params, x):
     """``(y, inputs, saved)`` of a small batch in one row-major pass: ``inputs[l]`` is layer
     ``l``'s input (``x`` itself for the first), ``saved[l]`` what its derivative reads
@@ -526,7 +536,7 @@ class NumpyBackend(Backend):
         work = batch * shape.macs_per_row
         if work < _SMALL_WORK:  # batch 0 included
             return _direct_forward(shape.layers, params, x)[0]
-        y = np.empty((batch, net.out_features), net.dtype)
+        y = _aligned_empty((batch, net.out_features), net.dtype)
         rows = min(shape.chunk_rows, batch)
         lanes = _lanes(batch, rows, work)
         mats = self._weights(shape.layers, params)
