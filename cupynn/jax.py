@@ -62,9 +62,8 @@ import functools
 import numpy as np
 
 from . import functional
-from .layers import Chain, Dense
-
 from ._autodiff import AutodiffLoss, AutodiffResidual, aligned_host, wants_x
+from .layers import Chain, Dense
 
 __all__ = ["apply", "parameters", "loss", "residual"]
 
