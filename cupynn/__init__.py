@@ -22,7 +22,7 @@ from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
 from .composite import Composite, LossTerm, ResidualTerm, add_grads, scale_grads
-from .derivatives import input_derivatives, residual_value_and_grad
+from .derivatives import input_derivatives, input_hessian, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
 from .graph import compile
@@ -58,6 +58,7 @@ __all__ = [
     "flat_value_and_grad",
     "get_flat",
     "input_derivatives",
+    "input_hessian",
     "load",
     "num_parameters",
     "optim",
