@@ -107,8 +107,9 @@ def _check_x(net: _Net, x, what="x", *, one_sample=False):
     x = intake(x, what=what, device=net.device, dtype=net.dtype)
     check_array(x, what=what, device=net.device, dtype=net.dtype, ndim=(1, 2) if one_sample else (2,))
     if x.shape[-1] != net.n_in:
-        shapes = f"(batch, {net.n_in})" + (f" or ({net.n_in},)" if one_sample else "")
-        raise ValueError(f"{net.label} expects {what} of shape {shapes}, got {tuple(x.shape)}")
+        one = f" (one point: ({net.n_in},))" if one_sample else ""
+        raise ValueError(f"{net.label} expects {what} of shape (batch, {net.n_in}), got "
+                         f"{tuple(x.shape)}{one}")
     return x.reshape(1, -1) if x.ndim == 1 else x
 
 
