@@ -245,6 +245,18 @@ def _to_jax(a):
     return jax.dlpack.from_dlpack(a if a.flags.c_contiguous else a.copy())
 
 
+def _scalar_fn(f, what: str):
+    """``f`` checked (when traced) to return one number, as a 0-d array."""
+    @functools.wraps(f)
+    def g(*args):
+        v = jnp.asarray(f(*args))
+        if v.size != 1:
+            raise ValueError(f"the {what} must return a scalar; it returned an array of shape "
+                             f"{tuple(v.shape)} (sum or average it in jax.numpy)")
+        return v.reshape(())
+    return g
+
+
 def loss(f, *, jit: bool = True):
     """A loss for :func:`cupynn.value_and_grad` from a scalar function ``f(y)`` in ``jax.numpy``.
 
@@ -268,7 +280,7 @@ def loss(f, *, jit: bool = True):
     """
     if not callable(f):
         raise TypeError(f"cupynn.jax.loss takes a function f(y) -> scalar, got {type(f).__name__}")
-    vg = jax.value_and_grad(f)
+    vg = jax.value_and_grad(_scalar_fn(f, "loss"))
     vg = jax.jit(vg) if jit else vg
 
     def value_and_grad(y):
@@ -302,7 +314,7 @@ def residual(r, *, jit: bool = True):
         raise TypeError(f"cupynn.jax.residual takes a function r(u, du, lap[, x]) -> scalar, "
                         f"got {type(r).__name__}")
     pass_x = wants_x(r)
-    vg = jax.value_and_grad(r, argnums=(0, 1, 2))
+    vg = jax.value_and_grad(_scalar_fn(r, "residual"), argnums=(0, 1, 2))
     vg = jax.jit(vg) if jit else vg
 
     def value_and_grads(*args):
