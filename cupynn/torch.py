@@ -83,9 +83,12 @@ class _Backward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, x, model, need_dx, *params):
+    def forward(ctx, g, x, model, need_dx, saved, *params):
         with _stream(x.device):
-            grads, dx = functional.vjp(model, x.detach(), g.detach(), wrt_input=need_dx)
+            if saved is not None:  # the forward's activations: no second forward
+                grads, dx = functional.vjp_saved(model, saved, g.detach(), wrt_input=need_dx)
+            else:
+                grads, dx = functional.vjp(model, x.detach(), g.detach(), wrt_input=need_dx)
         grads = grads if isinstance(grads, list) else [grads]
         flat = [_tensor(arr) for gr in grads for arr in (gr["weight"], gr["bias"]) if arr is not None]
         return tuple(([_tensor(dx)] if need_dx else []) + flat)
@@ -107,16 +110,20 @@ class _Apply(torch.autograd.Function):
     def forward(ctx, x, model, *params):
         xa = intake(x.detach(), what="x", device=model.device, dtype=model.dtype)
         with _stream(x.device):
-            y = functional.forward(model, xa)
+            if any(ctx.needs_input_grad):  # keep the activations for the backward
+                y, ctx.saved = functional.forward_saved(model, xa)
+            else:
+                y, ctx.saved = functional.forward(model, xa), None
         ctx.model = model
-        ctx.save_for_backward(x, *params)
+        ctx.save_for_backward(x, *params)  # torch's version counters guard their values
         return _tensor(y)
 
     @staticmethod
     def backward(ctx, g):
         x, *params = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        out = _Backward.apply(g, x, ctx.model, need_dx, *params)
+        saved, ctx.saved = ctx.saved, None  # once: retain_graph backward recomputes
+        out = _Backward.apply(g, x, ctx.model, need_dx, saved, *params)
         dx, grads = (out[0], out[1:]) if need_dx else (None, out)
         grads = [gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[2:])]
         return (dx, None, *grads)
