@@ -696,9 +696,14 @@ class NumpyBackend(Backend):
 
         user_g = None
         if loss.kind == "callable":
-            y_full = self.network_forward(net, params, x)
+            # the forward keeps what the backward needs (network_forward_saved): after the
+            # loss has given dL/dy, the backward does not run the whole forward again
+            y_full, saved = self.network_forward_saved(net, params, x)
             value, user_g = call_loss(loss.fn, y_full, np.ndarray)
             value = np.asarray(value, dtype=dt)
+            if saved is not None:
+                grads, dx = self.network_backward_saved(net, params, saved, user_g, need_dx=need_dx)
+                return value, grads, dx
             two_scale = None
         else:
             scale = loss_scale(loss.kind, batch * net.out_features)
