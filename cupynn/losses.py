@@ -110,7 +110,8 @@ def call_loss(fn, y, array_type):
 
     ``dL/dy`` must be an ``array_type`` (the backend's array class) of ``y``'s shape and
     dtype: it is never cast or moved silently; anything else is an error that says what
-    the callable must return.
+    the callable must return. A callable that returns a JAX scalar (it is written in
+    ``jax.numpy``) is differentiated by JAX, as ``cupynn.jax.loss(fn, jit=False)`` would.
 
     >>> import numpy as np
     >>> from cupynn.losses import call_loss
@@ -119,6 +120,14 @@ def call_loss(fn, y, array_type):
     (2, 1)
     """
     out = fn(y)
+    if not isinstance(out, tuple) and type(out).__module__.split(".")[0] in ("jax", "jaxlib") \
+            and getattr(out, "size", 0) == 1:
+        # a plain callable written in jax.numpy (it returned a JAX scalar for a NumPy/CuPy
+        # y): JAX is the library, no guess involved; differentiated as cupynn.jax.loss(fn)
+        # would, without jit (wrap it yourself to have it compiled once)
+        from . import jax as cupynn_jax
+
+        out = cupynn_jax.loss(fn, jit=False)(y)
     if not isinstance(out, tuple) or len(out) != 2:
         raise TypeError(
             "the loss callable must return a pair (value, dL/dy); got "

@@ -324,3 +324,17 @@ def test_library_errors_are_clear(jx, th, rng):
     jx.config.update("jax_enable_x64", False)
     with pytest.raises(TypeError, match="jax_enable_x64"):
         cupynn.value_and_grad(model, x, cupynn.jax.loss(lambda y: (y ** 2).sum()))
+
+
+def test_a_plain_jax_callable_is_recognised(jx, rng):
+    """No wrapper: it returned a JAX scalar, so JAX is the library (no guess involved)."""
+    jnp = jx.numpy
+    model = random_model([2, 9, 3], "tanh", "float64", rng)
+    x = rng.uniform(-1, 1, (40, 2))
+    v1, g1 = cupynn.value_and_grad(model, x, lambda y: jnp.sum(jnp.cos(y)))
+    v2, g2 = cupynn.value_and_grad(model, x, lambda y: (np.cos(y).sum(), -np.sin(y)))
+    assert abs(float(v1) - float(v2)) <= 1e-12 * abs(float(v2))
+    assert rel_err(_flat(g1), _flat(g2)) <= 1e-12
+    v3, g3 = cupynn.value_and_grad(model, x[0], lambda y: jnp.sum(jnp.cos(y)))   # one sample
+    v4, g4 = cupynn.value_and_grad(model, x[0], lambda y: (np.cos(y).sum(), -np.sin(y)))
+    assert rel_err(_flat(g3), _flat(g4)) <= 1e-12
