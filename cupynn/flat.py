@@ -85,12 +85,15 @@ def set_flat(model, theta) -> None:
         offset += a.size
 
 
-def flat_value_and_grad(model, x, loss="sum_squares", *, target=None):
+def flat_value_and_grad(model, x, loss="sum_squares", *, target=None, residual=None, rhs=None, k=None,
+                        diag=False):
     """``f(theta) -> (value, grad)`` for ``scipy.optimize.minimize(f, theta0, jac=True)``.
 
     Every kind of loss: a built-in or hand-written ``loss`` of the outputs, an autodiffed one
     (``cupynn.jax.loss(f)`` / ``cupynn.torch.loss(f)``), a residual of the input derivatives
-    (``flat_value_and_grad(model, x, cupynn.jax.residual(r))``), or in place of ``x`` a
+    (``flat_value_and_grad(model, x, cupynn.jax.residual(r))``, or any residual as
+    ``flat_value_and_grad(model, x, residual="poisson", rhs=f)`` with the ``rhs``, ``k`` and
+    ``diag`` of :func:`cupynn.residual_value_and_grad`), or in place of ``x`` a
     :class:`cupynn.LossTerm`, :class:`cupynn.ResidualTerm` or :class:`cupynn.Composite`
     (``flat_value_and_grad(model, composite)``: no ``loss`` or ``target``), e.g. a PINN's
     interior residual plus its boundary term.
@@ -120,9 +123,15 @@ def flat_value_and_grad(model, x, loss="sum_squares", *, target=None):
 
         def evaluate():
             return x.value_and_grad(model)
+    elif residual is not None:  # residual= : any residual residual_value_and_grad takes
+        if loss != "sum_squares" or target is not None:
+            raise TypeError("flat_value_and_grad(model, x, residual=...) takes no loss or target")
+
+        def evaluate():
+            return residual_value_and_grad(model, x, residual, rhs=rhs, k=k, diag=diag)
     elif getattr(loss, "library", None) and hasattr(loss, "pass_x"):  # cupynn.<lib>.residual(r)
         def evaluate():
-            return residual_value_and_grad(model, x, loss)
+            return residual_value_and_grad(model, x, loss, rhs=rhs, k=k, diag=diag)
     else:
         def evaluate():
             return value_and_grad(model, x, loss, target=target)

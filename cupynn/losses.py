@@ -46,6 +46,10 @@ def make_loss(loss: str | Callable, target=None) -> LossSpec:
     ('mse', 'callable')
     """
     if callable(loss):
+        if hasattr(loss, "pass_x") and hasattr(loss, "library"):  # cupynn.<lib>.residual(r)
+            raise TypeError(f"{loss!r} is a residual of the input derivatives (u, du, lap), not a "
+                            "loss of the outputs: pass it to cupynn.residual_value_and_grad, or "
+                            "use cupynn.jax.loss / cupynn.torch.loss for a loss f(y)")
         if target is not None:
             raise ValueError("target= is for the built-in losses; a callable loss closes over its own")
         return LossSpec("callable", None, loss)

@@ -134,3 +134,22 @@ def test_scipy_lbfgs_trains_a_pinn_through_public_names(rng):
     cupynn.set_flat(model, res.x)
     assert res.fun < 0.02 * start
     assert float(loss.value(model)) == pytest.approx(res.fun, rel=1e-12)
+
+
+def test_flat_value_and_grad_residual_keyword_and_misuse(rng):
+    model = random_model([2, 6, 1], "tanh", "float64", rng)
+    x = rng.uniform(-1, 1, (30, 2))
+    f = rng.standard_normal(30)
+    theta = cupynn.get_flat(model)
+    v1, g1 = cupynn.flat_value_and_grad(model, x, residual="poisson", rhs=f)(theta)
+    v2, g2 = cupynn.flat_value_and_grad(model, x, residual=_poisson_hand(f))(theta)
+    v3, g3 = cupynn.flat_value_and_grad(model, cupynn.ResidualTerm(x, "poisson", rhs=f))(theta)
+    assert v1 == pytest.approx(v2, rel=1e-13) and v1 == v3
+    assert rel_err(g1, g2) <= 1e-12 and np.array_equal(g1, g3)
+    with pytest.raises(TypeError, match="takes no loss or target"):
+        cupynn.flat_value_and_grad(model, x, "mse", residual="poisson")
+    jax = pytest.importorskip("jax")
+    cj = pytest.importorskip("cupynn.jax")
+    r = cj.residual(lambda u, du, lap: jax.numpy.mean(lap ** 2))
+    with pytest.raises(TypeError, match="is a residual of the input derivatives.*residual_value_and_grad"):
+        cupynn.value_and_grad(model, x, r)
