@@ -126,6 +126,7 @@ def _intake_loss(loss, device, dtype):
     """A callable loss whose ``dL/dy`` may be any DLPack producer, read in place."""
     if not callable(loss):
         return loss
+    make_loss(loss)  # a residual passed as a loss is refused here, by what it is
 
     def fn(y):
         out = loss(y)
