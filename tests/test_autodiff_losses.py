@@ -168,6 +168,20 @@ def test_jax_hands_over_y_and_dL_dy_without_a_copy_on_the_cpu(jx, rng):
     # the network's output is aligned, so value_and_grad's y reaches JAX in place too
     model = cupynn.MLP([1, 64, 1], "tanh", device="cpu", rng=0)
     assert model(rng.standard_normal((5000, 1))).ctypes.data % 64 == 0
+    pointers = []
+    real = cj._to_jax
+
+    def spy_to_jax(a):
+        out = real(a)
+        pointers.append((a.ctypes.data, out.unsafe_buffer_pointer()))
+        return out
+
+    cj._to_jax = spy_to_jax
+    try:
+        cupynn.value_and_grad(model, rng.standard_normal((5000, 1)), cj.loss(f))
+    finally:
+        cj._to_jax = real
+    assert len(pointers) == 1 and pointers[0][0] == pointers[0][1]
 
 
 def test_torch_hands_over_y_and_dL_dy_without_a_copy_on_the_cpu(th, rng):
