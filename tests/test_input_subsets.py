@@ -176,3 +176,22 @@ def test_selection_errors(rng):
     big = random_model([12, 4, 1], "tanh", "float64", rng)
     with pytest.raises(ValueError, match="Hessian over 12 inputs.*has 78"):
         cupynn.input_hessian(big, rng.uniform(size=(2, 12)))
+
+
+def test_builtin_residual_over_chosen_inputs(rng):
+    model = random_model([3, 11, 1], "tanh", "float64", rng)
+    x = rng.uniform(-1, 1, (40, 3))
+    f = rng.standard_normal(40)
+
+    def res(u, du, lap):
+        r = lap - f
+        return (r * r).mean(), None, None, 2 * r / r.size
+
+    flat = lambda g: np.concatenate([a.ravel() for d in g for a in (d["weight"], d["bias"])])  # noqa: E731
+    for dims in [(0,), (2, 1)]:
+        v1, g1 = cupynn.residual_value_and_grad(model, x, "poisson", rhs=f, dims=dims)
+        v2, g2 = cupynn.residual_value_and_grad(model, x, res, dims=dims)
+        _, _, lap = cupynn.input_derivatives(model, x, dims=dims)
+        assert abs(float(v1) - np.mean((lap - f) ** 2)) <= 1e-13 * float(v1)
+        assert abs(float(v1) - float(v2)) <= 1e-13 * float(v1)
+        assert rel_err(flat(g1), flat(g2)) <= 1e-12
