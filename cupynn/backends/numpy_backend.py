@@ -543,6 +543,8 @@ class NumpyBackend(Backend):
             if lay.last and y_out is not None:
                 out = y_out
             if restore is not None and l in restore:
+                if lay.first and inp is not None:  # the backward reads the layer's input
+                    np.copyto(inp[:lay.K], xc.T)
                 kept_out, kept_pre = restore[l]
                 np.copyto(out, kept_out)
                 if pre is not None:
