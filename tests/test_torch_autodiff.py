@@ -58,7 +58,7 @@ def test_backward_does_not_run_the_forward_again(rng, batch, monkeypatch):
 
 def test_forward_saved_matches_vjp_for_every_layout(rng):
     for sizes, acts in [((1, 1000, 20, 1), "identity"), ((5, 200, 130, 3), "gelu"),
-                        ((40, 7, 150, 1), "softplus")]:
+                        ((40, 7, 150, 1), "softplus"), ((150, 20, 3), "tanh")]:
         model = random_model(list(sizes), acts, "float64", rng)
         for batch in (1, 7, 1025):
             x = rng.standard_normal((batch, sizes[0]))
