@@ -12,6 +12,10 @@ In PyTorch and JAX programs (optional extras, imported only when asked for):
 ``import cupynn.torch`` (``cupynn.torch.Module(model)``, a ``torch.nn.Module``)
 and ``import cupynn.jax`` (``cupynn.jax.apply(model)``, a ``jax.custom_vjp``
 function). Torch tensors and JAX arrays are accepted wherever an array is.
+A loss or PDE residual written in ``jax.numpy`` or torch is differentiated by that library:
+``cupynn.value_and_grad(model, x, cupynn.jax.loss(f))``,
+``cupynn.residual_value_and_grad(model, x, cupynn.torch.residual(r))``; losses of several
+terms on different points: ``cupynn.ResidualTerm(...) + 10.0 * cupynn.LossTerm(...)``.
 On a Dask cluster (the ``dask`` extra): ``cupynn.dask.value_and_grad(model, X)`` for a
 ``dask.array`` batch ``X``, chunk by chunk on the workers.
 """
