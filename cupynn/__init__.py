@@ -12,6 +12,10 @@ In PyTorch and JAX programs (optional extras, imported only when asked for):
 ``import cupynn.torch`` (``cupynn.torch.Module(model)``, a ``torch.nn.Module``)
 and ``import cupynn.jax`` (``cupynn.jax.apply(model)``, a ``jax.custom_vjp``
 function). Torch tensors and JAX arrays are accepted wherever an array is.
+A loss or PDE residual written in ``jax.numpy`` or torch is differentiated by that library:
+``cupynn.value_and_grad(model, x, cupynn.jax.loss(f))``,
+``cupynn.residual_value_and_grad(model, x, cupynn.torch.residual(r))``; losses of several
+terms on different points: ``cupynn.ResidualTerm(...) + 10.0 * cupynn.LossTerm(...)``.
 On a Dask cluster (the ``dask`` extra): ``cupynn.dask.value_and_grad(model, X)`` for a
 ``dask.array`` batch ``X``, chunk by chunk on the workers.
 """
@@ -21,7 +25,8 @@ from ._config import show_config
 from ._devices import cuda_available
 from ._validate import DeviceMismatchError
 from .activations import ACTIVATIONS
-from .derivatives import input_derivatives, residual_value_and_grad
+from .composite import Composite, LossTerm, ResidualTerm, add_grads, scale_grads
+from .derivatives import input_derivatives, input_hessian, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
 from .graph import compile
@@ -44,19 +49,25 @@ def __getattr__(name):
 __all__ = [
     "ACTIVATIONS",
     "Chain",
+    "Composite",
     "Dense",
     "DeviceMismatchError",
+    "LossTerm",
     "MLP",
+    "ResidualTerm",
+    "add_grads",
     "compile",
     "cuda_available",
     "execution_path",
     "flat_value_and_grad",
     "get_flat",
     "input_derivatives",
+    "input_hessian",
     "load",
     "num_parameters",
     "optim",
     "residual_value_and_grad",
+    "scale_grads",
     "set_flat",
     "show_config",
     "value_and_grad",

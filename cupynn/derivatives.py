@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _threads
@@ -52,7 +52,8 @@ from ._validate import check_array
 from .backends import get_backend
 from .backends.base import taylor_blocks
 
-__all__ = ["input_derivatives", "residual_value_and_grad", "RESIDUALS", "MAX_INPUT_DIM"]
+__all__ = ["input_derivatives", "input_hessian", "residual_value_and_grad", "RESIDUALS",
+           "MAX_INPUT_DIM"]
 
 # The forward Laplacian costs (d + 2) forwards (2 d + 1 with diag=True) in time and in
 # memory per chunk of rows: beyond this many inputs a reverse-mode or stochastic trace
@@ -81,10 +82,12 @@ class _Net:
     xp: Any
     dtype: Any
     device: str
-    d: int
+    d: int  # the number of tangent directions the stack carries (the inputs, by default)
     m: int
     widest: int
     label: str  # the first layer's label, for error messages
+    n_in: int = 0  # the model's inputs
+    dirs: Any = None  # (d, n_in) tangent directions; None: the unit vectors e_1 .. e_n_in
 
 
 def _net_of(model) -> _Net:
@@ -98,22 +101,55 @@ def _net_of(model) -> _Net:
         layers[0].in_features, layers[-1].out_features,
         max(max(l.in_features, l.out_features) for l in layers),
         layers[0]._label(None if len(layers) == 1 and layers[0] is model else 0),
+        layers[0].in_features,
     )
 
 
-def _check_x(net: _Net, x, what="x"):
-    """``x`` as the backend's array (DLPack producers are taken in place), checked."""
+def _check_x(net: _Net, x, what="x", *, one_sample=False):
+    """``x`` as the backend's array (DLPack producers are taken in place), checked; with
+    ``one_sample`` a 1-D ``x`` is accepted as one point (returned as ``(1, d)``)."""
     x = intake(x, what=what, device=net.device, dtype=net.dtype)
-    check_array(x, what=what, device=net.device, dtype=net.dtype, ndim=(2,))
-    if x.shape[1] != net.d:
-        raise ValueError(f"{net.label} expects {what} of shape (batch, {net.d}), "
-                         f"got {tuple(x.shape)}")
-    if net.d > MAX_INPUT_DIM:
+    check_array(x, what=what, device=net.device, dtype=net.dtype, ndim=(1, 2) if one_sample else (2,))
+    if x.shape[-1] != net.n_in:
+        one = f" (one point: ({net.n_in},))" if one_sample else ""
+        raise ValueError(f"{net.label} expects {what} of shape (batch, {net.n_in}), got "
+                         f"{tuple(x.shape)}{one}")
+    return x.reshape(1, -1) if x.ndim == 1 else x
+
+
+def _check_tangents(n: int, what: str):
+    if n > MAX_INPUT_DIM:
         raise ValueError(
-            f"the forward Laplacian supports models with at most {MAX_INPUT_DIM} inputs "
-            f"(cupynn.derivatives.MAX_INPUT_DIM); this one has {net.d}: its cost is (d + 2) "
-            "forward passes, so split the inputs or use a trace estimator for larger d")
-    return x
+            f"the forward Laplacian supports at most {MAX_INPUT_DIM} inputs (tangent directions, "
+            f"cupynn.derivatives.MAX_INPUT_DIM); {what} has {n}: its cost is (d + 2) "
+            "forward passes, so select fewer inputs (dims=) or use a trace estimator")
+
+
+def _coords(net: _Net, dims, what: str) -> tuple:
+    """``dims`` (input coordinates) checked: distinct ints in ``range(n_in)``, not empty."""
+    if dims is None:
+        return tuple(range(net.n_in))
+    try:
+        coords = tuple(int(i) for i in dims)
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of input coordinates (ints), got "
+                        f"{type(dims).__name__}") from None
+    if (not coords or len(set(coords)) != len(coords)
+            or any(i < 0 or i >= net.n_in or int(i) != j for i, j in zip(coords, dims))):
+        raise ValueError(f"{what} must be distinct input coordinates in 0..{net.n_in - 1}, "
+                         f"not empty; got {tuple(dims)}")
+    return coords
+
+
+def _along(net: _Net, coords: tuple) -> _Net:
+    """The stack description that carries tangents along the input coordinates ``coords``."""
+    _check_tangents(len(coords), "this one" if len(coords) == net.n_in else "the selection dims=")
+    if coords == tuple(range(net.n_in)):
+        return net
+    dirs = net.xp.zeros((len(coords), net.n_in), dtype=net.dtype)
+    for k, i in enumerate(coords):
+        dirs[k, i] = 1
+    return replace(net, d=len(coords), dirs=dirs)
 
 
 _PIECEWISE_LINEAR = ("relu", "leaky_relu")
@@ -149,10 +185,13 @@ def _chunk_rows(net: _Net, nb: int) -> int:
 
 def _seed(net: _Net, x, nb: int):
     """``[x; e_1 .. e_d; 0 ...]``: the stack of the input layer, ``(nb, B, d)``."""
-    S = net.xp.zeros((nb, x.shape[0], net.d), dtype=net.dtype)
+    S = net.xp.zeros((nb, x.shape[0], net.n_in), dtype=net.dtype)
     S[0] = x
-    for i in range(net.d):
-        S[1 + i, :, i] = 1
+    if net.dirs is None:
+        for i in range(net.d):
+            S[1 + i, :, i] = 1
+    else:
+        S[1:1 + net.d] = net.dirs[:, None, :]
     return S
 
 
@@ -232,30 +271,40 @@ def _chunks(B: int, rows: int):
 
 # -- public functions ---------------------------------------------------------------------
 
-def input_derivatives(model, x, order: int = 2, *, diag: bool = False):
+def input_derivatives(model, x, order: int = 2, *, diag: bool = False, dims=None, grad_dims=None):
     """The model's values and derivatives with respect to its inputs, in one pass.
 
     ``u, du = input_derivatives(model, x, order=1)``;
     ``u, du, lap = input_derivatives(model, x)`` (``lap = Σ_i ∂²u/∂x_i²``);
-    ``u, du, d2 = input_derivatives(model, x, diag=True)`` (``d2[..., i] = ∂²u/∂x_i²``).
+    ``u, du, d2 = input_derivatives(model, x, diag=True)`` (``d2[..., i] = ∂²u/∂x_i²``);
+    ``u, du, lap = input_derivatives(model, x, dims=(1, 2))`` (``lap = Δ`` over ``x_1, x_2``
+    alone, ``du`` along them: ``d_sel + 2`` forward passes).
 
     Parameters
     ----------
-    model : Dense or Chain with ``d = in_features`` inputs (at most ``MAX_INPUT_DIM``)
+    model : Dense or Chain with ``d = in_features`` inputs
     x : array ``(B, d)`` of the model's dtype and device (any strides; any DLPack producer,
-        e.g. a torch tensor, is read in place)
+        e.g. a torch tensor, is read in place), or one point ``(d,)``
     order : 1 (values and gradient) or 2 (also second derivatives)
-    diag : with ``order=2``, the ``d`` diagonal second partials instead of their sum
+    diag : with ``order=2``, the diagonal second partials instead of their sum
+    dims : the input coordinates the derivatives are taken along (default: all ``d``):
+        ``lap`` is the Laplacian over them, ``d2`` and ``du`` their partials, in this order.
+        At most ``MAX_INPUT_DIM`` of them.
+    grad_dims : the coordinates of ``du`` when they differ from ``dims`` (e.g. the heat
+        equation ``u_t = Δ_x u``: ``dims=`` the space coordinates, ``grad_dims=(0,)`` for
+        ``u_t``); those not in ``dims`` cost one more stack of ``1 + their number`` passes.
 
     Returns
     -------
-    With one output: ``u (B,)``, ``du (B, d)`` and ``lap (B,)`` or ``d2 (B, d)``; with
-    ``m > 1`` outputs ``u (B, m)``, ``du (B, m, d)`` and ``lap (B, m)`` or ``d2 (B, m, d)``.
-    New arrays of the model's dtype on its device. A NaN input row gives NaN values,
-    and NaN derivatives once it has passed a non-linear activation.
+    With one output: ``u (B,)``, ``du (B, k)`` and ``lap (B,)`` or ``d2 (B, k)``; with
+    ``m > 1`` outputs ``u (B, m)``, ``du (B, m, k)`` and ``lap (B, m)`` or ``d2 (B, m, k)``,
+    where ``k`` is the number of selected coordinates (``d`` by default). A 1-D ``x`` (one
+    point) drops the batch axis: ``u ()``, ``du (k,)``, ``lap ()``. New arrays of the
+    model's dtype on its device. A NaN input row gives NaN values, and NaN derivatives once
+    it has passed a non-linear activation.
 
-    Method: the forward Laplacian, ``d + 2`` forwards (``2 d + 1`` with ``diag``); see
-    :mod:`cupynn.derivatives`.
+    Method: the forward Laplacian, ``k + 2`` forwards (``2 k + 1`` with ``diag``); see
+    :mod:`cupynn.derivatives`. Mixed partials: :func:`input_hessian`.
 
     Example
     -------
@@ -265,20 +314,134 @@ def input_derivatives(model, x, order: int = 2, *, diag: bool = False):
     >>> u, du, lap = cupynn.input_derivatives(model, x)
     >>> u.shape, du.shape, lap.shape
     ((5,), (5, 2), (5,))
+    >>> u1, du1, lap1 = cupynn.input_derivatives(model, x[0])          # one point
+    >>> u1.shape, du1.shape, bool(np.isclose(lap1, lap[0]))
+    ((), (2,), True)
+    >>> _, ux, uxx = cupynn.input_derivatives(model, x, dims=(0,))     # along x_0 only
+    >>> bool(np.allclose(ux[:, 0], du[:, 0]))
+    True
     """
     second = _second_of(order, diag)
     net = _net_of(model)
-    x = _check_x(net, x)
+    single = getattr(x, "ndim", None) == 1
+    x = _check_x(net, x, one_sample=True)
     if second != "none":
         _warn_if_piecewise_linear(net, "input_derivatives(order=2)")
-    nb = taylor_blocks(net.d, second)
-    B = x.shape[0]
-    out = net.xp.empty((nb, B, net.m), dtype=net.dtype)
+    A, Bn, perm = _plan(net, second, dims, grad_dims)
     with _cpu_threads(net):
-        for s, e in _chunks(B, _chunk_rows(net, nb)):
-            out[:, s:e] = _forward(net, x[s:e], second, save=False)[0]
-    u, du, sec = _split(net, out, second)
-    return (u, du) if sec is None else (u, du, sec)
+        outA = _outputs(A, x, second)
+        outB = None if Bn is None else _outputs(Bn, x, "none")
+    u, duA, sec = _split(A, outA, second)
+    du = _assemble_du(net.xp, duA, None if Bn is None else _split(Bn, outB, "none")[1], perm)
+    res = (u, du) if sec is None else (u, du, sec)
+    return tuple(a.reshape(a.shape[1:]) for a in res) if single else res
+
+
+def input_hessian(model, x, *, dims=None):
+    """The values, input gradient and input Hessian ``∂²u/∂x_i∂x_j`` (or a block of it).
+
+    ``u, du, H = input_hessian(model, x)``; ``dims=(i, j, ...)`` gives the block over those
+    input coordinates (``du`` along them too), in that order.
+
+    Parameters
+    ----------
+    model : Dense or Chain with ``d`` inputs; x : ``(B, d)`` or one point ``(d,)``
+    dims : the ``k`` input coordinates of the block (default: all ``d``)
+
+    Returns
+    -------
+    One output: ``u (B,)``, ``du (B, k)``, ``H (B, k, k)`` (symmetric); ``m > 1`` outputs:
+    ``u (B, m)``, ``du (B, m, k)``, ``H (B, m, k, k)``; a 1-D ``x`` drops the batch axis.
+
+    Method: the forward Laplacian's diagonal mode along the ``k (k + 1) / 2`` directions
+    ``e_i`` and ``e_i + e_j`` gives the second directional derivatives ``v^T H v``, and
+    ``H_ij = (D_{e_i+e_j} - H_ii - H_jj) / 2``: ``1 + k (k + 1)`` forward passes, no nested
+    reverse mode (float64 keeps the subtraction's rounding near 1e-15 of ``|H|``).
+
+    Example
+    -------
+    >>> import numpy as np, cupynn
+    >>> model = cupynn.MLP([3, 16, 1], "tanh", device="cpu", rng=0)
+    >>> x = np.random.default_rng(0).uniform(size=(4, 3))
+    >>> u, du, H = cupynn.input_hessian(model, x)
+    >>> H.shape, bool(np.allclose(H, H.transpose(0, 2, 1)))
+    ((4, 3, 3), True)
+    >>> _, _, lap = cupynn.input_derivatives(model, x)
+    >>> bool(np.allclose(np.trace(H, axis1=1, axis2=2), lap))
+    True
+    """
+    net = _net_of(model)
+    single = getattr(x, "ndim", None) == 1
+    x = _check_x(net, x, one_sample=True)
+    sel = _coords(net, dims, "dims")
+    k = len(sel)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    n_t = k + len(pairs)
+    _check_tangents(n_t, f"the Hessian over {k} inputs (k (k + 1) / 2 directions)")
+    xp = net.xp
+    dirs = xp.zeros((n_t, net.n_in), dtype=net.dtype)
+    for a, i in enumerate(sel):
+        dirs[a, i] = 1
+    for p, (i, j) in enumerate(pairs):
+        dirs[k + p, sel[i]] = 1
+        dirs[k + p, sel[j]] = 1
+    H_net = replace(net, d=n_t, dirs=dirs)
+    with _cpu_threads(net):
+        out = _outputs(H_net, x, "diagonal")
+    u, dd, d2 = _split(H_net, out, "diagonal")
+    du = xp.ascontiguousarray(dd[..., :k])
+    H = xp.empty(d2.shape[:-1] + (k, k), dtype=net.dtype)
+    for a in range(k):
+        H[..., a, a] = d2[..., a]
+    half = net.dtype.type(0.5)
+    for p, (i, j) in enumerate(pairs):
+        h = (d2[..., k + p] - d2[..., i] - d2[..., j]) * half
+        H[..., i, j] = h
+        H[..., j, i] = h
+    res = (u, du, H)
+    return tuple(a.reshape(a.shape[1:]) for a in res) if single else res
+
+
+def _plan(net: _Net, second: str, dims, grad_dims):
+    """The stacks a call runs: ``(A, B, perm)``. ``A`` carries tangents along ``dims`` (and
+    the second-order blocks); ``B`` (or None) along the ``grad_dims`` not in ``dims``, first
+    order only; ``perm`` picks ``du`` in ``grad_dims`` order from ``[A's, B's]`` (None: A's)."""
+    sel = _coords(net, dims, "dims")
+    if second == "none":
+        return _along(net, sel if grad_dims is None else _coords(net, grad_dims, "grad_dims")), None, None
+    A = _along(net, sel)
+    if grad_dims is None:
+        return A, None, None
+    g = _coords(net, grad_dims, "grad_dims")
+    extra = tuple(c for c in g if c not in sel)
+    B = _along(net, extra) if extra else None
+    both = sel + extra
+    return A, B, [both.index(c) for c in g]
+
+
+def _outputs(net: _Net, x, second: str):
+    """The output stack ``(nb, B, m)`` of the whole batch, chunk by chunk."""
+    nb = taylor_blocks(net.d, second)
+    out = net.xp.empty((nb, x.shape[0], net.m), dtype=net.dtype)
+    for s, e in _chunks(x.shape[0], _chunk_rows(net, nb)):
+        out[:, s:e] = _forward(net, x[s:e], second, save=False)[0]
+    return out
+
+
+def _assemble_du(xp, duA, duB, perm):
+    if perm is None:
+        return duA
+    full = duA if duB is None else xp.concatenate([duA, duB], axis=-1)
+    return xp.ascontiguousarray(full[..., perm])
+
+
+def _split_gdu(xp, gdu, perm, nA: int, nB: int):
+    """The reverse of :func:`_assemble_du`: ``dL/d(du)`` split into the stacks' parts."""
+    if gdu is None or perm is None:
+        return gdu, None
+    full = xp.zeros(gdu.shape[:-1] + (nA + nB,), dtype=gdu.dtype)
+    full[..., perm] = gdu
+    return full[..., :nA], (full[..., nA:] if nB else None)
 
 
 def _wants_x(fn) -> bool:
@@ -300,7 +463,9 @@ def _check_partials(net: _Net, out, u, du, sec, second):
         raise TypeError(
             "the residual function must return (value, dL/du, dL/d(du), "
             f"{names[2]}) -- each partial an array shaped like its argument, or None for 0; "
-            f"got {got}")
+            f"got {got}. Or let an autodiff library differentiate a scalar residual: write it "
+            "in jax.numpy and pass cupynn.jax.residual(r), or in torch and pass "
+            "cupynn.torch.residual(r)")
     array_type = net.xp.ndarray
     for name, g, ref in zip(names, out[1:], (u, du, sec)):
         if g is None:
@@ -347,7 +512,8 @@ def _builtin(net: _Net, kind: str, x, rhs, k):
     return rhs, k2
 
 
-def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool = False):
+def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool = False, dims=None,
+                            grad_dims=None):
     """A scalar loss of ``(u, ∇u, Δu)`` on a batch, and its gradient w.r.t. every parameter.
 
     Parameters
@@ -364,9 +530,17 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
           argument, or ``None`` where it is 0. With ``diag=True`` it gets the diagonal
           second partials ``d2`` instead of ``lap`` (and returns ``dL/d(d2)``).
 
+        * ``cupynn.jax.residual(r)`` / ``cupynn.torch.residual(r)``: a scalar
+          ``r(u, du, lap[, x])`` written in ``jax.numpy`` / torch, differentiated by that
+          library (the arrays cross through DLPack, without copies).
+
     rhs : the built-ins' right-hand side ``f``: an array ``(B,)`` or a number (default 0)
     k : the wave number of ``"helmholtz"``
     diag : pass ``d2`` instead of ``lap`` to a callable residual
+    dims, grad_dims : as in :func:`input_derivatives`: the Laplacian (or ``d2``) over the input
+        coordinates ``dims`` only, at ``len(dims) + 2`` forward passes; ``du`` along
+        ``grad_dims`` (default ``dims``). The heat equation ``u_t = Δ_x u`` on points
+        ``(t, x_1, x_2)``: ``dims=(1, 2), grad_dims=(0,)`` gives ``du[:, 0] = u_t``.
 
     The built-ins need a model with one output and are computed chunk by chunk (forward
     and reverse together). A callable sees the whole batch at once; when the batch spans
@@ -396,6 +570,8 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
     net = _net_of(model)
     x = _check_x(net, x)
     if isinstance(residual, str):
+        if grad_dims is not None:
+            raise ValueError("grad_dims= is for callable residuals; the built-ins use only u and Δu")
         if residual not in RESIDUALS:
             raise ValueError(f"unknown residual {residual!r}: use one of {RESIDUALS} or a "
                              "callable residual(u, du, lap) -> (value, dL/du, dL/d(du), dL/d(lap))")
@@ -415,12 +591,14 @@ def residual_value_and_grad(model, x, residual, *, rhs=None, k=None, diag: bool 
     if isinstance(residual, str):
         _warn_if_piecewise_linear(net, f"residual_value_and_grad({residual!r})")
 
+    plan = _plan(net, second, dims, grad_dims)
     with _cpu_threads(net):
-        value, grads = _residual_chunks(net, x, residual, second, rhs, k2)
+        value, grads = _residual_chunks(plan, x, residual, second, rhs, k2)
     return value, model._grads_like_parameters([tuple(p) for p in grads])
 
 
-def _residual_chunks(net: _Net, x, residual, second, rhs, k2):
+def _residual_chunks(plan, x, residual, second, rhs, k2):
+    net, Bn, perm = plan
     xp = net.xp
     B = x.shape[0]
     grads = [[xp.zeros_like(W), None if b is None else xp.zeros_like(b)]
@@ -446,20 +624,28 @@ def _residual_chunks(net: _Net, x, residual, second, rhs, k2):
         value = total * net.dtype.type(1.0 / B) if B else total
     else:
         pass_x = _wants_x(residual)
-        if len(chunks) <= 1:
-            out, saved = _forward(net, x, second, save=True)
-        else:
-            out = xp.empty((nb, B, net.m), dtype=net.dtype)
-            for s, e in chunks:
-                out[:, s:e] = _forward(net, x[s:e], second, save=False)[0]
-        u, du, sec = _split(net, out, second)
+        stacks = [(net, second)] + ([] if Bn is None else [(Bn, "none")])
+        outs, saves = [], []
+        for n_, sec_ in stacks:
+            if len(chunks) <= 1:
+                o, sv = _forward(n_, x, sec_, save=True)
+            else:
+                o, sv = _outputs(n_, x, sec_), None
+            outs.append(o)
+            saves.append(sv)
+        u, du, sec = _split(net, outs[0], second)
+        du = _assemble_du(xp, du, None if Bn is None else _split(Bn, outs[1], "none")[1], perm)
         res = residual(u, du, sec, x) if pass_x else residual(u, du, sec)
         value, gu, gdu, gsec = _check_partials(net, res, u, du, sec, second)
-        G = _seed_gradient(net, B, second, gu, gdu, gsec)
-        if len(chunks) == 1:
-            _backward(net, saved, G, grads, second)
-        elif len(chunks) > 1:
-            for s, e in chunks:
-                _, saved = _forward(net, x[s:e], second, save=True)
-                _backward(net, saved, xp.ascontiguousarray(G[:, s:e]), grads, second)
+        gA, gB = _split_gdu(xp, gdu, perm, net.d, 0 if Bn is None else Bn.d)
+        Gs = [_seed_gradient(net, B, second, gu, gA, gsec)]
+        if Bn is not None:
+            Gs.append(_seed_gradient(Bn, B, "none", None, gB, None))
+        for (n_, sec_), G, sv in zip(stacks, Gs, saves):
+            if len(chunks) == 1:
+                _backward(n_, sv, G, grads, sec_)
+            elif len(chunks) > 1:
+                for s, e in chunks:
+                    _, sv = _forward(n_, x[s:e], sec_, save=True)
+                    _backward(n_, sv, xp.ascontiguousarray(G[:, s:e]), grads, sec_)
     return value, grads

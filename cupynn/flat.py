@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import get_backend
+from .derivatives import residual_value_and_grad
 from .functional import value_and_grad
 
 __all__ = ["num_parameters", "get_flat", "set_flat", "flat_value_and_grad"]
@@ -84,11 +85,22 @@ def set_flat(model, theta) -> None:
         offset += a.size
 
 
-def flat_value_and_grad(model, x, loss="sum_squares", *, target=None):
+def flat_value_and_grad(model, x, loss="sum_squares", *, target=None, residual=None, rhs=None, k=None,
+                        diag=False):
     """``f(theta) -> (value, grad)`` for ``scipy.optimize.minimize(f, theta0, jac=True)``.
 
+    Every kind of loss: a built-in or hand-written ``loss`` of the outputs, an autodiffed one
+    (``cupynn.jax.loss(f)`` / ``cupynn.torch.loss(f)``), a residual of the input derivatives
+    (``flat_value_and_grad(model, x, cupynn.jax.residual(r))``, or any residual as
+    ``flat_value_and_grad(model, x, residual="poisson", rhs=f)`` with the ``rhs``, ``k`` and
+    ``diag`` of :func:`cupynn.residual_value_and_grad`), or in place of ``x`` a
+    :class:`cupynn.LossTerm`, :class:`cupynn.ResidualTerm` or :class:`cupynn.Composite`
+    (``flat_value_and_grad(model, composite)``: no ``loss`` or ``target``), e.g. a PINN's
+    interior residual plus its boundary term.
+
     ``f`` writes ``theta`` into the model (:func:`set_flat`, in place), computes
-    :func:`cupynn.value_and_grad` of ``loss`` at ``x`` (and ``target``), and returns the
+    the value and gradient (:func:`cupynn.value_and_grad` of ``loss`` at ``x`` and ``target``,
+    or the objective's), and returns the
     value as a Python float and the gradient as a float64 NumPy vector in the order of
     :func:`get_flat`. On CUDA each call makes one host-to-device copy (``theta``) and one
     device-to-host copy (the value and every gradient, concatenated on the device first);
@@ -104,10 +116,29 @@ def flat_value_and_grad(model, x, loss="sum_squares", *, target=None):
     """
     backend = get_backend(model.device)
     xp = backend.xp
+    if getattr(x, "_cupynn_objective", False):  # LossTerm / ResidualTerm / Composite
+        if loss != "sum_squares" or target is not None:
+            raise TypeError(f"flat_value_and_grad(model, {type(x).__name__}) takes no loss or "
+                            "target: the terms state their own")
+
+        def evaluate():
+            return x.value_and_grad(model)
+    elif residual is not None:  # residual= : any residual residual_value_and_grad takes
+        if loss != "sum_squares" or target is not None:
+            raise TypeError("flat_value_and_grad(model, x, residual=...) takes no loss or target")
+
+        def evaluate():
+            return residual_value_and_grad(model, x, residual, rhs=rhs, k=k, diag=diag)
+    elif getattr(loss, "library", None) and hasattr(loss, "pass_x"):  # cupynn.<lib>.residual(r)
+        def evaluate():
+            return residual_value_and_grad(model, x, loss, rhs=rhs, k=k, diag=diag)
+    else:
+        def evaluate():
+            return value_and_grad(model, x, loss, target=target)
 
     def f(theta):
         set_flat(model, theta)
-        value, grads = value_and_grad(model, x, loss, target=target)
+        value, grads = evaluate()
         items = grads if isinstance(grads, list) else [grads]
         parts = [xp.asarray(value, dtype=model.dtype).reshape(1)]
         for item in items:

@@ -43,6 +43,9 @@ __all__ = [
     "value_and_grad",
     "execution_path",
     "vjp",
+    "forward_saved",
+    "vjp_saved",
+    "SavedForward",
     "dense_forward",
     "dense_backward",
     "DenseContext",
@@ -123,6 +126,7 @@ def _intake_loss(loss, device, dtype):
     """A callable loss whose ``dL/dy`` may be any DLPack producer, read in place."""
     if not callable(loss):
         return loss
+    make_loss(loss)  # a residual passed as a loss is refused here, by what it is
 
     def fn(y):
         out = loss(y)
@@ -205,8 +209,12 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     x : array of shape ``(batch, in)`` or ``(in,)``, the model's dtype and device
         (NumPy/CuPy, or any DLPack producer such as a torch tensor, read without a copy)
     loss : ``"sum_squares"`` (``sum((y - target)**2)``), ``"mse"`` (the same
-        divided by ``y.size``), or a callable ``loss(y) -> (value, dL/dy)``
-        working on the model's array type
+        divided by ``y.size``), a callable ``loss(y) -> (value, dL/dy)``
+        working on the model's array type, or a scalar ``f(y)`` written in ``jax.numpy``
+        or torch and wrapped as ``cupynn.jax.loss(f)`` / ``cupynn.torch.loss(f)``
+        (the library differentiates it; ``y`` and ``dL/dy`` cross through DLPack).
+        ``x`` may instead be a :class:`cupynn.Composite` (or a single term), which states
+        its own points and losses: ``value_and_grad(model, composite)``.
     target : optional array shaped like the output (built-in losses only)
     wrt_input : also return ``dL/dx``
     out : the result of an earlier call with the same model, batch shape and ``wrt_input``:
@@ -228,6 +236,8 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     (8, 1)
     >>> v, g = cupynn.value_and_grad(m, np.zeros((5, 1)), out=(v, g))   # reuses v and g
     """
+    if getattr(x, "_cupynn_objective", False):  # a LossTerm / ResidualTerm / Composite
+        return _objective_value_and_grad(model, x, loss, target, wrt_input, out)
     layers, net, params, backend = _model_parts(model)
     x = intake(x, what="x", device=model.device, dtype=model.dtype)
     if target is not None:
@@ -264,6 +274,14 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     if wrt_input:
         return value, grads, (dx.reshape(-1) if single else dx)
     return value, grads
+
+
+def _objective_value_and_grad(model, objective, loss, target, wrt_input, out):
+    """``value_and_grad(model, composite)``: the objective states its own points and losses."""
+    if loss != "sum_squares" or target is not None or wrt_input or out is not None:
+        raise TypeError(f"value_and_grad(model, {type(objective).__name__}) takes no loss, target, "
+                        "wrt_input or out: the terms state their own points and losses")
+    return objective.value_and_grad(model)
 
 
 def execution_path(model, batch: int, *, loss="sum_squares", wrt_input=False, kind="grad") -> str:
@@ -324,6 +342,85 @@ def vjp(model, x, g, *, wrt_input=True):
     _, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input)
     grads = model._grads_like_parameters(pairs)
     return grads, (None if dx is None else dx.reshape(-1) if single else dx)
+
+
+@dataclass(frozen=True)
+class SavedForward:
+    """What :func:`forward_saved` keeps for :func:`vjp_saved`: the batch, and (where the
+    backend can keep them: the NumPy backend) every chunk's activations; ``state`` None
+    means the backward recomputes the forward.
+
+    >>> import numpy as np, cupynn
+    >>> from cupynn import functional as F
+    >>> y, saved = F.forward_saved(cupynn.MLP([1, 8, 1], device="cpu", rng=0), np.ones((3, 1)))
+    >>> type(saved).__name__
+    'SavedForward'
+    """
+
+    net: Any
+    params: Any
+    x: Any
+    single: bool
+    state: Any
+
+
+def forward_saved(model, x):
+    """``(y, saved)``: :func:`forward`, keeping what :func:`vjp_saved` needs so that the
+    backward does not run the forward again (the forward of an autograd framework's layer:
+    :class:`cupynn.torch.Module`). Costs the activations' memory until ``saved`` is
+    dropped; on CUDA (whose fused gradient kernel recomputes the forward inside its one
+    launch) and for small batches ``saved`` keeps only ``x``.
+
+    >>> import numpy as np, cupynn
+    >>> from cupynn import functional as F
+    >>> m = cupynn.MLP([2, 64, 3], "tanh", device="cpu", rng=0)
+    >>> x, g = np.ones((500, 2)), np.ones((500, 3))
+    >>> y, saved = F.forward_saved(m, x)
+    >>> grads, dx = F.vjp_saved(m, saved, g)
+    >>> bool(np.allclose(dx, F.vjp(m, x, g)[1]))
+    True
+    """
+    layers, net, params, backend = _model_parts(model)
+    x = intake(x, what="x", device=model.device, dtype=model.dtype)
+    x2, single = _check_batch(model, layers, x)
+    keep = getattr(backend, "network_forward_saved", None)
+    if keep is None:
+        y, state = backend.network_forward(net, params, x2), None
+    else:
+        y, state = keep(net, params, x2)
+    return (y.reshape(-1) if single else y), SavedForward(net, params, x, single, state)
+
+
+def vjp_saved(model, saved: SavedForward, g, *, wrt_input=True):
+    """:func:`vjp` at the batch of a :func:`forward_saved` call, from its saved activations
+    (no second forward). The parameters must not have changed in between (they are the
+    same arrays; an autograd framework's version counters guard their values).
+
+    >>> import numpy as np, cupynn
+    >>> from cupynn import functional as F
+    >>> m = cupynn.MLP([2, 8, 1], "tanh", device="cpu", rng=0)
+    >>> y, saved = F.forward_saved(m, np.ones((4, 2)))
+    >>> grads, dx = F.vjp_saved(m, saved, np.ones((4, 1)), wrt_input=False)
+    >>> grads[0]["weight"].shape, dx
+    ((8, 2), None)
+    """
+    if not isinstance(saved, SavedForward):
+        raise TypeError(f"saved must be what functional.forward_saved returned, got "
+                        f"{type(saved).__name__}")
+    layers, net, params, backend = _model_parts(model)
+    if (saved.state is None or net is not saved.net
+            or any(a is not b for pa, pb in zip(params, saved.params) for a, b in zip(pa, pb))):
+        return vjp(model, saved.x, g, wrt_input=wrt_input)  # nothing kept (or a new model)
+    g = intake(g, what="g", device=model.device, dtype=model.dtype)
+    x = saved.x
+    out_shape = (net.out_features,) if saved.single else (x.shape[0], net.out_features)
+    check_array(g, what="g", device=model.device, dtype=model.dtype, ndim=(len(out_shape),))
+    if tuple(g.shape) != out_shape:
+        raise ValueError(f"g must have the output's shape {out_shape}, got {tuple(g.shape)}")
+    g2 = g.reshape(1, -1) if saved.single else g
+    pairs, dx = backend.network_backward_saved(net, params, saved.state, g2, need_dx=wrt_input)
+    grads = model._grads_like_parameters(pairs)
+    return grads, (None if dx is None else dx.reshape(-1) if saved.single else dx)
 
 
 # -- one layer at a time ----------------------------------------------------------

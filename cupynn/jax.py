@@ -28,6 +28,13 @@ hide those transfers of the batch (not measured on a GPU yet).
 higher derivatives than the first are not available (cupynn's backward is
 not differentiable by JAX).
 
+The other way round, :func:`loss` and :func:`residual` let JAX differentiate a scalar
+function of cupynn's outputs: ``cupynn.value_and_grad(model, x, cupynn.jax.loss(f))`` for
+an ``f(y)`` written in ``jax.numpy``, ``cupynn.residual_value_and_grad(model, x,
+cupynn.jax.residual(r))`` for an ``r(u, du, lap[, x])``. The arrays reach JAX through
+DLPack without a copy (on the CPU when 64-byte aligned, as cupynn's outputs are; other
+arrays are copied once into an aligned buffer) and the gradients come back the same way.
+
 The model's dtype must be JAX's: a float64 model needs
 ``jax.config.update("jax_enable_x64", True)``.
 
@@ -55,9 +62,10 @@ import functools
 import numpy as np
 
 from . import functional
+from ._autodiff import AutodiffLoss, AutodiffResidual, aligned_host, wants_x
 from .layers import Chain, Dense
 
-__all__ = ["apply", "parameters"]
+__all__ = ["apply", "parameters", "loss", "residual"]
 
 
 def _layers(model) -> list[Dense]:
@@ -212,3 +220,104 @@ def apply(model):
 
     f.__doc__ = f"y = {model!r}(x) as a JAX function of (params, x) (cupynn.jax.apply)."
     return f
+
+
+def _to_jax(a):
+    """A NumPy/CuPy array as a JAX array on the same memory (DLPack, no copy).
+
+    On the CPU JAX needs 64-byte aligned, C-contiguous memory: an array that is not is
+    copied once into such a buffer (cupynn's own outputs are aligned). A CuPy array needs a
+    JAX with a GPU backend.
+    """
+    if a.dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise TypeError("the model is float64 but JAX runs in float32: enable float64 with "
+                        "jax.config.update('jax_enable_x64', True) (cupynn does not cast silently)")
+    if isinstance(a, np.ndarray):
+        return jax.dlpack.from_dlpack(aligned_host(a), copy=False)
+    try:
+        gpu = jax.devices("gpu")
+    except RuntimeError:
+        gpu = []
+    if not gpu:
+        raise RuntimeError("the model is on CUDA but this JAX has no GPU backend: install "
+                           "jax[cuda12] (or use cupynn.torch.loss / cupynn.torch.residual with a "
+                           "CUDA torch), or move the model to the CPU")
+    return jax.dlpack.from_dlpack(a if a.flags.c_contiguous else a.copy())
+
+
+def _scalar_fn(f, what: str):
+    """``f`` checked (when traced) to return one number, as a 0-d array."""
+    @functools.wraps(f)
+    def g(*args):
+        v = jnp.asarray(f(*args))
+        if v.size != 1:
+            raise ValueError(f"the {what} must return a scalar; it returned an array of shape "
+                             f"{tuple(v.shape)} (sum or average it in jax.numpy)")
+        return v.reshape(())
+    return g
+
+
+def loss(f, *, jit: bool = True):
+    """A loss for :func:`cupynn.value_and_grad` from a scalar function ``f(y)`` in ``jax.numpy``.
+
+    ``f`` takes the network's output ``y`` (``(batch, out)``, or ``(out,)`` for one sample;
+    the model's dtype) and returns a scalar; it may couple samples (a log-sum-exp over the
+    batch, a quadrature-weighted integral). cupynn hands ``y`` to JAX through DLPack (no
+    copy), gets ``f(y)`` and ``dL/dy`` from ``jax.value_and_grad`` (under ``jax.jit`` unless
+    ``jit=False``; retraced per batch shape), takes ``dL/dy`` back without a copy and runs its
+    own backward. The result is a callable ``y -> (value, dL/dy)``, the protocol of a
+    hand-written loss, so it works wherever one does (``cupynn.flat_value_and_grad``,
+    :class:`cupynn.LossTerm`). A float64 model needs ``jax_enable_x64``.
+
+    >>> import jax, jax.numpy as jnp, numpy as np, cupynn, cupynn.jax
+    >>> jax.config.update("jax_enable_x64", True)
+    >>> model = cupynn.MLP([1, 16, 1], "tanh", device="cpu", rng=0)
+    >>> x = np.linspace(-1, 1, 100).reshape(-1, 1)
+    >>> lse = cupynn.jax.loss(lambda y: jax.nn.logsumexp(y))      # couples the whole batch
+    >>> value, grads = cupynn.value_and_grad(model, x, lse)
+    >>> grads[0]["weight"].shape
+    (16, 1)
+    """
+    if not callable(f):
+        raise TypeError(f"cupynn.jax.loss takes a function f(y) -> scalar, got {type(f).__name__}")
+    vg = jax.value_and_grad(_scalar_fn(f, "loss"))
+    vg = jax.jit(vg) if jit else vg
+
+    def value_and_grad(y):
+        return vg(_to_jax(y))
+
+    return AutodiffLoss("jax", value_and_grad, f)
+
+
+def residual(r, *, jit: bool = True):
+    """A residual for :func:`cupynn.residual_value_and_grad` from a scalar ``r`` in ``jax.numpy``.
+
+    ``r(u, du, lap)`` or ``r(u, du, lap, x)`` (four positional parameters: it also gets the
+    points ``x``) takes the arrays :func:`cupynn.input_derivatives` returns (with ``diag=True``
+    the second partials ``d2`` instead of ``lap``) and returns a scalar, e.g.
+    ``jnp.mean((lap + f) ** 2)``. JAX computes its value and its gradient with respect to
+    ``u``, ``du`` and ``lap`` (``jax.value_and_grad``, jitted unless ``jit=False``), handed
+    over through DLPack without copies; cupynn runs the reverse of the forward Laplacian.
+
+    >>> import jax, jax.numpy as jnp, numpy as np, cupynn, cupynn.jax
+    >>> jax.config.update("jax_enable_x64", True)
+    >>> model = cupynn.MLP([2, 16, 1], "tanh", device="cpu", rng=0)
+    >>> x = np.random.default_rng(0).uniform(size=(64, 2))
+    >>> def r(u, du, lap, x):                        # -lap u = f on the unit square
+    ...     f = 2 * jnp.pi ** 2 * jnp.sin(jnp.pi * x[:, 0]) * jnp.sin(jnp.pi * x[:, 1])
+    ...     return jnp.mean((lap + f) ** 2)
+    >>> value, grads = cupynn.residual_value_and_grad(model, x, cupynn.jax.residual(r))
+    >>> grads[0]["weight"].shape
+    (16, 2)
+    """
+    if not callable(r):
+        raise TypeError(f"cupynn.jax.residual takes a function r(u, du, lap[, x]) -> scalar, "
+                        f"got {type(r).__name__}")
+    pass_x = wants_x(r)
+    vg = jax.value_and_grad(_scalar_fn(r, "residual"), argnums=(0, 1, 2))
+    vg = jax.jit(vg) if jit else vg
+
+    def value_and_grads(*args):
+        return vg(*(_to_jax(a) for a in args))
+
+    return AutodiffResidual("jax", value_and_grads, pass_x, r)

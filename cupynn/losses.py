@@ -37,7 +37,8 @@ def _xp(a):
 def make_loss(loss: str | Callable, target=None) -> LossSpec:
     """Turn the user's ``loss`` argument into a :class:`LossSpec`.
 
-    ``loss`` is ``"sum_squares"``, ``"mse"`` or a callable ``loss(y) -> (value, dL/dy)``;
+    ``loss`` is ``"sum_squares"``, ``"mse"`` or a callable ``loss(y) -> (value, dL/dy)``
+(``cupynn.jax.loss(f)`` / ``cupynn.torch.loss(f)`` make one from a scalar ``f(y)``);
     ``target`` (built-in losses only) is an array shaped like the output, or None (0).
 
     >>> from cupynn.losses import make_loss
@@ -45,6 +46,10 @@ def make_loss(loss: str | Callable, target=None) -> LossSpec:
     ('mse', 'callable')
     """
     if callable(loss):
+        if hasattr(loss, "pass_x") and hasattr(loss, "library"):  # cupynn.<lib>.residual(r)
+            raise TypeError(f"{loss!r} is a residual of the input derivatives (u, du, lap), not a "
+                            "loss of the outputs: pass it to cupynn.residual_value_and_grad, or "
+                            "use cupynn.jax.loss / cupynn.torch.loss for a loss f(y)")
         if target is not None:
             raise ValueError("target= is for the built-in losses; a callable loss closes over its own")
         return LossSpec("callable", None, loss)
@@ -109,7 +114,8 @@ def call_loss(fn, y, array_type):
 
     ``dL/dy`` must be an ``array_type`` (the backend's array class) of ``y``'s shape and
     dtype: it is never cast or moved silently; anything else is an error that says what
-    the callable must return.
+    the callable must return. A callable that returns a JAX scalar (it is written in
+    ``jax.numpy``) is differentiated by JAX, as ``cupynn.jax.loss(fn, jit=False)`` would.
 
     >>> import numpy as np
     >>> from cupynn.losses import call_loss
@@ -118,10 +124,21 @@ def call_loss(fn, y, array_type):
     (2, 1)
     """
     out = fn(y)
+    if not isinstance(out, tuple) and type(out).__module__.split(".")[0] in ("jax", "jaxlib") \
+            and getattr(out, "size", 0) == 1:
+        # a plain callable written in jax.numpy (it returned a JAX scalar for a NumPy/CuPy
+        # y): JAX is the library, no guess involved; differentiated as cupynn.jax.loss(fn)
+        # would, without jit (wrap it yourself to have it compiled once)
+        from . import jax as cupynn_jax
+
+        out = cupynn_jax.loss(fn, jit=False)(y)
     if not isinstance(out, tuple) or len(out) != 2:
         raise TypeError(
             "the loss callable must return a pair (value, dL/dy); got "
-            f"{type(out).__name__}: return the gradient too, e.g. (float((y**2).sum()), 2 * y)"
+            f"{type(out).__name__}. Two ways out: let an autodiff library differentiate it -- "
+            "write it in jax.numpy and pass cupynn.jax.loss(f), or in torch and pass "
+            "cupynn.torch.loss(f) -- or return the gradient too, e.g. "
+            "(float((y**2).sum()), 2 * y)"
         )
     value, g = out
     if not isinstance(g, array_type) or g.shape != y.shape:

@@ -442,8 +442,8 @@ def test_errors_name_what_was_expected(rng):
         cupynn.input_derivatives(big, rng.uniform(size=(2, D.MAX_INPUT_DIM + 1)))
     with pytest.raises(ValueError, match=r"expects x of shape \(batch, 2\), got \(6, 3\)"):
         cupynn.input_derivatives(model, rng.uniform(size=(6, 3)))
-    with pytest.raises(ValueError, match="must be 2-D"):
-        cupynn.input_derivatives(model, np.zeros(2))
+    with pytest.raises(ValueError, match="must be 2-D"):  # input_derivatives takes one point
+        cupynn.residual_value_and_grad(model, np.zeros(2), "poisson")
     with pytest.raises(TypeError, match="float32 but the model is float64"):
         cupynn.input_derivatives(model, x.astype(np.float32))
     with pytest.raises(ValueError, match="order must be 1"):

@@ -335,6 +335,48 @@ class _Partial:
         self.total += other.total
 
 
+def _gradients(st, layers, params, dt, reassociate):
+    """``[(dW, db), ...]`` from the merged per-layer accumulators of a backward pass."""
+    grads = []
+    for l, lay in enumerate(layers):
+        if l == 0 and reassociate:
+            W1 = params[1][0]
+            P = st.p.result((layers[1].N, lay.K + lay.aug), dt)
+            M = W1.T @ P  # (N0, K0 [+1])
+            dW = np.ascontiguousarray(M[:, :lay.K])
+            db = None
+            if lay.bias:
+                db = M[:, lay.K].copy() if lay.aug else (
+                    W1.T @ st.q.result((layers[1].N, 1), dt))[:, 0]
+            grads.append((dW, db))
+            continue
+        M = st.w[l].result((lay.N, lay.K + lay.aug), dt)
+        dW = np.ascontiguousarray(M[:, :lay.K]) if lay.aug or st.w[l].t else M
+        db = None
+        if lay.bias:
+            db = M[:, lay.K].copy() if lay.aug else np.ascontiguousarray(
+                st.b[l].result((lay.N, 1), dt)[:, 0])
+        grads.append((dW, db))
+    return grads
+
+
+# network_forward_saved keeps the outputs of layers with at least this fan-in (cheaper to
+# store and reload than to recompute), up to _SAVE_MAX_BYTES in all; beyond that the
+# backward recomputes the forward chunk by chunk instead.
+_KEEP_MIN_FAN_IN = 128
+_SAVE_MAX_BYTES = 1 << 30
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array on 64-byte aligned memory: what JAX on the CPU
+    reads through DLPack without a copy (``cupynn.jax.loss`` hands it the output ``y``)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(n + 64, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + n].view(dtype).reshape(shape)
+
+
 def _direct_forward(layers, params, x):
     """``(y, inputs, saved)`` of a small batch in one row-major pass: ``inputs[l]`` is layer
     ``l``'s input (``x`` itself for the first), ``saved[l]`` what its derivative reads
@@ -492,13 +534,22 @@ class NumpyBackend(Backend):
         return mats
 
     @staticmethod
-    def _forward_chunk(ws, views, mats, params, xc, y_out=None):
-        """Forward one chunk (``xc``: its rows of x); return the output (n, N_last)."""
+    def _forward_chunk(ws, views, mats, params, xc, y_out=None, restore=None):
+        """Forward one chunk (``xc``: its rows of x); return the output (n, N_last).
+        ``restore``: ``{layer: (out, pre)}`` copied in instead of computing those layers."""
         layers = ws.layers
         for l, lay in enumerate(layers):
             inp, out, pre, _, _ = views[l]
             if lay.last and y_out is not None:
                 out = y_out
+            if restore is not None and l in restore:
+                if lay.first and inp is not None:  # the backward reads the layer's input
+                    np.copyto(inp[:lay.K], xc.T)
+                kept_out, kept_pre = restore[l]
+                np.copyto(out, kept_out)
+                if pre is not None:
+                    np.copyto(pre, kept_pre)
+                continue
             z = pre if lay.save_z else out
             if inp is None:  # the first layer reads x in place
                 a = xc if _blasable(xc) else np.ascontiguousarray(xc)
@@ -526,7 +577,7 @@ class NumpyBackend(Backend):
         work = batch * shape.macs_per_row
         if work < _SMALL_WORK:  # batch 0 included
             return _direct_forward(shape.layers, params, x)[0]
-        y = np.empty((batch, net.out_features), net.dtype)
+        y = _aligned_empty((batch, net.out_features), net.dtype)
         rows = min(shape.chunk_rows, batch)
         lanes = _lanes(batch, rows, work)
         mats = self._weights(shape.layers, params)
@@ -552,6 +603,93 @@ class NumpyBackend(Backend):
         res = self._value_and_grad(net, params, x, loss, need_dx)
         return res if out is None else write_into(out, res)
 
+    def network_forward_saved(self, net: NetSpec, params: Params, x):
+        """``(y, saved)``: the output, and what :meth:`network_backward_saved` needs so that
+        the backward does not run the whole forward again (an autograd framework's forward).
+
+        Per chunk of rows it keeps the outputs (and pre-activations) of the layers that are
+        expensive to recompute -- a fan-in of at least ``_KEEP_MIN_FAN_IN`` -- and nothing of
+        the others: a narrow layer costs a few multiply-adds per element to recompute, less
+        than storing and reloading it (the seed network keeps its 20-wide layer and
+        recomputes its 1000-wide fan-in-1 layer). ``saved`` is None (the backward recomputes
+        everything) for a small batch, or beyond ``_SAVE_MAX_BYTES``."""
+        batch = x.shape[0]
+        shape = _shape_of(net)
+        work = batch * shape.macs_per_row
+        layers = shape.layers
+        keep = [lay.K + lay.aug >= _KEEP_MIN_FAN_IN for lay in layers]
+        per_row = net.dtype.itemsize * sum(lay.N * (1 + lay.save_z)
+                                           for lay, k in zip(layers, keep) if k)
+        if work < _SMALL_WORK or batch * per_row > _SAVE_MAX_BYTES:
+            return self.network_forward(net, params, x), None
+        y = _aligned_empty((batch, net.out_features), net.dtype)
+        rows = min(shape.chunk_rows, batch)
+        lanes = _lanes(batch, rows, work)
+        mats = self._weights(layers, params)
+        ranges = _ranges(batch, rows, -(-batch // rows) if lanes > 1 else 1)
+
+        def group(i):
+            kept = []
+            ws = shape.checkout(rows, True)
+            try:
+                lo, hi = ranges[i]
+                for s in range(lo, hi, rows):
+                    n = min(rows, hi - s)
+                    views = ws.views(n)
+                    y[s:s + n] = self._forward_chunk(ws, views, mats, params, x[s:s + n])
+                    kept.append((s, n, {l: (views[l][1].copy(), None if views[l][2] is None
+                                            else views[l][2].copy())
+                                        for l in range(len(layers)) if keep[l]}))
+            finally:
+                shape.checkin(ws, True)
+            return kept
+
+        with _threads.blas_single_thread():
+            chunks = [c for part in _threads.run_groups(group, len(ranges), lanes) for c in part]
+        return y, (net, x, chunks, rows)
+
+    def network_backward_saved(self, net: NetSpec, params: Params, saved, g, *, need_dx=False):
+        """``(grads, dx)`` of ``L = sum(y * g)`` from :meth:`network_forward_saved`'s state:
+        per chunk the kept layers are restored and only the others recomputed (``saved``
+        must come from the same parameters)."""
+        net_s, x, chunks, rows = saved
+        if net_s is not net:
+            raise ValueError("the saved forward state belongs to another network")
+        batch = x.shape[0]
+        shape = _shape_of(net)
+        layers = shape.layers
+        dt = net.dtype
+        dx = np.empty(x.shape, dt) if need_dx else None
+        reassociate = (len(net.layers) > 1 and not need_dx
+                       and net.layers[0].activation == "identity"
+                       and net.layers[1].out_features < net.layers[0].out_features)
+        mats = self._weights(layers, params)
+        lanes = _lanes(batch, rows, batch * shape.macs_per_row)
+        ranges = _ranges(len(chunks), 1, _groups(batch, rows, lanes, shape.acc_bytes))
+
+        def group(i):
+            ws = shape.checkout(rows, True)
+            st = _Partial(layers, reassociate)
+            try:
+                lo, hi = ranges[i]
+                for s, n, kept in chunks[lo:hi]:
+                    views = ws.views(n)
+                    self._forward_chunk(ws, views, mats, params, x[s:s + n], restore=kept)
+                    gbuf = views[-1][3]
+                    np.copyto(gbuf, g[s:s + n])
+                    self._backward_chunk(ws, views, st, params, x[s:s + n], gbuf, reassociate,
+                                         None if dx is None else dx[s:s + n])
+            finally:
+                shape.checkin(ws, True)
+            return st
+
+        with _threads.blas_single_thread():
+            states = _threads.run_groups(group, len(ranges), lanes)
+        st = states[0]
+        for other in states[1:]:
+            st.merge(other)
+        return _gradients(st, layers, params, dt, reassociate), dx
+
     def _value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, need_dx):
         batch = x.shape[0]
         dt = net.dtype
@@ -560,9 +698,14 @@ class NumpyBackend(Backend):
 
         user_g = None
         if loss.kind == "callable":
-            y_full = self.network_forward(net, params, x)
+            # the forward keeps what the backward needs (network_forward_saved): after the
+            # loss has given dL/dy, the backward does not run the whole forward again
+            y_full, saved = self.network_forward_saved(net, params, x)
             value, user_g = call_loss(loss.fn, y_full, np.ndarray)
             value = np.asarray(value, dtype=dt)
+            if saved is not None:
+                grads, dx = self.network_backward_saved(net, params, saved, user_g, need_dx=need_dx)
+                return value, grads, dx
             two_scale = None
         else:
             scale = loss_scale(loss.kind, batch * net.out_features)
@@ -627,27 +770,7 @@ class NumpyBackend(Backend):
         for other in states[1:]:
             st.merge(other)
 
-        grads = []
-        for l, lay in enumerate(layers):
-            if l == 0 and reassociate:
-                W1 = params[1][0]
-                P = st.p.result((layers[1].N, lay.K + lay.aug), dt)
-                M = W1.T @ P  # (N0, K0 [+1])
-                dW = np.ascontiguousarray(M[:, :lay.K])
-                db = None
-                if lay.bias:
-                    db = M[:, lay.K].copy() if lay.aug else (
-                        W1.T @ st.q.result((layers[1].N, 1), dt))[:, 0]
-                grads.append((dW, db))
-                continue
-            M = st.w[l].result((lay.N, lay.K + lay.aug), dt)
-            dW = np.ascontiguousarray(M[:, :lay.K]) if lay.aug or st.w[l].t else M
-            db = None
-            if lay.bias:
-                db = M[:, lay.K].copy() if lay.aug else np.ascontiguousarray(
-                    st.b[l].result((lay.N, 1), dt)[:, 0])
-            grads.append((dW, db))
-
+        grads = _gradients(st, layers, params, dt, reassociate)
         if user_g is None:
             value = np.asarray(st.total * scale, dtype=dt)
         return value, grads, dx
