@@ -19,7 +19,7 @@ On a Dask cluster (the ``dask`` extra): ``cupynn.dask.value_and_grad(model, X)``
 from . import optim
 from ._config import show_config
 from ._devices import cuda_available
-from ._validate import DeviceMismatchError
+from ._validate import DeviceMismatchError, FileFormatError
 from .activations import ACTIVATIONS
 from .derivatives import input_derivatives, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
@@ -46,6 +46,7 @@ __all__ = [
     "Chain",
     "Dense",
     "DeviceMismatchError",
+    "FileFormatError",
     "MLP",
     "compile",
     "cuda_available",

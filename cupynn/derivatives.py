@@ -41,10 +41,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _threads
 from . import functional as F
 from ._arrays import intake
-from ._validate import check_array
+from ._validate import check_array, check_loss_value, check_real
 from .backends import get_backend
 from .backends.base import taylor_blocks
 
@@ -113,8 +115,11 @@ def _check_x(net: _Net, x, what="x"):
 
 
 def _second_of(order, diag):
-    if order not in (1, 2):
+    if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) \
+            or order not in (1, 2):
         raise ValueError(f"order must be 1 (u, du) or 2 (u, du, and lap or d2), got {order!r}")
+    if not isinstance(diag, (bool, np.bool_)):
+        raise TypeError(f"diag must be True or False, got {diag!r}")
     if diag and order != 2:
         raise ValueError("diag=True gives the second partials: it needs order=2")
     return "none" if order == 1 else ("diagonal" if diag else "laplacian")
@@ -291,11 +296,8 @@ def _check_partials(net: _Net, out, u, du, sec, second):
         if g.dtype != net.dtype:
             raise TypeError(f"the residual function returned {name} of dtype {g.dtype}; the "
                             f"model is {net.dtype}: return it as {net.dtype}")
-    value = net.xp.asarray(out[0])
-    if value.size != 1 or value.ndim > 1:
-        raise ValueError(f"the residual function's value must be a scalar, got shape "
-                         f"{tuple(value.shape)}")
-    return value.reshape(()).astype(net.dtype, copy=False), out[1], out[2], out[3]
+    value = net.xp.asarray(check_loss_value(out[0], net.dtype, "the residual function"))
+    return value.astype(net.dtype, copy=False), out[1], out[2], out[3]
 
 
 def _builtin(net: _Net, kind: str, x, rhs, k):
@@ -305,7 +307,9 @@ def _builtin(net: _Net, kind: str, x, rhs, k):
             f"the {kind!r} residual needs a model with one output (a scalar u); this one has "
             f"{net.m}: pass a callable residual(u, du, lap), which gets u of shape (batch, {net.m})")
     B = x.shape[0]
-    if rhs is not None and not isinstance(rhs, (int, float)):
+    if isinstance(rhs, (bool, int, float, np.bool_, np.integer, np.floating)):
+        rhs = check_real(rhs, "rhs")
+    elif rhs is not None:
         rhs = intake(rhs, what="rhs", device=net.device, dtype=net.dtype)
         check_array(rhs, what="rhs", device=net.device, dtype=net.dtype, ndim=(1,))
         if rhs.shape[0] != B:
@@ -314,7 +318,7 @@ def _builtin(net: _Net, kind: str, x, rhs, k):
     if kind == "helmholtz":
         if k is None:
             raise ValueError("the 'helmholtz' residual needs the wave number: k=...")
-        k2 = float(k) ** 2
+        k2 = check_real(k, "k (the wave number)") ** 2
     else:
         if k is not None:
             raise ValueError("k= is for the 'helmholtz' residual")

@@ -24,7 +24,7 @@ import numpy as np
 
 from ._arrays import intake
 from ._devices import array_device
-from ._validate import as_float_dtype, check_array, check_precision
+from ._validate import as_float_dtype, check_array, check_int, check_out_array, check_precision, check_writeable
 from .activations import get_activation
 from .backends import get_backend
 from .backends.base import (
@@ -36,7 +36,9 @@ from .backends.base import (
     OptimizerState,
     taylor_blocks,
 )
-from .losses import loss_backward, loss_forward, make_loss
+from .losses import BUILTIN_LOSSES, make_loss
+from .losses import loss_backward as _loss_backward
+from .losses import loss_forward as _loss_forward
 
 __all__ = [
     "forward",
@@ -133,16 +135,17 @@ def _intake_loss(loss, device, dtype):
     return fn
 
 
-def _check_target(model, net, x2, target):
-    """Check a built-in loss's ``target`` against the 2-D batch ``x2``; return it 2-D."""
+def _check_target(model, net, x, target):
+    """The one rule for a built-in loss's ``target``: an array of the model's dtype and device
+    with exactly the shape of ``model(x)`` -- ``(batch, out)`` for a 2-D ``x``, ``(out,)``
+    for one sample -- never broadcast. Returns it 2-D (``(1, out)`` for one sample)."""
     target = intake(target, what="target", device=model.device, dtype=model.dtype)
-    out_shape = (x2.shape[0], net.out_features)
+    single = x.ndim == 1
+    out_shape = (net.out_features,) if single else (x.shape[0], net.out_features)
     check_array(target, what="target", device=model.device, dtype=model.dtype, ndim=(1, 2))
-    if target.ndim == 1 and x2.shape[0] == 1:
-        target = target.reshape(1, -1)
     if tuple(target.shape) != out_shape:
-        raise _target_shape_error(tuple(target.shape), out_shape, single=False)
-    return target
+        raise _target_shape_error(tuple(target.shape), out_shape, single=single)
+    return target.reshape(1, -1) if single else target
 
 
 def _target_shape_error(got: tuple, out_shape: tuple, *, single: bool) -> ValueError:
@@ -176,21 +179,58 @@ def forward(model, x):
     return y.reshape(-1) if single else y
 
 
-def _out_pairs(model, out, wrt_input, single):
-    """``out`` of value_and_grad as the backend's ``(value, [(dW, db)], dx)``."""
-    if not isinstance(out, tuple) or len(out) != (3 if wrt_input else 2):
+def _out_pairs(model, out, wrt_input, single, x, target):
+    """``out`` of value_and_grad as the backend's ``(value, [(dW, db)], dx)``, every array
+    checked before anything is computed or written: exactly the result's dtype, device and
+    shape (no cast, no broadcast), writeable, and sharing no memory with the model's
+    parameters, ``x``, ``target`` or one another."""
+    n = 3 if wrt_input else 2
+    if not isinstance(out, tuple) or len(out) != n:
         raise TypeError(
             "out= must be what an earlier value_and_grad call with the same arguments returned: "
-            f"a tuple (value, grads{', dx' if wrt_input else ''})"
-        )
+            f"a tuple (value, grads{', dx' if wrt_input else ''}), got "
+            f"{type(out).__name__}{f' of length {len(out)}' if isinstance(out, tuple) else ''}")
     value, grads = out[0], out[1]
     dx = out[2] if wrt_input else None
+    layers = model._dense_layers()
+    want = model.parameters()
+    if isinstance(want, dict) != isinstance(grads, dict) or (
+            not isinstance(grads, dict) and not isinstance(grads, (list, tuple))):
+        raise TypeError(f"out= gradients must be shaped like model.parameters() (a "
+                        f"{type(want).__name__}), got {type(grads).__name__}")
     items = [grads] if isinstance(grads, dict) else list(grads)
-    pairs = []
-    for i, g in enumerate(items):
-        if not isinstance(g, dict) or "weight" not in g:
+    if len(items) != len(layers):
+        raise ValueError(f"out= gradients have {len(items)} layers; the model has {len(layers)}")
+    dev, dt = model.device, model.dtype
+    check_out_array(value, what="out= value", device=dev, dtype=dt, shape=())
+    pairs, arrays = [], [("out= value", value)]
+    for i, (g, layer) in enumerate(zip(items, layers)):
+        if not isinstance(g, dict) or "weight" not in g or set(g) - {"weight", "bias"}:
             raise TypeError(f"out= gradients of layer {i} must be a dict with 'weight' (and 'bias')")
-        pairs.append((g["weight"], g.get("bias")))
+        gw, gb = g["weight"], g.get("bias")
+        check_out_array(gw, what=f"out= gradient of layer {i} weight", device=dev, dtype=dt,
+                        shape=tuple(layer.weight.shape))
+        arrays.append((f"out= gradient of layer {i} weight", gw))
+        if (gb is None) != (layer.bias is None):
+            raise ValueError(f"out= gradient of layer {i} bias: expected "
+                             f"{'None' if layer.bias is None else 'an array'}")
+        if gb is not None:
+            check_out_array(gb, what=f"out= gradient of layer {i} bias", device=dev, dtype=dt,
+                            shape=tuple(layer.bias.shape))
+            arrays.append((f"out= gradient of layer {i} bias", gb))
+        pairs.append((gw, gb))
+    if wrt_input:
+        check_out_array(dx, what="out= dx", device=dev, dtype=dt, shape=tuple(x.shape))
+        arrays.append(("out= dx", dx))
+    xp = get_backend(dev).xp
+    inputs = [(f"{layer._label(i)} {k}", a) for i, layer in enumerate(layers)
+              for k, a in (("weight", layer.weight), ("bias", layer.bias)) if a is not None]
+    inputs += [("x", x)] + ([("target", target)] if target is not None else [])
+    for j, (name, a) in enumerate(arrays):
+        for other, b in inputs + arrays[j + 1:]:
+            if xp.may_share_memory(a, b):
+                raise ValueError(f"{name} shares memory with {other}: out= takes the arrays an "
+                                 "earlier value_and_grad call returned, which nothing else uses")
     if dx is not None and single:
         dx = dx.reshape(1, -1)
     return value, pairs, dx
@@ -229,19 +269,13 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     >>> v, g = cupynn.value_and_grad(m, np.zeros((5, 1)), out=(v, g))   # reuses v and g
     """
     layers, net, params, backend = _model_parts(model)
+    if not isinstance(wrt_input, (bool, np.bool_)):
+        raise TypeError(f"wrt_input must be True or False, got {wrt_input!r}")
     x = intake(x, what="x", device=model.device, dtype=model.dtype)
-    if target is not None:
-        target = intake(target, what="target", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
     spec = make_loss(_intake_loss(loss, model.device, model.dtype), target)
     if spec.target is not None:
-        out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
-        check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
-                    ndim=(spec.target.ndim,) if hasattr(spec.target, "ndim") else (len(out_shape),))
-        if tuple(spec.target.shape) != out_shape:
-            raise _target_shape_error(tuple(spec.target.shape), out_shape, single=single)
-        if single:
-            spec = type(spec)(spec.kind, spec.target.reshape(1, -1), None)
+        spec = type(spec)(spec.kind, _check_target(model, net, x, spec.target), None)
     if spec.kind == "callable" and single:
         fn = spec.fn
 
@@ -252,7 +286,7 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
             return out  # the backend's check says what is wrong with it
 
         spec = type(spec)("callable", None, fn2d)
-    dest = None if out is None else _out_pairs(model, out, wrt_input, single)
+    dest = None if out is None else _out_pairs(model, out, wrt_input, single, x, spec.target)
     value, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input,
                                                       out=dest)
     grads = model._grads_like_parameters(pairs) if out is None else out[1]
@@ -278,10 +312,13 @@ def execution_path(model, batch: int, *, loss="sum_squares", wrt_input=False, ki
     'numpy'
     """
     _layers, net, _params, backend = _model_parts(model)
+    batch = check_int(batch, "batch (the number of rows)", minimum=0)
     if kind not in ("grad", "value", "forward"):
         raise ValueError(f"kind must be 'grad', 'value' or 'forward', got {kind!r}")
+    if not isinstance(wrt_input, (bool, np.bool_)):
+        raise TypeError(f"wrt_input must be True or False, got {wrt_input!r}")
     spec = None if kind == "forward" else make_loss(loss)
-    return backend.execution_path(net, int(batch), mode=kind, need_dx=bool(wrt_input), loss=spec)
+    return backend.execution_path(net, batch, mode=kind, need_dx=bool(wrt_input), loss=spec)
 
 
 def vjp(model, x, g, *, wrt_input=True):
@@ -434,6 +471,57 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
                                   precision=ctx.precision)
 
 
+# -- the built-in losses on their own ------------------------------------------------
+
+def _check_loss_args(y, loss, target):
+    """``(y, target)`` of :func:`loss_forward` / :func:`loss_backward`, checked."""
+    if not isinstance(loss, str) or loss not in BUILTIN_LOSSES:
+        raise ValueError(f"loss must be one of {BUILTIN_LOSSES}, got {loss!r}")
+    y = intake(y, what="y")
+    device = array_device(y)
+    if device is None:
+        raise TypeError(f"y must be a NumPy or CuPy array of dtype float32 or float64, got "
+                        f"{type(y).__name__}")
+    dtype = as_float_dtype(y.dtype)
+    if target is not None:
+        target = intake(target, what="target", device=device, dtype=dtype)
+        check_array(target, what="target", device=device, dtype=dtype, ndim=(y.ndim,))
+        if tuple(target.shape) != tuple(y.shape):
+            raise ValueError(f"target must have y's shape {tuple(y.shape)} (it is never "
+                             f"broadcast), got {tuple(target.shape)}")
+    return y, target
+
+
+def loss_forward(y, loss, target=None):
+    """The built-in loss ``loss`` (``"sum_squares"`` or ``"mse"``) of the output ``y``.
+
+    ``sum((y - target)**2)`` (``target`` None means 0), divided by ``y.size`` for ``"mse"``;
+    a 0-d array of ``y``'s dtype on its device. ``y`` is a float32/float64 array, ``target``
+    exactly ``y``'s shape, dtype and device (never cast or broadcast).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> F.loss_forward(np.array([[1.0, 2.0]]), "mse")
+    array(2.5)
+    """
+    y, target = _check_loss_args(y, loss, target)
+    return _loss_forward(y, loss, target)
+
+
+def loss_backward(y, loss, target=None):
+    """``dL/dy = 2 (y - target) * scale`` of the built-in loss ``loss`` (``scale`` 1, or
+    ``1 / y.size`` for ``"mse"``): a new array shaped like ``y``. Arguments as for
+    :func:`loss_forward`.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> F.loss_backward(np.array([[1.0, 2.0]]), "sum_squares", np.array([[1.0, 0.0]]))
+    array([[0., 4.]])
+    """
+    y, target = _check_loss_args(y, loss, target)
+    return _loss_backward(y, loss, target)
+
+
 # -- the forward Laplacian's elementwise step (cupynn.derivatives) --------------------
 
 def _check_stack(what, a, device, dtype, shape):
@@ -528,6 +616,7 @@ def _check_param_list(params, labels, what="parameter"):
         check_array(a, what=label, device=device, dtype=dtype, ndim=(getattr(a, "ndim", 0),))
         if not a.flags.c_contiguous:
             raise ValueError(f"{label} must be C-contiguous: pass xp.ascontiguousarray(...)")
+        check_writeable(a, f"the parameter {label}")
     return device, dtype
 
 
@@ -594,7 +683,28 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
         if not g.flags.c_contiguous:
             raise ValueError(f"{what} is not C-contiguous: pass xp.ascontiguousarray(g) "
                              "(cupynn does not copy silently)")
-    get_backend(device).optimizer_step(state, tuple(hyper), list(params), list(grads))
+    for i, g in enumerate(grads):
+        for j, p in enumerate(params):
+            if get_backend(device).xp.may_share_memory(g, p):
+                raise ValueError(f"the gradient of {labels[i]} shares memory with the parameter "
+                                 f"{labels[j]}: pass the gradients value_and_grad returned")
+    backend = get_backend(device)
+    if device != "cpu":  # one kernel launch: a launch that fails has written nothing
+        backend.optimizer_step(state, tuple(hyper), list(params), list(grads))
+        return
+    # On the CPU the update is many in-place NumPy calls: keep what it overwrites, and put
+    # it back if anything fails half-way (MemoryError, KeyboardInterrupt), so that a step
+    # either happens whole or not at all.
+    kept = [p.copy() for p in params] + [b.copy() for bufs in state.buffers.values() for b in bufs]
+    step = backend.optimizer_get_step(state)
+    try:
+        backend.optimizer_step(state, tuple(hyper), list(params), list(grads))
+    except BaseException:
+        targets = list(params) + [b for bufs in state.buffers.values() for b in bufs]
+        for dst, src in zip(targets, kept):
+            dst[...] = src
+        backend.optimizer_set_step(state, step)
+        raise
 
 
 def optimizer_sync(state: OptimizerState, hyper: tuple, params) -> None:
@@ -632,6 +742,5 @@ def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
     >>> F.optimizer_get_step(state, [W])
     7
     """
-    if int(n) != n or n < 0:
-        raise ValueError(f"the step count must be a non-negative integer, got {n!r}")
-    get_backend(array_device(params[0])).optimizer_set_step(state, int(n))
+    n = check_int(n, "the step count", minimum=0)
+    get_backend(array_device(params[0])).optimizer_set_step(state, n)

@@ -33,7 +33,8 @@ Semantics (what a captured graph implies):
   kernels, warming the memory pool) and captures it without running it, so every
   call is exactly one step.
 * On the CPU backend, ``compile`` returns a plain wrapper with the same call
-  signature (``value_and_grad``, then ``optimizer.step``). On the CPU emulator of
+  signature and the same checks (``value_and_grad``, then ``optimizer.step``; a model
+  whose parameters were rebound raises there too). On the CPU emulator of
   the CUDA backend the capture records the launches instead (the same host code,
   minus the CUDA graph), and a call replays them.
 """
@@ -99,12 +100,14 @@ class CompiledStep:
 
         x = intake(x, what="x", device=self.model.device, dtype=self.model.dtype)
         x2, _single = _check_batch(self.model, self._layers, x)
-        return x2
+        return x, x2
 
-    def _check_target(self, x2, target):
+    def _check_target(self, x, target):
+        """``target`` 2-D, checked by the one rule (``functional._check_target``): the shape
+        of ``model(x)``."""
         from .functional import _check_target
 
-        return _check_target(self.model, self._net, x2, target)
+        return _check_target(self.model, self._net, x, target)
 
     # -- the CUDA path: capture once per shape, then replay ------------------------------
     def _capture(self, x, target, what: str):
@@ -187,6 +190,7 @@ class CompiledStep:
         """
         from .functional import value_and_grad
 
+        self._check_bound()
         if not self._graph_path():
             t = self._target if target is None else target
             value, grads = value_and_grad(self.model, x, self._loss, target=t)
@@ -194,10 +198,9 @@ class CompiledStep:
                 return value, grads
             self.optimizer.step(grads)
             return value
-        self._check_bound()
-        x2 = self._check(x)
+        x, x2 = self._check(x)
         if target is not None:
-            target = self._check_target(x2, target)
+            target = self._check_target(x, target)
         if self.optimizer is not None:
             return self._replay(x2, target, "train")[0]
         value, pairs = self._replay(x2, target, "grad")
@@ -206,16 +209,18 @@ class CompiledStep:
     def forward(self, x, target=None):
         """The loss value only (forward pass with the loss fused), from a static buffer.
         Never updates the parameters, with or without an optimizer."""
-        if not self._graph_path():
-            from .functional import forward
-            from .losses import loss_forward
-
-            t = self._target if target is None else target
-            return loss_forward(forward(self.model, x), self._spec.kind, t)
         self._check_bound()
-        x2 = self._check(x)
+        if not self._graph_path():
+            from .functional import forward, loss_forward
+
+            x, x2 = self._check(x)
+            t = self._target if target is None else target
+            if t is not None:
+                t = self._check_target(x, t)
+            return loss_forward(forward(self.model, x2), self._spec.kind, t)
+        x, x2 = self._check(x)
         if target is not None:
-            target = self._check_target(x2, target)
+            target = self._check_target(x, target)
         return self._replay(x2, target, "forward")[0]
 
 

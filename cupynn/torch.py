@@ -67,6 +67,26 @@ def _tensor(a) -> torch.Tensor:
     return torch.from_dlpack(a)
 
 
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, with a lazy negation or conjugation applied (a copy only then): torch's
+    autograd hands such views to a backward (the gradient of ``-y``), and cupynn reads memory."""
+    return t.detach().resolve_neg().resolve_conj()
+
+
+def _check_writeable_params(model) -> None:
+    """Refuse arrays torch's optimizers could not write in place: a read-only NumPy array (a
+    read-only ``np.memmap`` held by ``Dense.from_arrays(..., copy=False)``) would be written
+    anyway through DLPack -- or crash the process."""
+    for i, layer in enumerate(_layers(model)):
+        for k, a in (("weight", layer.weight), ("bias", layer.bias)):
+            flags = getattr(a, "flags", None)
+            if flags is not None and not getattr(flags, "writeable", True):
+                raise ValueError(
+                    f"layer {i} {k} is a read-only array (e.g. a read-only np.memmap held with "
+                    "Dense.from_arrays(..., copy=False)), and torch's optimizers write Parameters "
+                    "in place: build the layer with copy=True, or from a writeable array")
+
+
 def _layers(model) -> list[Dense]:
     return list(model.layers) if isinstance(model, Chain) else [model]
 
@@ -82,7 +102,7 @@ class _Backward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, x, model, need_dx, *params):
         with _stream(x.device):
-            grads, dx = functional.vjp(model, x.detach(), g.detach(), wrt_input=need_dx)
+            grads, dx = functional.vjp(model, _resolved(x), _resolved(g), wrt_input=need_dx)
         grads = grads if isinstance(grads, list) else [grads]
         flat = [_tensor(arr) for gr in grads for arr in (gr["weight"], gr["bias"]) if arr is not None]
         return tuple(([_tensor(dx)] if need_dx else []) + flat)
@@ -102,7 +122,7 @@ class _Apply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, model, *params):
-        xa = intake(x.detach(), what="x", device=model.device, dtype=model.dtype)
+        xa = intake(_resolved(x), what="x", device=model.device, dtype=model.dtype)
         with _stream(x.device):
             y = functional.forward(model, xa)
         ctx.model = model
@@ -141,6 +161,7 @@ class Module(torch.nn.Module):
         if not isinstance(model, (Dense, Chain)):
             raise TypeError(f"cupynn.torch.Module wraps a cupynn Dense or Chain, got "
                             f"{type(model).__name__}")
+        _check_writeable_params(model)
         self._model = model
         self.layers = torch.nn.ModuleList()
         for layer in _layers(model):
