@@ -130,7 +130,29 @@ def blas_limiter(n: int):
     owner of the limit while they run; this is for a whole process's setting (a benchmark's
     worker)."""
     ctl = _blas_controller()
-    return None if ctl is None else ctl.limit(limits=n)
+    if ctl is None:
+        return None
+    _release_blas_ownership()
+    limiter = ctl.limit(limits=n)
+    _release_blas_ownership()
+    return limiter
+
+
+def _release_blas_ownership() -> None:
+    """Let the next thread set OpenBLAS's limit. threadpoolctl (3.5+) lets only the first
+    thread that set a limit on a pthreads OpenBLAS set it again -- other threads' calls
+    silently do nothing -- until that ownership is cleared, which its ``with`` blocks do and
+    a limiter kept across threads (ours) must do itself: else a call from a second thread
+    runs BLAS at full width under another call's loop, or cannot restore the limit."""
+    import threadpoolctl  # noqa: PLC0415 - present: the controller exists
+
+    clear = getattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread",
+                    None)
+    if clear is not None:
+        try:
+            clear(force=True)
+        except TypeError:  # an older threadpoolctl without force=
+            clear()
 
 
 _HOLD_LOCK = threading.Lock()
@@ -160,7 +182,9 @@ def blas_single_thread():
             _HOLDERS -= 1
             if _HOLDERS == 0 and _HELD is not None:
                 held, _HELD = _HELD, None
+                _release_blas_ownership()  # the last to leave may be another thread
                 held.restore_original_limits()
+                _release_blas_ownership()
 
 
 def blas_holders() -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from ._arrays import intake
 from ._validate import check_writeable
 from .backends import get_backend
-from .functional import value_and_grad
+from .functional import _check_distinct, value_and_grad
 from .losses import make_loss
 
 __all__ = ["num_parameters", "get_flat", "set_flat", "flat_value_and_grad"]
@@ -100,17 +100,20 @@ def _checked_theta(model, theta, arrays) -> np.ndarray:
     if theta.shape != (n,):
         raise ValueError(f"theta must have shape ({n},) (every weight and bias of the model), "
                          f"got {theta.shape}")
+    labels = []
     for i, layer in enumerate(model._dense_layers()):
         for k, a in (("weight", layer.weight), ("bias", layer.bias)):
             if a is not None:
                 check_writeable(a, f"{layer._label(i)} {k}")
+                labels.append(f"{layer._label(i)} {k}")
+    _check_distinct(arrays, labels)
     host = np.ascontiguousarray(theta, dtype=model.dtype)
     if host.dtype != theta.dtype:  # float64 -> float32: the one rounding, never an overflow
         with np.errstate(over="ignore"):
             overflow = np.isfinite(theta) & ~np.isfinite(host)
         if overflow.any():
             i = int(np.flatnonzero(overflow)[0])
-            raise ValueError(f"theta[{i}] = {theta[i]!r} is out of the {model.dtype} model's range "
+            raise ValueError(f"theta[{i}] = {float(theta[i])!r} is out of the {model.dtype} model's range "
                              f"(it would become {host[i]}): {int(overflow.sum())} entries overflow")
     return host
 

@@ -485,7 +485,7 @@ def _check_loss_args(y, loss, target):
     dtype = as_float_dtype(y.dtype)
     if target is not None:
         target = intake(target, what="target", device=device, dtype=dtype)
-        check_array(target, what="target", device=device, dtype=dtype, ndim=(y.ndim,))
+        check_array(target, what="target", device=device, dtype=dtype, ndim=(target.ndim,))
         if tuple(target.shape) != tuple(y.shape):
             raise ValueError(f"target must have y's shape {tuple(y.shape)} (it is never "
                              f"broadcast), got {tuple(target.shape)}")
@@ -607,6 +607,7 @@ def _check_param_list(params, labels, what="parameter"):
     """(device, dtype) shared by every array of ``params``; raise on the first that differs."""
     if len(params) == 0:
         raise ValueError("an optimizer needs at least one parameter array")
+    params = list(params)
     first = params[0]
     device = array_device(first)
     if device is None:
@@ -617,7 +618,23 @@ def _check_param_list(params, labels, what="parameter"):
         if not a.flags.c_contiguous:
             raise ValueError(f"{label} must be C-contiguous: pass xp.ascontiguousarray(...)")
         check_writeable(a, f"the parameter {label}")
+    _check_distinct(params, labels)
     return device, dtype
+
+
+def _check_distinct(arrays, labels) -> None:
+    """Refuse a parameter list holding one array twice (a layer used twice in a Chain): an
+    update or a flat vector would write it twice with different values."""
+    if len(arrays) < 2:
+        return
+    xp = get_backend(array_device(arrays[0])).xp
+    for i, a in enumerate(arrays):
+        for j in range(i + 1, len(arrays)):
+            if xp.may_share_memory(a, arrays[j]):
+                raise ValueError(
+                    f"{labels[i]} and {labels[j]} are the same memory (a layer used twice in a "
+                    "Chain, or layers built on one array): an update or a flat vector would write "
+                    "it twice; share weights by adding the two gradients yourself, or copy the layer")
 
 
 def optimizer_state(kind: str, params, labels, buffers: tuple[str, ...]) -> OptimizerState:
