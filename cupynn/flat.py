@@ -107,10 +107,10 @@ def _checked_theta(model, theta, arrays) -> np.ndarray:
                 check_writeable(a, f"{layer._label(i)} {k}")
                 labels.append(f"{layer._label(i)} {k}")
     _check_distinct(arrays, labels)
-    host = np.ascontiguousarray(theta, dtype=model.dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as an error
+        host = np.ascontiguousarray(theta, dtype=model.dtype)
     if host.dtype != theta.dtype:  # float64 -> float32: the one rounding, never an overflow
-        with np.errstate(over="ignore"):
-            overflow = np.isfinite(theta) & ~np.isfinite(host)
+        overflow = np.isfinite(theta) & ~np.isfinite(host)
         if overflow.any():
             i = int(np.flatnonzero(overflow)[0])
             raise ValueError(f"theta[{i}] = {float(theta[i])!r} is out of the {model.dtype} model's range "

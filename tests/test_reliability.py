@@ -189,7 +189,7 @@ def test_residual_value_is_checked(rng):
     x = rng.standard_normal((5, 2))
     for value, exc in [(None, TypeError), (np.ones(3), ValueError), (1j, TypeError)]:
         with pytest.raises(exc, match="the residual function"):
-            cupynn.residual_value_and_grad(model, x, lambda u, du, lap: (value, None, None, None))
+            cupynn.residual_value_and_grad(model, x, lambda u, du, lap, *, v=value: (v, None, None, None))
 
 
 def test_out_is_checked_before_anything_is_written(model, rng):
