@@ -318,7 +318,10 @@ def _builtin(net: _Net, kind: str, x, rhs, k):
     if kind == "helmholtz":
         if k is None:
             raise ValueError("the 'helmholtz' residual needs the wave number: k=...")
-        k2 = check_real(k, "k (the wave number)") ** 2
+        k = check_real(k, "k (the wave number)")
+        if abs(k) > np.sqrt(np.finfo(net.dtype).max):
+            raise ValueError(f"k (the wave number) = {k!r} is too large: k**2 overflows {net.dtype}")
+        k2 = k * k
     else:
         if k is not None:
             raise ValueError("k= is for the 'helmholtz' residual")
