@@ -116,8 +116,8 @@ def check_loss_value(value, dtype: np.dtype, who: str):
     if isinstance(value, (int, float)) or (shape == () and kind in ("f", "i", "u")):
         return value
     if shape is not None and shape != () and kind in ("f", "i", "u", "c"):
-        raise ValueError(f"{who} returned a value of shape {tuple(shape)}; the loss is a scalar: "
-                         "sum it (e.g. ((y - t)**2).sum()), or return one number")
+        raise ValueError(f"{who} returned a value of shape {tuple(shape)}; its value must be a "
+                         "scalar: sum it (e.g. ((y - t)**2).sum()), or return one number")
     if isinstance(value, complex) or kind == "c":
         raise TypeError(f"{who} returned the complex value {value!r}; the loss must be real "
                         "(cupynn never drops an imaginary part silently)")
