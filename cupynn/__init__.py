@@ -25,7 +25,7 @@ from .derivatives import input_derivatives, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
 from .graph import compile
-from .io import load
+from .io import load, save
 from .layers import MLP, Chain, Dense
 
 __version__ = "0.1.0"
@@ -58,6 +58,7 @@ __all__ = [
     "num_parameters",
     "optim",
     "residual_value_and_grad",
+    "save",
     "set_flat",
     "show_config",
     "value_and_grad",

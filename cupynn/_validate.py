@@ -12,7 +12,8 @@ import numpy as np
 from ._devices import array_device
 
 __all__ = ["DeviceMismatchError", "FileFormatError", "as_float_dtype", "check_array", "check_precision",
-           "check_int", "check_real", "check_writeable", "check_out_array", "PRECISIONS"]
+           "check_int", "check_real", "check_writeable", "check_out_array", "first_overlap",
+           "PRECISIONS"]
 
 PRECISIONS = ("strict", "tf32", "3xtf32")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -139,9 +140,71 @@ def _var(what: str) -> str:
     return what if what.isidentifier() else "a"
 
 
+def _extent(a):
+    """``(first byte, one past the last byte)`` an array's elements span, or None when empty."""
+    if a.size == 0:
+        return None
+    if type(a).__module__.startswith("cupy"):
+        lo = hi = a.data.ptr
+    else:
+        lo = hi = a.__array_interface__["data"][0]
+    for n, s in zip(a.shape, a.strides):
+        if s < 0:
+            lo += s * (n - 1)
+        else:
+            hi += s * (n - 1)
+    return lo, hi + a.itemsize
+
+
+def _owner(a):
+    """The array that owns ``a``'s memory when that is known (the end of its chain of
+    ``base`` arrays, owning its data), else None (memory from a buffer, DLPack, a memmap)."""
+    while True:
+        base = a.base
+        if base is None:
+            flags = getattr(a, "flags", None)
+            return a if flags is not None and flags.owndata else None
+        if not hasattr(base, "base") or not hasattr(base, "shape"):
+            return None  # a buffer object: the owner is not an array
+        a = base
+
+
+def first_overlap(written, others=()):
+    """The first pair of names ``(a, b)`` whose arrays' memory overlaps, with ``a`` from
+    ``written`` (``[(name, array)]``, which cupynn is about to write) and ``b`` from
+    ``written`` or ``others``; None when there is none. Arrays of different owners never
+    overlap, so only arrays of one owner (or of an unknown one) are compared, by address
+    range (as ``np.may_share_memory``)."""
+    items = [(n, a, True) for n, a in written if a is not None]
+    items += [(n, a, False) for n, a in others if a is not None]
+    groups: dict = {}
+    unknown = []
+    for i, (_, a, _) in enumerate(items):
+        owner = _owner(a)
+        if owner is None:
+            unknown.append(i)
+        else:
+            groups.setdefault(id(owner), []).append(i)
+    pairs = [(g[i], g[j]) for g in groups.values() if len(g) > 1
+             for i in range(len(g)) for j in range(i + 1, len(g))]
+    pairs += [(min(i, j), max(i, j)) for i in unknown for j in range(len(items)) if j != i
+              and (j not in unknown or j > i)]
+    for i, j in sorted(pairs):
+        (na, a, wa), (nb, b, wb) = items[i], items[j]
+        if not (wa or wb):
+            continue
+        ea, eb = _extent(a), _extent(b)
+        if ea is not None and eb is not None and ea[0] < eb[1] and eb[0] < ea[1]:
+            return (na, nb) if wa else (nb, na)
+    return None
+
+
 def check_out_array(a, *, what: str, device: str, dtype: np.dtype, shape: tuple) -> None:
     """An array an ``out=`` argument asks cupynn to overwrite: exactly the result's device,
     dtype and shape (no cast, no broadcast), and writeable."""
+    if isinstance(a, np.ndarray) and type(a) is not np.ndarray:
+        raise TypeError(f"{what} is a {type(a).__name__}; out= arrays are plain arrays (what an "
+                        "earlier call returned): a mask or a matrix type would not describe the result")
     check_array(a, what=what, device=device, dtype=dtype, ndim=(len(shape),))
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{what} must have the result's shape {tuple(shape)}, got "

@@ -24,7 +24,15 @@ import numpy as np
 
 from ._arrays import intake
 from ._devices import array_device
-from ._validate import as_float_dtype, check_array, check_int, check_out_array, check_precision, check_writeable
+from ._validate import (
+    as_float_dtype,
+    check_array,
+    check_int,
+    check_out_array,
+    check_precision,
+    check_writeable,
+    first_overlap,
+)
 from .activations import get_activation
 from .backends import get_backend
 from .backends.base import (
@@ -222,15 +230,16 @@ def _out_pairs(model, out, wrt_input, single, x, target):
     if wrt_input:
         check_out_array(dx, what="out= dx", device=dev, dtype=dt, shape=tuple(x.shape))
         arrays.append(("out= dx", dx))
-    xp = get_backend(dev).xp
-    inputs = [(f"{layer._label(i)} {k}", a) for i, layer in enumerate(layers)
+    inputs = [((i, k), a) for i, layer in enumerate(layers)  # named only on an error
               for k, a in (("weight", layer.weight), ("bias", layer.bias)) if a is not None]
     inputs += [("x", x)] + ([("target", target)] if target is not None else [])
-    for j, (name, a) in enumerate(arrays):
-        for other, b in inputs + arrays[j + 1:]:
-            if xp.may_share_memory(a, b):
-                raise ValueError(f"{name} shares memory with {other}: out= takes the arrays an "
-                                 "earlier value_and_grad call returned, which nothing else uses")
+    clash = first_overlap(arrays, inputs)
+    if clash is not None:
+        other = clash[1]
+        if isinstance(other, tuple):
+            other = f"{layers[other[0]]._label(other[0])} {other[1]}"
+        raise ValueError(f"{clash[0]} shares memory with {other}: out= takes the arrays an "
+                         "earlier value_and_grad call returned, which nothing else uses")
     if dx is not None and single:
         dx = dx.reshape(1, -1)
     return value, pairs, dx
@@ -625,16 +634,12 @@ def _check_param_list(params, labels, what="parameter"):
 def _check_distinct(arrays, labels) -> None:
     """Refuse a parameter list holding one array twice (a layer used twice in a Chain): an
     update or a flat vector would write it twice with different values."""
-    if len(arrays) < 2:
-        return
-    xp = get_backend(array_device(arrays[0])).xp
-    for i, a in enumerate(arrays):
-        for j in range(i + 1, len(arrays)):
-            if xp.may_share_memory(a, arrays[j]):
-                raise ValueError(
-                    f"{labels[i]} and {labels[j]} are the same memory (a layer used twice in a "
-                    "Chain, or layers built on one array): an update or a flat vector would write "
-                    "it twice; share weights by adding the two gradients yourself, or copy the layer")
+    clash = first_overlap(list(zip(labels, arrays)))
+    if clash is not None:
+        raise ValueError(
+            f"{clash[0]} and {clash[1]} are the same memory (a layer used twice in a Chain, or "
+            "layers built on one array): an update or a flat vector would write it twice; share "
+            "weights by adding the two gradients yourself, or copy the layer")
 
 
 def optimizer_state(kind: str, params, labels, buffers: tuple[str, ...]) -> OptimizerState:
@@ -700,26 +705,31 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
         if not g.flags.c_contiguous:
             raise ValueError(f"{what} is not C-contiguous: pass xp.ascontiguousarray(g) "
                              "(cupynn does not copy silently)")
-    for i, g in enumerate(grads):
-        for j, p in enumerate(params):
-            if get_backend(device).xp.may_share_memory(g, p):
-                raise ValueError(f"the gradient of {labels[i]} shares memory with the parameter "
-                                 f"{labels[j]}: pass the gradients value_and_grad returned")
+    clash = first_overlap(list(zip(labels, params)), list(zip(labels, grads)))
+    if clash is not None:
+        raise ValueError(f"the parameter {clash[0]} shares memory with the gradient of {clash[1]}: "
+                         "pass the gradients value_and_grad returned")
     backend = get_backend(device)
     if device != "cpu":  # one kernel launch: a launch that fails has written nothing
         backend.optimizer_step(state, tuple(hyper), list(params), list(grads))
         return
-    # On the CPU the update is many in-place NumPy calls: keep what it overwrites, and put
-    # it back if anything fails half-way (MemoryError, KeyboardInterrupt), so that a step
-    # either happens whole or not at all.
-    kept = [p.copy() for p in params] + [b.copy() for bufs in state.buffers.values() for b in bufs]
+    # On the CPU the update is many in-place NumPy calls: keep what it overwrites (in
+    # buffers made once per optimizer: no allocation per step), and put it back if anything
+    # fails half-way (an interrupt, an error the user's np.seterr asked for), so that a step
+    # happens whole or not at all.
+    targets = list(params) + [b for bufs in state.buffers.values() for b in bufs]
+    kept = getattr(state, "_step_copies", None)  # kept with the state, made on the first step
+    if kept is None or len(kept) != len(targets):
+        kept = [np.empty_like(a) for a in targets]
+        state._step_copies = kept
+    for dst, src in zip(kept, targets):
+        np.copyto(dst, src)
     step = backend.optimizer_get_step(state)
     try:
         backend.optimizer_step(state, tuple(hyper), list(params), list(grads))
     except BaseException:
-        targets = list(params) + [b for bufs in state.buffers.values() for b in bufs]
         for dst, src in zip(targets, kept):
-            dst[...] = src
+            np.copyto(dst, src)
         backend.optimizer_set_step(state, step)
         raise
 
