@@ -12,7 +12,7 @@ import numpy as np
 from ._devices import array_device
 
 __all__ = ["DeviceMismatchError", "FileFormatError", "as_float_dtype", "check_array", "check_precision",
-           "check_int", "check_real", "check_writeable", "check_out_array", "first_overlap",
+           "check_int", "check_count", "check_real", "check_writeable", "check_out_array", "first_overlap",
            "PRECISIONS"]
 
 PRECISIONS = ("strict", "tf32", "3xtf32")
@@ -81,6 +81,22 @@ def check_int(value, what: str, *, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be an integer >= {minimum}, got {value}")
     return value
+
+
+def check_count(value, what: str) -> int:
+    """A count read from data (a step count): a non-negative integer -- a Python or NumPy
+    integer, or an integral finite float such as JSON may give -- else a ``ValueError``
+    naming ``what`` (never a bool, an ``inf`` or a string).
+
+    >>> check_count(7.0, "the step count")
+    7
+    """
+    ok = not isinstance(value, (bool, np.bool_)) and (
+        isinstance(value, (int, np.integer))
+        or (isinstance(value, (float, np.floating)) and np.isfinite(value) and value == int(value)))
+    if not ok or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def check_real(value, what: str, *, finite: bool = True) -> float:

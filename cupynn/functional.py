@@ -27,6 +27,7 @@ from ._devices import array_device
 from ._validate import (
     as_float_dtype,
     check_array,
+    check_count,
     check_int,
     check_out_array,
     check_precision,
@@ -484,7 +485,10 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
 
 def _check_loss_args(y, loss, target):
     """``(y, target)`` of :func:`loss_forward` / :func:`loss_backward`, checked."""
-    if not isinstance(loss, str) or loss not in BUILTIN_LOSSES:
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be the name of a built-in loss, one of {BUILTIN_LOSSES}, got "
+                        f"{type(loss).__name__} {loss!r}")
+    if loss not in BUILTIN_LOSSES:
         raise ValueError(f"loss must be one of {BUILTIN_LOSSES}, got {loss!r}")
     y = intake(y, what="y")
     device = array_device(y)
@@ -769,5 +773,5 @@ def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
     >>> F.optimizer_get_step(state, [W])
     7
     """
-    n = check_int(n, "the step count", minimum=0)
+    n = check_count(n, "the step count")
     get_backend(array_device(params[0])).optimizer_set_step(state, n)

@@ -44,7 +44,7 @@ import math
 import numpy as np
 
 from . import _npz, functional
-from ._validate import FileFormatError, check_int
+from ._validate import FileFormatError, check_count
 from .backends import get_backend
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "load_state"]
@@ -235,10 +235,7 @@ class Optimizer:
                     raise ValueError(f"state {name!r}[{i}]: expected a NumPy array {shp} of "
                                      f"{self._state.dtype}, got {type(a).__name__} "
                                      f"{getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}")
-        step = sd["step"]
-        if isinstance(step, float) and math.isfinite(step) and step == int(step):
-            step = int(step)
-        step = check_int(step, "the state's step count", minimum=0)
+        step = check_count(sd["step"], "the state's step count")
         if not isinstance(sd["hyper"], dict) or set(sd["hyper"]) != set(self._hyper_names):
             got = sorted(sd["hyper"]) if isinstance(sd["hyper"], dict) else type(sd["hyper"]).__name__
             raise ValueError(f"the state's hyperparameters are {got}; this optimizer has "
