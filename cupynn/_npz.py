@@ -40,6 +40,15 @@ def resolve(path):
 
 
 def _umask() -> int:
+    """The process's umask: from /proc on Linux (reading it elsewhere means setting it, for
+    an instant, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

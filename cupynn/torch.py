@@ -76,7 +76,15 @@ def _resolved(t: torch.Tensor) -> torch.Tensor:
 def _check_writeable_params(model) -> None:
     """Refuse arrays torch's optimizers could not write in place: a read-only NumPy array (a
     read-only ``np.memmap`` held by ``Dense.from_arrays(..., copy=False)``) would be written
-    anyway through DLPack -- or crash the process."""
+    anyway through DLPack -- or crash the process; and one array held twice (a layer used
+    twice in a Chain), which would become two Parameters updated separately."""
+    labels, arrays = [], []
+    for i, layer in enumerate(_layers(model)):
+        for k, a in (("weight", layer.weight), ("bias", layer.bias)):
+            if a is not None:
+                labels.append(f"layer {i} {k}")
+                arrays.append(a)
+    functional._check_distinct(arrays, labels)
     for i, layer in enumerate(_layers(model)):
         for k, a in (("weight", layer.weight), ("bias", layer.bias)):
             flags = getattr(a, "flags", None)

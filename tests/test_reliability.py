@@ -349,6 +349,11 @@ def test_a_layer_used_twice_is_refused_by_optimizers_and_flat_vectors(rng):
     with pytest.raises(ValueError, match="same memory"):
         cupynn.set_flat(model, np.zeros(cupynn.num_parameters(model)))
     _same(before, _snapshot(model))
+    pytest.importorskip("torch")
+    from cupynn.torch import Module
+
+    with pytest.raises(ValueError, match="layer 0 weight and layer 1 weight are the same memory"):
+        Module(model)
 
 
 # -- 5. threads -------------------------------------------------------------------------
@@ -507,6 +512,15 @@ def test_save_is_atomic(tmp_path, model, monkeypatch, rng):
     monkeypatch.undo()
     assert path.read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["m.npz"]  # no temporary file left behind
+    other.save(path)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # as a plain open() makes it
+    _same(_snapshot(other), _snapshot(cupynn.load(path, device="cpu")))
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_optimizer_state_files_and_dicts_are_validated(tmp_path, model, rng):
