@@ -141,27 +141,50 @@ class CompiledStep:
         # a non-blocking stream does not wait for the legacy default stream, where x, the
         # parameters and the hyperparameters may still be being written: wait once, here
         synchronize_current(kl)
-        with stream:
-            xs[...] = x
-            if ts is not None:
-                ts[...] = target
-            warm = run()  # a training step runs here for real: the first call's step
-        stream.synchronize()
-        keep: list = []
-        with stream:
-            kl.keep_alive = keep  # every buffer the graph touches stays owned by it
-            try:
-                stream.begin_capture()
+        # the first call of a training step updates the parameters for real, then captures:
+        # if the capture fails, put the parameters and the optimizer back as they were
+        undo = self._undo_copies() if what == "train" else None
+        try:
+            with stream:
+                xs[...] = x
+                if ts is not None:
+                    ts[...] = target
+                warm = run()  # a training step runs here for real: the first call's step
+            stream.synchronize()
+            keep: list = []
+            with stream:
+                kl.keep_alive = keep  # every buffer the graph touches stays owned by it
                 try:
-                    out = run()
+                    stream.begin_capture()
+                    try:
+                        out = run()
+                    finally:
+                        graph = stream.end_capture()
                 finally:
-                    graph = stream.end_capture()
-            finally:
-                kl.keep_alive = None
-        stream.synchronize()
+                    kl.keep_alive = None
+            stream.synchronize()
+        except BaseException:
+            if undo is not None:
+                self._undo(undo)
+            raise
         entry = (xs, ts, graph, out, keep, stream)
         self._graphs[key] = entry
         return entry, warm
+
+    def _undo_copies(self):
+        """Copies of what a training step writes: the parameters, the optimizer's state
+        arrays and its step count (device copies, made on a shape's first call only)."""
+        opt = self.optimizer
+        arrays = _flat_params(self._params) + [b for bufs in opt.state.values() for b in bufs]
+        return arrays, [a.copy() for a in arrays], opt.step_count
+
+    def _undo(self, undo) -> None:
+        from .functional import optimizer_set_step
+
+        arrays, copies, step = undo
+        for dst, src in zip(arrays, copies):
+            dst[...] = src
+        optimizer_set_step(self.optimizer._state, self.optimizer.params, step)
 
     def _replay(self, x, target, what: str):
         key = (what, tuple(x.shape), x.dtype.str, target is not None)
