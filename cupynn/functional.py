@@ -616,7 +616,7 @@ def taylor_activation_backward(g, z, y, b, activation, *, d, second="laplacian")
     return get_backend(device).taylor_activation_backward(g, z, y, b, act, d=d, second=second)
 # -- optimizers (cupynn/optim.py) ------------------------------------------------------
 
-def _check_param_list(params, labels, what="parameter"):
+def _check_param_list(params, labels, what="parameter", *, distinct=True):
     """(device, dtype) shared by every array of ``params``; raise on the first that differs."""
     if len(params) == 0:
         raise ValueError("an optimizer needs at least one parameter array")
@@ -631,7 +631,8 @@ def _check_param_list(params, labels, what="parameter"):
         if not a.flags.c_contiguous:
             raise ValueError(f"{label} must be C-contiguous: pass xp.ascontiguousarray(...)")
         check_writeable(a, f"the parameter {label}")
-    _check_distinct(params, labels)
+    if distinct:
+        _check_distinct(params, labels)
     return device, dtype
 
 
@@ -686,7 +687,10 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
     >>> W[0], F.optimizer_get_step(state, [W])
     (array([0.5, 0.5, 0.5]), 1)
     """
-    device, dtype = _check_param_list(params, labels)
+    ids = [id(p) for p in params]  # the same arrays as at the last step: known distinct
+    seen = getattr(state, "_distinct_ids", None) == ids
+    device, dtype = _check_param_list(params, labels, distinct=not seen)
+    state._distinct_ids = ids
     if (dtype != state.dtype or device != state.device
             or tuple(tuple(p.shape) for p in params) != state.shapes):
         raise ValueError(
