@@ -23,14 +23,14 @@ On a Dask cluster (the ``dask`` extra): ``cupynn.dask.value_and_grad(model, X)``
 from . import optim
 from ._config import show_config
 from ._devices import cuda_available
-from ._validate import DeviceMismatchError
+from ._validate import DeviceMismatchError, FileFormatError
 from .activations import ACTIVATIONS
 from .composite import Composite, LossTerm, ResidualTerm, add_grads, scale_grads
 from .derivatives import input_derivatives, input_hessian, residual_value_and_grad
 from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
 from .graph import compile
-from .io import load
+from .io import load, save
 from .layers import MLP, Chain, Dense
 
 __version__ = "0.1.0"
@@ -52,6 +52,7 @@ __all__ = [
     "Composite",
     "Dense",
     "DeviceMismatchError",
+    "FileFormatError",
     "LossTerm",
     "MLP",
     "ResidualTerm",
@@ -67,6 +68,7 @@ __all__ = [
     "num_parameters",
     "optim",
     "residual_value_and_grad",
+    "save",
     "scale_grads",
     "set_flat",
     "show_config",

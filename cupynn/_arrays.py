@@ -11,6 +11,14 @@ On CUDA, ``cupy.from_dlpack`` passes the producer CuPy's current stream
 (the protocol's ``stream=`` argument); the producer makes its pending writes
 to the tensor visible on that stream before cupynn's kernels read it.
 
+Arrays whose meaning is not their buffer are resolved when that is exact and free,
+else refused: a ``np.matrix`` or another ``ndarray`` subclass (``np.memmap``) is read as
+the plain ``ndarray`` view of its memory; a NumPy masked array is read as its data when
+no element is masked, and refused when one is (cupynn has no notion of a masked row);
+a torch tensor with its negative or conjugate bit set (``z.conj().imag``: the memory
+holds ``-x``) is refused with the fix (``x.resolve_neg()``), since reading its buffer
+would silently compute with the wrong sign.
+
 Nothing is cast or moved: a producer on the wrong device, of the wrong dtype,
 or a torch tensor that requires grad (cupynn's plain functions do not record
 torch's autograd; :mod:`cupynn.torch` does) is refused with an error that
@@ -81,11 +89,21 @@ def intake(a, *, what: str, device: str | None = None, dtype: np.dtype | None = 
     >>> intake(x, what="x") is x
     True
     """
+    if isinstance(a, np.ndarray):
+        return a if type(a) is np.ndarray else _plain(a, what)
     if array_device(a) is not None or not hasattr(a, "__dlpack__") \
             or not hasattr(a, "__dlpack_device__"):
         return a
     name = f"{what} ({_library(a)}.{type(a).__name__})"
     var = _var(what)
+    for bit, fix in (("is_neg", "resolve_neg"), ("is_conj", "resolve_conj")):
+        flag = getattr(a, bit, None)
+        if callable(flag) and flag():
+            kind = "negative" if bit == "is_neg" else "conjugate"
+            raise TypeError(
+                f"{name} has its {kind} bit set (a lazy {kind[:3]}ation such as z.conj().imag): "
+                f"its memory does not hold its values, and cupynn reads memory: pass "
+                f"{var}.{fix}() (one copy)")
     got, index = dlpack_device(a)
     if got is None:
         raise DeviceMismatchError(
@@ -127,9 +145,25 @@ def intake(a, *, what: str, device: str | None = None, dtype: np.dtype | None = 
             f"(a {want} copy)"
         ) from e
     if dtype is not None and out.dtype != dtype:
+        other = (f" or build the model with dtype={out.dtype.name!r}"
+                 if out.dtype in (np.float32, np.float64) else " (models are float32 or float64)")
         raise TypeError(
             f"{name} has dtype {out.dtype} but the model is {dtype}; cupynn does not cast "
-            f"silently: pass {_dtype_fix(a, dtype, var)} or build the model with "
-            f"dtype={out.dtype.name!r}"
+            f"silently: pass {_dtype_fix(a, dtype, var)}{other}"
         )
     return out
+
+
+def _plain(a: np.ndarray, what: str) -> np.ndarray:
+    """A NumPy subclass as the plain ndarray view of its memory, or an error when the view
+    would not mean the same (a masked array with masked elements)."""
+    if isinstance(a, np.ma.MaskedArray):
+        mask = np.ma.getmask(a)
+        if mask is not np.ma.nomask and mask.any():
+            raise ValueError(
+                f"{what} is a masked array with {int(mask.sum())} masked element(s), and cupynn "
+                "has no notion of a masked entry (it would compute with the hidden values): "
+                f"pass {_var(what)}.filled(value), or select the unmasked rows, e.g. "
+                f"{_var(what)}.data[~{_var(what)}.mask.any(axis=-1)]")
+        return np.ma.getdata(a).view(np.ndarray)
+    return a.view(np.ndarray)

@@ -11,9 +11,11 @@ import json
 
 import numpy as np
 
+from . import _npz
 from .backends import get_backend
 
 FORMAT = "cupynn-model-1"
+FORMAT_VERSION = 2  # meta["version"]; absent: 1
 
 
 def write(model, path, *, optimizer=None) -> None:
@@ -28,9 +30,14 @@ def write(model, path, *, optimizer=None) -> None:
             arrays[f"layers.{i}.bias"] = backend.to_host(layer.bias)
     meta = {
         "format": FORMAT,
+        "version": FORMAT_VERSION,
         "kind": model._FILE_KIND,
+        "dtype": model.dtype.name,
         "precision": model.precision,
         "activations": [layer.activation.name for layer in layers],
+        "layers": [{"in": layer.in_features, "out": layer.out_features,
+                    "activation": layer.activation.name, "bias": layer.bias is not None}
+                   for layer in layers],
     }
     if optimizer is not None:
         from .optim import state_arrays
@@ -38,4 +45,4 @@ def write(model, path, *, optimizer=None) -> None:
         opt_meta, opt_arrays = state_arrays(optimizer.state_dict())
         arrays["optimizer.meta"] = np.array(opt_meta)
         arrays.update(opt_arrays)
-    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    _npz.savez_atomic(path, {"meta": np.array(json.dumps(meta)), **arrays})

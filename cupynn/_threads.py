@@ -13,7 +13,11 @@ busy core simply takes fewer groups.
 BLAS threads are set through ``threadpoolctl`` (a dependency of cupynn).  Without it
 the backend runs one lane and leaves BLAS alone (the behaviour of plain NumPy).  The limit
 is process-wide while a call runs: another thread of the program using NumPy's BLAS at the
-same moment also gets one thread (correct results, possibly slower products).
+same moment also gets one thread (correct results, possibly slower products).  It has one
+owner, :func:`blas_single_thread`, which *counts* the calls inside it: the first to enter
+sets BLAS to one thread, the last to leave restores what was there before the first
+entered.  So calls from many threads at once neither leave BLAS at one thread for the
+rest of the process nor change the thread count under another call's loop.
 
 ``CUPYNN_CPU_THREADS=N`` sets the number of lanes (BLAS stays at one thread inside the
 hot loop either way); the default is the number of cores this process may run on
@@ -22,7 +26,10 @@ thread makes inside a block (``cupynn.dask`` runs every chunk of a CPU worker on
 lane, so that worker processes sharing a host do not oversubscribe its cores).  The
 group count (from the batch and the lane count, never from timing) fixes the order in
 which partial gradients are added, so results are bit-identical run to run on one
-machine and setting, busy or not.
+machine and setting, busy or not, whatever other threads of the process do.  Across
+settings they are not: a different ``CUPYNN_CPU_THREADS`` (or CPU affinity, which sets the
+default) may change the group count and with it the last bits of a gradient (within the
+float tolerance; the value of a chunked call likewise).
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ import itertools
 import os
 import threading
 
-__all__ = ["lanes_available", "lane_limit", "blas_limiter", "blas_single_thread", "run_groups",
-           "thread_control", "usable_cores"]
+__all__ = ["lanes_available", "lane_limit", "blas_limiter", "blas_single_thread", "blas_holders",
+           "run_groups", "thread_control", "usable_cores"]
 
 _MAX_LANES = 16
 _LOCK = threading.Lock()
@@ -119,16 +126,70 @@ def lane_limit(n: int):
 def blas_limiter(n: int):
     """Set the loaded BLAS libraries to ``n`` threads now; return threadpoolctl's limiter
     (``restore_original_limits()`` undoes it; also a context manager), or None without
-    threadpoolctl.  cupynn's one way of touching BLAS threads (the NumPy backend, the input
-    derivatives, the Dask workers)."""
+    threadpoolctl.  Uncounted: cupynn's own calls use :func:`blas_single_thread`, the one
+    owner of the limit while they run; this is for a whole process's setting (a benchmark's
+    worker)."""
     ctl = _blas_controller()
-    return None if ctl is None else ctl.limit(limits=n)
+    if ctl is None:
+        return None
+    _release_blas_ownership()
+    limiter = ctl.limit(limits=n)
+    _release_blas_ownership()
+    return limiter
 
 
+def _release_blas_ownership() -> None:
+    """Let the next thread set OpenBLAS's limit. threadpoolctl (3.5+) lets only the first
+    thread that set a limit on a pthreads OpenBLAS set it again -- other threads' calls
+    silently do nothing -- until that ownership is cleared, which its ``with`` blocks do and
+    a limiter kept across threads (ours) must do itself: else a call from a second thread
+    runs BLAS at full width under another call's loop, or cannot restore the limit."""
+    import threadpoolctl  # noqa: PLC0415 - present: the controller exists
+
+    clear = getattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread",
+                    None)
+    if clear is not None:
+        try:
+            clear(force=True)
+        except TypeError:  # an older threadpoolctl without force=
+            clear()
+
+
+_HOLD_LOCK = threading.Lock()
+_HOLDERS = 0
+_HELD = None  # threadpoolctl's limiter while _HOLDERS > 0
+
+
+@contextlib.contextmanager
 def blas_single_thread():
-    """A context manager running BLAS with one thread (a no-op without threadpoolctl)."""
-    limiter = blas_limiter(1)
-    return contextlib.nullcontext() if limiter is None else limiter
+    """A context manager running BLAS with one thread (a no-op without threadpoolctl).
+
+    Counted, so safe from many threads at once: the first entry sets the limit, the last
+    exit restores the limits that were there before the first entry, and no exit changes
+    them while another thread is still inside."""
+    global _HOLDERS, _HELD
+    if _blas_controller() is None:
+        yield
+        return
+    with _HOLD_LOCK:
+        if _HOLDERS == 0:
+            _HELD = blas_limiter(1)
+        _HOLDERS += 1
+    try:
+        yield
+    finally:
+        with _HOLD_LOCK:
+            _HOLDERS -= 1
+            if _HOLDERS == 0 and _HELD is not None:
+                held, _HELD = _HELD, None
+                _release_blas_ownership()  # the last to leave may be another thread
+                held.restore_original_limits()
+                _release_blas_ownership()
+
+
+def blas_holders() -> int:
+    """How many calls are inside :func:`blas_single_thread` now (for tests and ``info``)."""
+    return _HOLDERS
 
 
 def _pool(workers: int) -> cf.ThreadPoolExecutor:

@@ -14,9 +14,9 @@ movement and recovery from lost workers; this module only builds the graph:
 * chunk ``i`` computes ``sum((y_i - t_i)**2)`` and its gradient with the
   worker's backend: a chunk that is a CuPy array runs on the worker's GPU (the
   worker moves its copy of the model there once), a NumPy chunk on the NumPy
-  backend with ``cpu_threads`` threads (its lanes, and BLAS outside its hot loop;
-  default 1, so that worker processes sharing a host, one per core, do not
-  oversubscribe its cores);
+  backend with ``cpu_threads`` lanes (BLAS runs one thread inside every cupynn call,
+  through the counted owner of that limit in ``cupynn/_threads.py``; default 1, so
+  that worker processes sharing a host, one per core, do not oversubscribe its cores);
 * the chunk results are added in a **fixed binary tree over chunk indices**
   (``(0+1), (2+3), ...``, then the sums of those pairs, an odd last one going up
   alone), so the result is bit-identical whatever the number of workers, the
@@ -48,6 +48,7 @@ import contextlib
 import copy
 import math
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -146,40 +147,6 @@ def _shipped(model) -> _Shipped:
 
 # -- CPU threads on CPU workers ------------------------------------------------
 
-class _BlasLimit:
-    """``with limit(n):`` at most ``n`` BLAS threads in this process while any chunk runs.
-
-    The first chunk to start sets the limit, the last to end restores the previous one,
-    so worker threads running chunks side by side do not undo each other's limit.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._active = 0
-        self._limiter = None
-
-    @contextlib.contextmanager
-    def __call__(self, n: int | None):
-        if n is None:
-            yield
-            return
-        with self._lock:
-            if self._active == 0:
-                from ._threads import blas_limiter  # the one owner of BLAS threads
-
-                self._limiter = blas_limiter(n)
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._active -= 1
-                if self._active == 0 and self._limiter is not None:
-                    self._limiter.restore_original_limits()
-                    self._limiter = None
-
-
-_blas_limit = _BlasLimit()
 
 
 def _device_of(x) -> str:
@@ -200,20 +167,35 @@ def _structured(model, flat):
 
 @contextlib.contextmanager
 def _cpu_threads(n: int | None):
-    """A chunk's thread budget: at most ``n`` NumPy-backend lanes for this worker thread and
-    ``n`` BLAS threads in the process (``None``: the worker's own settings)."""
+    """A chunk's thread budget: at most ``n`` NumPy-backend lanes for this worker thread
+    (``None``: the worker's own settings). BLAS needs no limit of its own here: cupynn's calls
+    run it at one thread through the one, counted, owner of that limit (cupynn/_threads.py)."""
     if n is None:
         yield
         return
     from ._threads import lane_limit  # the one owner of cupynn's CPU threads
 
-    with _blas_limit(n), lane_limit(int(n)):
+    with lane_limit(int(n)):
         yield
+
+
+def _check_rows(a, rows, what):
+    """A chunk must have the rows its array's ``chunks`` declare: the value and ``mse``'s
+    divisor are computed from them on the driver."""
+    want = rows[1] - rows[0]
+    got = getattr(a, "shape", (None,))[0] if getattr(a, "ndim", 0) >= 1 else None
+    if got != want:
+        raise ValueError(f"this chunk of {what} has {got} rows but {what}.chunks declares {want} "
+                         f"(rows {rows[0]}:{rows[1]}): a chunk function returned the wrong "
+                         "number of rows; fix it or declare the true chunks")
 
 
 def _chunk_value_and_grad(shipped, x, target, index, rows, cpu_threads):
     """``(sum of squares as a Python float, [dW0, db0, dW1, ...])`` of one chunk."""
     try:
+        _check_rows(x, rows, "X")
+        if target is not None:
+            _check_rows(target, rows, "target")
         with _cpu_threads(cpu_threads):
             model = shipped.on(_device_of(x))
             value, grads = functional.value_and_grad(model, x, "sum_squares", target=target)
@@ -247,6 +229,7 @@ def _finish(total, scale, dtype):
 def _chunk_forward(x, shipped, cpu_threads, block_info=None):
     info = block_info[0]
     try:
+        _check_rows(x, info["array-location"][0], "X")
         with _cpu_threads(cpu_threads):
             return shipped.on(_device_of(x))(x)
     except Exception as exc:
@@ -283,6 +266,38 @@ def _check_batch_array(a, what: str, width: int, width_name: str, dtype: np.dtyp
             f"pass {what}.astype({dtype.name!r}) or build the model with "
             f"dtype={a.dtype.name!r}"
         )
+
+
+def _check_timeout(timeout, what="timeout"):
+    if timeout is None:
+        return None
+    if isinstance(timeout, (bool, np.bool_)) or not isinstance(timeout, (int, float, np.integer,
+                                                                         np.floating)):
+        raise TypeError(f"{what} must be a number of seconds > 0 or None, got "
+                        f"{type(timeout).__name__} {timeout!r}")
+    if not (math.isfinite(float(timeout)) and timeout > 0):
+        raise ValueError(f"{what} must be a finite number of seconds > 0 or None, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_workers(client, workers):
+    """``workers`` as a list of the cluster's workers (addresses, names or hosts), or None."""
+    if workers is None:
+        return None
+    items = [workers] if isinstance(workers, str) else workers
+    if not isinstance(items, (list, tuple, set)) or not items:
+        raise TypeError(f"workers must be a worker address or a non-empty list of them, got "
+                        f"{workers!r}")
+    info = client.scheduler_info()
+    known = set()
+    for addr, w in info.get("workers", {}).items():
+        known |= {addr, str(w.get("name")), w.get("host")}
+    unknown = [w for w in items if not isinstance(w, str) or w not in known]
+    if unknown:
+        shown = sorted(a for a in info.get("workers", {}))[:8]
+        raise ValueError(f"workers {unknown!r} are not workers of this cluster; its workers are "
+                         f"{shown or 'none'}")
+    return list(items)
 
 
 def _check_cpu_threads(n):
@@ -396,6 +411,7 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
     if not isinstance(model, (Dense, Chain)):
         raise TypeError(f"model must be a cupynn Dense or Chain, got {type(model).__name__}")
     _check_cpu_threads(cpu_threads)
+    timeout = _check_timeout(timeout)
     layers = model._dense_layers()
     n_in, n_out = layers[0].in_features, layers[-1].out_features
     _check_batch_array(X, "X", n_in, "in", model.dtype)
@@ -407,6 +423,7 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
                 f"target {target.chunks[0]}: use target.rechunk({{0: X.chunks[0], 1: -1}})"
             )
     client = _get_client(client)
+    workers = _check_workers(client, workers)
 
     name = f"cupynn-value-and-grad-{uuid.uuid4().hex[:12]}"
     x_blocks = X.to_delayed().ravel()
@@ -441,6 +458,13 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
                 f"cupynn.dask.value_and_grad: no result within timeout={timeout} s "
                 f"({X.numblocks[0]} chunks); the computation was cancelled"
             ) from None
+        except ChunkError:
+            raise
+        except Exception as exc:  # a task of X's (or target's) own graph raised
+            index = _blamed_chunk(client, future, len(x_blocks))
+            rows = (starts[index], starts[index + 1]) if index is not None else (0, X.shape[0])
+            raise ChunkError(-1 if index is None else index, rows, type(exc).__name__,
+                             f"computing the input chunk itself failed: {exc}") from None
     except BaseException:
         if future is not None:
             future.cancel()  # stop what still runs; nothing of this call stays on the workers
@@ -455,6 +479,24 @@ def value_and_grad(model, X, loss="sum_squares", *, target=None, client=None, wo
         value = cupy.asarray(value)
         flat = [None if a is None else cupy.asarray(a) for a in flat]
     return value, _structured(model, flat)
+
+
+def _blamed_chunk(client, future, n_chunks):
+    """The batch index of the task that raised for ``future`` (dask arrays' keys are
+    ``(name, i, j)``, ``i`` the block along the batch), or None when that cannot be told."""
+    def blame(dask_scheduler=None, key=None):
+        ts = dask_scheduler.tasks.get(key)
+        culprit = getattr(ts, "exception_blame", None) if ts is not None else None
+        return None if culprit is None else culprit.key
+
+    try:
+        key = client.run_on_scheduler(blame, key=future.key)
+    except Exception:  # noqa: BLE001 - the scheduler is gone: no index
+        return None
+    if isinstance(key, tuple) and len(key) >= 2 and isinstance(key[1], int) \
+            and 0 <= key[1] < n_chunks:
+        return key[1]
+    return None
 
 
 def forward(model, X, *, cpu_threads=1):
@@ -500,11 +542,64 @@ def connect(address: str, *, timeout: float = 10.0) -> distributed.Client:
     ...
     ConnectionError: could not reach a Dask scheduler at 'tcp://127.0.0.1:9' within 1 s ...
     """
+    timeout = _check_timeout(timeout)
+    if timeout is None:
+        raise TypeError("timeout must be a number of seconds > 0 (connect never waits without limit)")
+    if not isinstance(address, str):
+        raise TypeError(f"address must be a string such as 'tcp://host:8786', got "
+                        f"{type(address).__name__}")
+
+    def fail(why):
+        return ConnectionError(
+            f"could not reach a Dask scheduler at {address!r} within {timeout:g} s ({why}); start "
+            "one (`dask scheduler`, or distributed.LocalCluster()) or check the address")
+
+    # distributed.Client waits without a limit for a peer that accepts the connection but
+    # never answers; so ask the scheduler for its identity first, on a thread of our own
+    # bounded by the timeout, and only then make the client
+    t0 = time.monotonic()
     try:
-        return distributed.Client(address, timeout=timeout)
+        _probe(address, timeout)
+    except Exception as exc:  # noqa: BLE001 - whatever the peer provoked
+        raise fail(f"{type(exc).__name__}: {exc}") from None
+    left = max(timeout - (time.monotonic() - t0), 0.5)
+    try:
+        return distributed.Client(address, timeout=left)
     except Exception as exc:  # OSError on a timeout; anything a non-Dask peer provokes
-        raise ConnectionError(
-            f"could not reach a Dask scheduler at {address!r} within {timeout:g} s "
-            f"({type(exc).__name__}: {exc}); start one (`dask scheduler`, or "
-            "distributed.LocalCluster()) or check the address"
-        ) from None
+        raise fail(f"{type(exc).__name__}: {exc}") from None
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Raise unless a Dask scheduler at ``address`` answers an identity request within
+    ``timeout`` seconds (a thread of our own, so that no event loop of the caller's is
+    needed and a silent peer cannot hold the caller)."""
+    import asyncio
+
+    async def identity():
+        comm = await distributed.comm.connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            reply = await comm.read()
+        finally:
+            comm.abort()
+        if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+            raise OSError(f"the peer is not a Dask scheduler (it answered {str(reply)[:80]!r})")
+
+    result: dict = {}
+
+    def run():
+        try:
+            asyncio.run(asyncio.wait_for(identity(), timeout))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="cupynn-dask-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if thread.is_alive():
+        raise TimeoutError("no answer to an identity request")
+    if "error" in result:
+        exc = result["error"]
+        if isinstance(exc, asyncio.TimeoutError):
+            raise TimeoutError("no answer to an identity request")
+        raise exc

@@ -45,10 +45,12 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from . import _threads
 from . import functional as F
 from ._arrays import intake
-from ._validate import check_array
+from ._validate import check_array, check_loss_value, check_real
 from .backends import get_backend
 from .backends.base import taylor_blocks
 
@@ -169,8 +171,11 @@ def _warn_if_piecewise_linear(net: _Net, what: str, stacklevel: int = 3) -> None
 
 
 def _second_of(order, diag):
-    if order not in (1, 2):
+    if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) \
+            or order not in (1, 2):
         raise ValueError(f"order must be 1 (u, du) or 2 (u, du, and lap or d2), got {order!r}")
+    if not isinstance(diag, (bool, np.bool_)):
+        raise TypeError(f"diag must be True or False, got {diag!r}")
     if diag and order != 2:
         raise ValueError("diag=True gives the second partials: it needs order=2")
     return "none" if order == 1 else ("diagonal" if diag else "laplacian")
@@ -481,11 +486,8 @@ def _check_partials(net: _Net, out, u, du, sec, second):
     if out[3] is not None:  # the loss depends on the second derivatives
         _warn_if_piecewise_linear(net, f"residual_value_and_grad (a residual that returns {names[2]})",
                                   stacklevel=5)
-    value = net.xp.asarray(out[0])
-    if value.size != 1 or value.ndim > 1:
-        raise ValueError(f"the residual function's value must be a scalar, got shape "
-                         f"{tuple(value.shape)}")
-    return value.reshape(()).astype(net.dtype, copy=False), out[1], out[2], out[3]
+    value = net.xp.asarray(check_loss_value(out[0], net.dtype, "the residual function"))
+    return value.astype(net.dtype, copy=False), out[1], out[2], out[3]
 
 
 def _builtin(net: _Net, kind: str, x, rhs, k):
@@ -495,7 +497,9 @@ def _builtin(net: _Net, kind: str, x, rhs, k):
             f"the {kind!r} residual needs a model with one output (a scalar u); this one has "
             f"{net.m}: pass a callable residual(u, du, lap), which gets u of shape (batch, {net.m})")
     B = x.shape[0]
-    if rhs is not None and not isinstance(rhs, (int, float)):
+    if isinstance(rhs, (bool, int, float, np.bool_, np.integer, np.floating)):
+        rhs = check_real(rhs, "rhs")
+    elif rhs is not None:
         rhs = intake(rhs, what="rhs", device=net.device, dtype=net.dtype)
         check_array(rhs, what="rhs", device=net.device, dtype=net.dtype, ndim=(1,))
         if rhs.shape[0] != B:
@@ -504,7 +508,10 @@ def _builtin(net: _Net, kind: str, x, rhs, k):
     if kind == "helmholtz":
         if k is None:
             raise ValueError("the 'helmholtz' residual needs the wave number: k=...")
-        k2 = float(k) ** 2
+        k = check_real(k, "k (the wave number)")
+        if abs(k) > np.sqrt(np.finfo(net.dtype).max):
+            raise ValueError(f"k (the wave number) = {k!r} is too large: k**2 overflows {net.dtype}")
+        k2 = k * k
     else:
         if k is not None:
             raise ValueError("k= is for the 'helmholtz' residual")

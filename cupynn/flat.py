@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import intake
+from ._validate import check_writeable
 from .backends import get_backend
 from .derivatives import residual_value_and_grad
-from .functional import value_and_grad
+from .functional import _check_distinct, value_and_grad
+from .losses import make_loss
 
 __all__ = ["num_parameters", "get_flat", "set_flat", "flat_value_and_grad"]
 
@@ -58,8 +61,11 @@ def get_flat(model) -> np.ndarray:
 def set_flat(model, theta) -> None:
     """Write the flat vector ``theta`` into the model's parameter arrays, in place.
 
-    ``theta``: a 1-D NumPy float array of length :func:`num_parameters`. It is rounded
-    to the model's dtype (float32 models: the only cast, stated here); on CUDA it is
+    ``theta``: a 1-D NumPy float32 or float64 array (native byte order) of length
+    :func:`num_parameters`. It is rounded to the model's dtype (float64 into a float32
+    model: the only cast, stated here; a value beyond float32's range is an error, not an
+    ``inf``). Every check is made before the first write: a refused ``theta`` leaves the
+    model as it was. On CUDA it is
     copied to the device once, then split into the parameters there. In place, so an
     optimizer or a compiled step holding the arrays sees the new values.
 
@@ -69,20 +75,48 @@ def set_flat(model, theta) -> None:
     >>> float(abs(m.layers[0].weight).sum())
     0.0
     """
-    n = num_parameters(model)
-    if not isinstance(theta, np.ndarray) or theta.dtype.kind != "f":
-        raise TypeError(f"theta must be a NumPy float vector of length {n}, got "
-                        f"{type(theta).__name__} {getattr(theta, 'dtype', '')}")
+    arrays = _arrays(model)
+    host = _checked_theta(model, theta, arrays)
+    backend = get_backend(model.device)
+    dev = backend.asarray_from_host(host)  # the one host-to-device copy
+    offset = 0
+    for a in arrays:  # every check is done: nothing below can refuse
+        a[...] = dev[offset:offset + a.size].reshape(a.shape)
+        offset += a.size
+
+
+def _checked_theta(model, theta, arrays) -> np.ndarray:
+    """``theta`` as a C-contiguous NumPy vector of the model's dtype, after every check that
+    :func:`set_flat` makes before its first write."""
+    n = sum(int(a.size) for a in arrays)
+    theta = intake(theta, what="theta")
+    if not isinstance(theta, np.ndarray):
+        raise TypeError(f"theta must be a NumPy float vector (float32 or float64) of length {n}, got "
+                        f"{type(theta).__name__}")
+    if theta.dtype not in (np.float32, np.float64):
+        raise TypeError(f"theta must be a NumPy float vector of dtype float32 or float64 (native "
+                        "byte order), "
+                        f"got dtype {theta.dtype.str!r} ({theta.dtype}); convert it explicitly, "
+                        f"e.g. theta.astype({model.dtype.name!r})")
     if theta.shape != (n,):
         raise ValueError(f"theta must have shape ({n},) (every weight and bias of the model), "
                          f"got {theta.shape}")
-    backend = get_backend(model.device)
-    host = np.ascontiguousarray(theta, dtype=model.dtype)
-    dev = backend.asarray_from_host(host)  # the one host-to-device copy
-    offset = 0
-    for a in _arrays(model):
-        a[...] = dev[offset:offset + a.size].reshape(a.shape)
-        offset += a.size
+    labels = []
+    for i, layer in enumerate(model._dense_layers()):
+        for k, a in (("weight", layer.weight), ("bias", layer.bias)):
+            if a is not None:
+                check_writeable(a, f"{layer._label(i)} {k}")
+                labels.append(f"{layer._label(i)} {k}")
+    _check_distinct(arrays, labels)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as an error
+        host = np.ascontiguousarray(theta, dtype=model.dtype)
+    if host.dtype != theta.dtype:  # float64 -> float32: the one rounding, never an overflow
+        overflow = np.isfinite(theta) & ~np.isfinite(host)
+        if overflow.any():
+            i = int(np.flatnonzero(overflow)[0])
+            raise ValueError(f"theta[{i}] = {float(theta[i])!r} is out of the {model.dtype} model's range "
+                             f"(it would become {host[i]}): {int(overflow.sum())} entries overflow")
+    return host
 
 
 def flat_value_and_grad(model, x, loss="sum_squares", *, target=None, residual=None, rhs=None, k=None,
@@ -105,7 +139,10 @@ def flat_value_and_grad(model, x, loss="sum_squares", *, target=None, residual=N
     :func:`get_flat`. On CUDA each call makes one host-to-device copy (``theta``) and one
     device-to-host copy (the value and every gradient, concatenated on the device first);
     ``x`` and ``target`` stay on the device. float32 models round ``theta`` to float32 (and
-    float32 L-BFGS is rarely what you want: use a float64 model).
+    float32 L-BFGS is rarely what you want: use a float64 model). ``x``, ``target`` and
+    ``loss`` are checked when ``f`` is made; ``theta`` on each call before it is written, and
+    a call that fails after writing it (a loss callable that raises) puts the old
+    parameters back.
 
     >>> import numpy as np, cupynn
     >>> m = cupynn.MLP([1, 3, 1], "tanh", device="cpu", rng=0)
@@ -114,8 +151,13 @@ def flat_value_and_grad(model, x, loss="sum_squares", *, target=None, residual=N
     >>> grad.shape
     (10,)
     """
+    from .functional import _check_batch, _check_target, _model_parts
+
     backend = get_backend(model.device)
     xp = backend.xp
+    # x, target and loss are checked here, once, so that f never writes theta into the
+    # model and then refuses them
+    layers, net, _params, _backend = _model_parts(model)
     if getattr(x, "_cupynn_objective", False):  # LossTerm / ResidualTerm / Composite
         if loss != "sum_squares" or target is not None:
             raise TypeError(f"flat_value_and_grad(model, {type(x).__name__}) takes no loss or "
@@ -123,22 +165,37 @@ def flat_value_and_grad(model, x, loss="sum_squares", *, target=None, residual=N
 
         def evaluate():
             return x.value_and_grad(model)
-    elif residual is not None:  # residual= : any residual residual_value_and_grad takes
-        if loss != "sum_squares" or target is not None:
-            raise TypeError("flat_value_and_grad(model, x, residual=...) takes no loss or target")
-
-        def evaluate():
-            return residual_value_and_grad(model, x, residual, rhs=rhs, k=k, diag=diag)
-    elif getattr(loss, "library", None) and hasattr(loss, "pass_x"):  # cupynn.<lib>.residual(r)
-        def evaluate():
-            return residual_value_and_grad(model, x, loss, rhs=rhs, k=k, diag=diag)
     else:
-        def evaluate():
-            return value_and_grad(model, x, loss, target=target)
+        x = intake(x, what="x", device=model.device, dtype=model.dtype)
+        _check_batch(model, layers, x)
+        if residual is not None:  # residual= : any residual residual_value_and_grad takes
+            if loss != "sum_squares" or target is not None:
+                raise TypeError("flat_value_and_grad(model, x, residual=...) takes no loss or target")
+
+            def evaluate():
+                return residual_value_and_grad(model, x, residual, rhs=rhs, k=k, diag=diag)
+        elif getattr(loss, "library", None) and hasattr(loss, "pass_x"):  # cupynn.<lib>.residual(r)
+            def evaluate():
+                return residual_value_and_grad(model, x, loss, rhs=rhs, k=k, diag=diag)
+        else:
+            spec = make_loss(loss, target)
+            if spec.target is not None:
+                _check_target(model, net, x, spec.target)
+
+            def evaluate():
+                return value_and_grad(model, x, loss, target=target)
 
     def f(theta):
-        set_flat(model, theta)
-        value, grads = evaluate()
+        arrays = _arrays(model)
+        host = _checked_theta(model, theta, arrays)
+        kept = [a.copy() for a in arrays]
+        set_flat(model, host)
+        try:
+            value, grads = evaluate()
+        except BaseException:  # a loss callable that raised, an interrupt: the model as it was
+            for a, old in zip(arrays, kept):
+                a[...] = old
+            raise
         items = grads if isinstance(grads, list) else [grads]
         parts = [xp.asarray(value, dtype=model.dtype).reshape(1)]
         for item in items:

@@ -24,7 +24,16 @@ import numpy as np
 
 from ._arrays import intake
 from ._devices import array_device
-from ._validate import as_float_dtype, check_array, check_precision
+from ._validate import (
+    as_float_dtype,
+    check_array,
+    check_count,
+    check_int,
+    check_out_array,
+    check_precision,
+    check_writeable,
+    first_overlap,
+)
 from .activations import get_activation
 from .backends import get_backend
 from .backends.base import (
@@ -36,7 +45,9 @@ from .backends.base import (
     OptimizerState,
     taylor_blocks,
 )
-from .losses import loss_backward, loss_forward, make_loss
+from .losses import BUILTIN_LOSSES, make_loss
+from .losses import loss_backward as _loss_backward
+from .losses import loss_forward as _loss_forward
 
 __all__ = [
     "forward",
@@ -137,16 +148,17 @@ def _intake_loss(loss, device, dtype):
     return fn
 
 
-def _check_target(model, net, x2, target):
-    """Check a built-in loss's ``target`` against the 2-D batch ``x2``; return it 2-D."""
+def _check_target(model, net, x, target):
+    """The one rule for a built-in loss's ``target``: an array of the model's dtype and device
+    with exactly the shape of ``model(x)`` -- ``(batch, out)`` for a 2-D ``x``, ``(out,)``
+    for one sample -- never broadcast. Returns it 2-D (``(1, out)`` for one sample)."""
     target = intake(target, what="target", device=model.device, dtype=model.dtype)
-    out_shape = (x2.shape[0], net.out_features)
+    single = x.ndim == 1
+    out_shape = (net.out_features,) if single else (x.shape[0], net.out_features)
     check_array(target, what="target", device=model.device, dtype=model.dtype, ndim=(1, 2))
-    if target.ndim == 1 and x2.shape[0] == 1:
-        target = target.reshape(1, -1)
     if tuple(target.shape) != out_shape:
-        raise _target_shape_error(tuple(target.shape), out_shape, single=False)
-    return target
+        raise _target_shape_error(tuple(target.shape), out_shape, single=single)
+    return target.reshape(1, -1) if single else target
 
 
 def _target_shape_error(got: tuple, out_shape: tuple, *, single: bool) -> ValueError:
@@ -180,21 +192,59 @@ def forward(model, x):
     return y.reshape(-1) if single else y
 
 
-def _out_pairs(model, out, wrt_input, single):
-    """``out`` of value_and_grad as the backend's ``(value, [(dW, db)], dx)``."""
-    if not isinstance(out, tuple) or len(out) != (3 if wrt_input else 2):
+def _out_pairs(model, out, wrt_input, single, x, target):
+    """``out`` of value_and_grad as the backend's ``(value, [(dW, db)], dx)``, every array
+    checked before anything is computed or written: exactly the result's dtype, device and
+    shape (no cast, no broadcast), writeable, and sharing no memory with the model's
+    parameters, ``x``, ``target`` or one another."""
+    n = 3 if wrt_input else 2
+    if not isinstance(out, tuple) or len(out) != n:
         raise TypeError(
             "out= must be what an earlier value_and_grad call with the same arguments returned: "
-            f"a tuple (value, grads{', dx' if wrt_input else ''})"
-        )
+            f"a tuple (value, grads{', dx' if wrt_input else ''}), got "
+            f"{type(out).__name__}{f' of length {len(out)}' if isinstance(out, tuple) else ''}")
     value, grads = out[0], out[1]
     dx = out[2] if wrt_input else None
+    layers = model._dense_layers()
+    want = model.parameters()
+    if isinstance(want, dict) != isinstance(grads, dict) or (
+            not isinstance(grads, dict) and not isinstance(grads, (list, tuple))):
+        raise TypeError(f"out= gradients must be shaped like model.parameters() (a "
+                        f"{type(want).__name__}), got {type(grads).__name__}")
     items = [grads] if isinstance(grads, dict) else list(grads)
-    pairs = []
-    for i, g in enumerate(items):
-        if not isinstance(g, dict) or "weight" not in g:
+    if len(items) != len(layers):
+        raise ValueError(f"out= gradients have {len(items)} layers; the model has {len(layers)}")
+    dev, dt = model.device, model.dtype
+    check_out_array(value, what="out= value", device=dev, dtype=dt, shape=())
+    pairs, arrays = [], [("out= value", value)]
+    for i, (g, layer) in enumerate(zip(items, layers)):
+        if not isinstance(g, dict) or "weight" not in g or set(g) - {"weight", "bias"}:
             raise TypeError(f"out= gradients of layer {i} must be a dict with 'weight' (and 'bias')")
-        pairs.append((g["weight"], g.get("bias")))
+        gw, gb = g["weight"], g.get("bias")
+        check_out_array(gw, what=f"out= gradient of layer {i} weight", device=dev, dtype=dt,
+                        shape=tuple(layer.weight.shape))
+        arrays.append((f"out= gradient of layer {i} weight", gw))
+        if (gb is None) != (layer.bias is None):
+            raise ValueError(f"out= gradient of layer {i} bias: expected "
+                             f"{'None' if layer.bias is None else 'an array'}")
+        if gb is not None:
+            check_out_array(gb, what=f"out= gradient of layer {i} bias", device=dev, dtype=dt,
+                            shape=tuple(layer.bias.shape))
+            arrays.append((f"out= gradient of layer {i} bias", gb))
+        pairs.append((gw, gb))
+    if wrt_input:
+        check_out_array(dx, what="out= dx", device=dev, dtype=dt, shape=tuple(x.shape))
+        arrays.append(("out= dx", dx))
+    inputs = [((i, k), a) for i, layer in enumerate(layers)  # named only on an error
+              for k, a in (("weight", layer.weight), ("bias", layer.bias)) if a is not None]
+    inputs += [("x", x)] + ([("target", target)] if target is not None else [])
+    clash = first_overlap(arrays, inputs)
+    if clash is not None:
+        other = clash[1]
+        if isinstance(other, tuple):
+            other = f"{layers[other[0]]._label(other[0])} {other[1]}"
+        raise ValueError(f"{clash[0]} shares memory with {other}: out= takes the arrays an "
+                         "earlier value_and_grad call returned, which nothing else uses")
     if dx is not None and single:
         dx = dx.reshape(1, -1)
     return value, pairs, dx
@@ -239,19 +289,13 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
     if getattr(x, "_cupynn_objective", False):  # a LossTerm / ResidualTerm / Composite
         return _objective_value_and_grad(model, x, loss, target, wrt_input, out)
     layers, net, params, backend = _model_parts(model)
+    if not isinstance(wrt_input, (bool, np.bool_)):
+        raise TypeError(f"wrt_input must be True or False, got {wrt_input!r}")
     x = intake(x, what="x", device=model.device, dtype=model.dtype)
-    if target is not None:
-        target = intake(target, what="target", device=model.device, dtype=model.dtype)
     x2, single = _check_batch(model, layers, x)
     spec = make_loss(_intake_loss(loss, model.device, model.dtype), target)
     if spec.target is not None:
-        out_shape = (x.shape[0], net.out_features) if not single else (net.out_features,)
-        check_array(spec.target, what="target", device=model.device, dtype=model.dtype,
-                    ndim=(spec.target.ndim,) if hasattr(spec.target, "ndim") else (len(out_shape),))
-        if tuple(spec.target.shape) != out_shape:
-            raise _target_shape_error(tuple(spec.target.shape), out_shape, single=single)
-        if single:
-            spec = type(spec)(spec.kind, spec.target.reshape(1, -1), None)
+        spec = type(spec)(spec.kind, _check_target(model, net, x, spec.target), None)
     if spec.kind == "callable" and single:
         fn = spec.fn
 
@@ -262,7 +306,7 @@ def value_and_grad(model, x, loss="sum_squares", *, target=None, wrt_input=False
             return out  # the backend's check says what is wrong with it
 
         spec = type(spec)("callable", None, fn2d)
-    dest = None if out is None else _out_pairs(model, out, wrt_input, single)
+    dest = None if out is None else _out_pairs(model, out, wrt_input, single, x, spec.target)
     value, pairs, dx = backend.network_value_and_grad(net, params, x2, spec, need_dx=wrt_input,
                                                       out=dest)
     grads = model._grads_like_parameters(pairs) if out is None else out[1]
@@ -296,10 +340,13 @@ def execution_path(model, batch: int, *, loss="sum_squares", wrt_input=False, ki
     'numpy'
     """
     _layers, net, _params, backend = _model_parts(model)
+    batch = check_int(batch, "batch (the number of rows)", minimum=0)
     if kind not in ("grad", "value", "forward"):
         raise ValueError(f"kind must be 'grad', 'value' or 'forward', got {kind!r}")
+    if not isinstance(wrt_input, (bool, np.bool_)):
+        raise TypeError(f"wrt_input must be True or False, got {wrt_input!r}")
     spec = None if kind == "forward" else make_loss(loss)
-    return backend.execution_path(net, int(batch), mode=kind, need_dx=bool(wrt_input), loss=spec)
+    return backend.execution_path(net, batch, mode=kind, need_dx=bool(wrt_input), loss=spec)
 
 
 def vjp(model, x, g, *, wrt_input=True):
@@ -531,6 +578,60 @@ def dense_backward(g, ctx: DenseContext, *, need_dx=True):
                                   precision=ctx.precision)
 
 
+# -- the built-in losses on their own ------------------------------------------------
+
+def _check_loss_args(y, loss, target):
+    """``(y, target)`` of :func:`loss_forward` / :func:`loss_backward`, checked."""
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be the name of a built-in loss, one of {BUILTIN_LOSSES}, got "
+                        f"{type(loss).__name__} {loss!r}")
+    if loss not in BUILTIN_LOSSES:
+        raise ValueError(f"loss must be one of {BUILTIN_LOSSES}, got {loss!r}")
+    y = intake(y, what="y")
+    device = array_device(y)
+    if device is None:
+        raise TypeError(f"y must be a NumPy or CuPy array of dtype float32 or float64, got "
+                        f"{type(y).__name__}")
+    dtype = as_float_dtype(y.dtype)
+    if target is not None:
+        target = intake(target, what="target", device=device, dtype=dtype)
+        check_array(target, what="target", device=device, dtype=dtype, ndim=(target.ndim,))
+        if tuple(target.shape) != tuple(y.shape):
+            raise ValueError(f"target must have y's shape {tuple(y.shape)} (it is never "
+                             f"broadcast), got {tuple(target.shape)}")
+    return y, target
+
+
+def loss_forward(y, loss, target=None):
+    """The built-in loss ``loss`` (``"sum_squares"`` or ``"mse"``) of the output ``y``.
+
+    ``sum((y - target)**2)`` (``target`` None means 0), divided by ``y.size`` for ``"mse"``;
+    a 0-d array of ``y``'s dtype on its device. ``y`` is a float32/float64 array, ``target``
+    exactly ``y``'s shape, dtype and device (never cast or broadcast).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> F.loss_forward(np.array([[1.0, 2.0]]), "mse")
+    array(2.5)
+    """
+    y, target = _check_loss_args(y, loss, target)
+    return _loss_forward(y, loss, target)
+
+
+def loss_backward(y, loss, target=None):
+    """``dL/dy = 2 (y - target) * scale`` of the built-in loss ``loss`` (``scale`` 1, or
+    ``1 / y.size`` for ``"mse"``): a new array shaped like ``y``. Arguments as for
+    :func:`loss_forward`.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> F.loss_backward(np.array([[1.0, 2.0]]), "sum_squares", np.array([[1.0, 0.0]]))
+    array([[0., 4.]])
+    """
+    y, target = _check_loss_args(y, loss, target)
+    return _loss_backward(y, loss, target)
+
+
 # -- the forward Laplacian's elementwise step (cupynn.derivatives) --------------------
 
 def _check_stack(what, a, device, dtype, shape):
@@ -612,10 +713,11 @@ def taylor_activation_backward(g, z, y, b, activation, *, d, second="laplacian")
     return get_backend(device).taylor_activation_backward(g, z, y, b, act, d=d, second=second)
 # -- optimizers (cupynn/optim.py) ------------------------------------------------------
 
-def _check_param_list(params, labels, what="parameter"):
+def _check_param_list(params, labels, what="parameter", *, distinct=True):
     """(device, dtype) shared by every array of ``params``; raise on the first that differs."""
     if len(params) == 0:
         raise ValueError("an optimizer needs at least one parameter array")
+    params = list(params)
     first = params[0]
     device = array_device(first)
     if device is None:
@@ -625,7 +727,21 @@ def _check_param_list(params, labels, what="parameter"):
         check_array(a, what=label, device=device, dtype=dtype, ndim=(getattr(a, "ndim", 0),))
         if not a.flags.c_contiguous:
             raise ValueError(f"{label} must be C-contiguous: pass xp.ascontiguousarray(...)")
+        check_writeable(a, f"the parameter {label}")
+    if distinct:
+        _check_distinct(params, labels)
     return device, dtype
+
+
+def _check_distinct(arrays, labels) -> None:
+    """Refuse a parameter list holding one array twice (a layer used twice in a Chain): an
+    update or a flat vector would write it twice with different values."""
+    clash = first_overlap(list(zip(labels, arrays)))
+    if clash is not None:
+        raise ValueError(
+            f"{clash[0]} and {clash[1]} are the same memory (a layer used twice in a Chain, or "
+            "layers built on one array): an update or a flat vector would write it twice; share "
+            "weights by adding the two gradients yourself, or copy the layer")
 
 
 def optimizer_state(kind: str, params, labels, buffers: tuple[str, ...]) -> OptimizerState:
@@ -668,7 +784,10 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
     >>> W[0], F.optimizer_get_step(state, [W])
     (array([0.5, 0.5, 0.5]), 1)
     """
-    device, dtype = _check_param_list(params, labels)
+    ids = [id(p) for p in params]  # the same arrays as at the last step: known distinct
+    seen = getattr(state, "_distinct_ids", None) == ids
+    device, dtype = _check_param_list(params, labels, distinct=not seen)
+    state._distinct_ids = ids
     if (dtype != state.dtype or device != state.device
             or tuple(tuple(p.shape) for p in params) != state.shapes):
         raise ValueError(
@@ -691,7 +810,33 @@ def optimizer_step(state: OptimizerState, hyper: tuple, params, grads, labels) -
         if not g.flags.c_contiguous:
             raise ValueError(f"{what} is not C-contiguous: pass xp.ascontiguousarray(g) "
                              "(cupynn does not copy silently)")
-    get_backend(device).optimizer_step(state, tuple(hyper), list(params), list(grads))
+    clash = first_overlap(list(zip(labels, params)), list(zip(labels, grads)))
+    if clash is not None:
+        raise ValueError(f"the parameter {clash[0]} shares memory with the gradient of {clash[1]}: "
+                         "pass the gradients value_and_grad returned")
+    backend = get_backend(device)
+    if device != "cpu":  # one kernel launch: a launch that fails has written nothing
+        backend.optimizer_step(state, tuple(hyper), list(params), list(grads))
+        return
+    # On the CPU the update is many in-place NumPy calls: keep what it overwrites (in
+    # buffers made once per optimizer: no allocation per step), and put it back if anything
+    # fails half-way (an interrupt, an error the user's np.seterr asked for), so that a step
+    # happens whole or not at all.
+    targets = list(params) + [b for bufs in state.buffers.values() for b in bufs]
+    kept = getattr(state, "_step_copies", None)  # kept with the state, made on the first step
+    if kept is None or len(kept) != len(targets):
+        kept = [np.empty_like(a) for a in targets]
+        state._step_copies = kept
+    for dst, src in zip(kept, targets):
+        np.copyto(dst, src)
+    step = backend.optimizer_get_step(state)
+    try:
+        backend.optimizer_step(state, tuple(hyper), list(params), list(grads))
+    except BaseException:
+        for dst, src in zip(targets, kept):
+            np.copyto(dst, src)
+        backend.optimizer_set_step(state, step)
+        raise
 
 
 def optimizer_sync(state: OptimizerState, hyper: tuple, params) -> None:
@@ -729,6 +874,5 @@ def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
     >>> F.optimizer_get_step(state, [W])
     7
     """
-    if int(n) != n or n < 0:
-        raise ValueError(f"the step count must be a non-negative integer, got {n!r}")
-    get_backend(array_device(params[0])).optimizer_set_step(state, int(n))
+    n = check_count(n, "the step count")
+    get_backend(array_device(params[0])).optimizer_set_step(state, n)

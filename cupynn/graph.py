@@ -33,7 +33,8 @@ Semantics (what a captured graph implies):
   kernels, warming the memory pool) and captures it without running it, so every
   call is exactly one step.
 * On the CPU backend, ``compile`` returns a plain wrapper with the same call
-  signature (``value_and_grad``, then ``optimizer.step``). On the CPU emulator of
+  signature and the same checks (``value_and_grad``, then ``optimizer.step``; a model
+  whose parameters were rebound raises there too). On the CPU emulator of
   the CUDA backend the capture records the launches instead (the same host code,
   minus the CUDA graph), and a call replays them.
 """
@@ -99,12 +100,14 @@ class CompiledStep:
 
         x = intake(x, what="x", device=self.model.device, dtype=self.model.dtype)
         x2, _single = _check_batch(self.model, self._layers, x)
-        return x2
+        return x, x2
 
-    def _check_target(self, x2, target):
+    def _check_target(self, x, target):
+        """``target`` 2-D, checked by the one rule (``functional._check_target``): the shape
+        of ``model(x)``."""
         from .functional import _check_target
 
-        return _check_target(self.model, self._net, x2, target)
+        return _check_target(self.model, self._net, x, target)
 
     # -- the CUDA path: capture once per shape, then replay ------------------------------
     def _capture(self, x, target, what: str):
@@ -138,27 +141,50 @@ class CompiledStep:
         # a non-blocking stream does not wait for the legacy default stream, where x, the
         # parameters and the hyperparameters may still be being written: wait once, here
         synchronize_current(kl)
-        with stream:
-            xs[...] = x
-            if ts is not None:
-                ts[...] = target
-            warm = run()  # a training step runs here for real: the first call's step
-        stream.synchronize()
-        keep: list = []
-        with stream:
-            kl.keep_alive = keep  # every buffer the graph touches stays owned by it
-            try:
-                stream.begin_capture()
+        # the first call of a training step updates the parameters for real, then captures:
+        # if the capture fails, put the parameters and the optimizer back as they were
+        undo = self._undo_copies() if what == "train" else None
+        try:
+            with stream:
+                xs[...] = x
+                if ts is not None:
+                    ts[...] = target
+                warm = run()  # a training step runs here for real: the first call's step
+            stream.synchronize()
+            keep: list = []
+            with stream:
+                kl.keep_alive = keep  # every buffer the graph touches stays owned by it
                 try:
-                    out = run()
+                    stream.begin_capture()
+                    try:
+                        out = run()
+                    finally:
+                        graph = stream.end_capture()
                 finally:
-                    graph = stream.end_capture()
-            finally:
-                kl.keep_alive = None
-        stream.synchronize()
+                    kl.keep_alive = None
+            stream.synchronize()
+        except BaseException:
+            if undo is not None:
+                self._undo(undo)
+            raise
         entry = (xs, ts, graph, out, keep, stream)
         self._graphs[key] = entry
         return entry, warm
+
+    def _undo_copies(self):
+        """Copies of what a training step writes: the parameters, the optimizer's state
+        arrays and its step count (device copies, made on a shape's first call only)."""
+        opt = self.optimizer
+        arrays = _flat_params(self._params) + [b for bufs in opt.state.values() for b in bufs]
+        return arrays, [a.copy() for a in arrays], opt.step_count
+
+    def _undo(self, undo) -> None:
+        from .functional import optimizer_set_step
+
+        arrays, copies, step = undo
+        for dst, src in zip(arrays, copies):
+            dst[...] = src
+        optimizer_set_step(self.optimizer._state, self.optimizer.params, step)
 
     def _replay(self, x, target, what: str):
         key = (what, tuple(x.shape), x.dtype.str, target is not None)
@@ -187,6 +213,7 @@ class CompiledStep:
         """
         from .functional import value_and_grad
 
+        self._check_bound()
         if not self._graph_path():
             t = self._target if target is None else target
             value, grads = value_and_grad(self.model, x, self._loss, target=t)
@@ -194,10 +221,9 @@ class CompiledStep:
                 return value, grads
             self.optimizer.step(grads)
             return value
-        self._check_bound()
-        x2 = self._check(x)
+        x, x2 = self._check(x)
         if target is not None:
-            target = self._check_target(x2, target)
+            target = self._check_target(x, target)
         if self.optimizer is not None:
             return self._replay(x2, target, "train")[0]
         value, pairs = self._replay(x2, target, "grad")
@@ -206,16 +232,18 @@ class CompiledStep:
     def forward(self, x, target=None):
         """The loss value only (forward pass with the loss fused), from a static buffer.
         Never updates the parameters, with or without an optimizer."""
-        if not self._graph_path():
-            from .functional import forward
-            from .losses import loss_forward
-
-            t = self._target if target is None else target
-            return loss_forward(forward(self.model, x), self._spec.kind, t)
         self._check_bound()
-        x2 = self._check(x)
+        if not self._graph_path():
+            from .functional import forward, loss_forward
+
+            x, x2 = self._check(x)
+            t = self._target if target is None else target
+            if t is not None:
+                t = self._check_target(x, t)
+            return loss_forward(forward(self.model, x2), self._spec.kind, t)
+        x, x2 = self._check(x)
         if target is not None:
-            target = self._check_target(x2, target)
+            target = self._check_target(x, target)
         return self._replay(x2, target, "forward")[0]
 
 

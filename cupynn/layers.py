@@ -191,7 +191,9 @@ class Dense(_Model):
         tensor, a JAX array). With ``copy=True`` (default) the layer holds
         copies; with ``copy=False`` it holds the arrays themselves (read through
         DLPack without a copy; they must be C-contiguous), so a write to ``W``
-        changes the layer and the layer's ``weight`` is ``W``'s memory.
+        changes the layer and the layer's ``weight`` is ``W``'s memory. A read-only
+        ``W`` (a read-only ``np.memmap``) serves inference; optimizers, :func:`cupynn.set_flat`
+        and :class:`cupynn.torch.Module`, which write parameters in place, refuse it.
 
         >>> import numpy as np, cupynn
         >>> W = np.ones((2, 3))

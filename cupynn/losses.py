@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ._validate import check_loss_value
 from .backends.base import LossSpec
 
 __all__ = ["BUILTIN_LOSSES", "make_loss", "loss_forward", "loss_backward", "loss_scale",
@@ -141,6 +142,7 @@ def call_loss(fn, y, array_type):
             "(float((y**2).sum()), 2 * y)"
         )
     value, g = out
+    value = check_loss_value(value, y.dtype, "the loss callable")
     if not isinstance(g, array_type) or g.shape != y.shape:
         raise ValueError(
             f"the loss callable must return (value, dL/dy) with dL/dy a "

@@ -44,6 +44,7 @@ import math
 import numpy as np
 
 from . import _npz, functional
+from ._validate import FileFormatError, check_count
 from .backends import get_backend
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "load_state"]
@@ -203,30 +204,42 @@ class Optimizer:
         if not isinstance(sd, dict) or sd.get("format") != _STATE_FORMAT:
             raise ValueError("not a cupynn optimizer state dict (from opt.state_dict() or "
                              "cupynn.optim.load_state(path))")
+        missing = [k for k in ("kind", "dtype", "shapes", "step", "hyper", "state") if k not in sd]
+        if missing:
+            raise ValueError(f"the optimizer state dict lacks {missing} (it is not what "
+                             "opt.state_dict() returns)")
         if sd["kind"] != self.kind:
             raise ValueError(f"the state is of a {sd['kind']!r} optimizer; this one is {self.kind!r}")
+        if not isinstance(sd["dtype"], str) or sd["dtype"] not in ("float32", "float64"):
+            raise TypeError(f"the state's dtype must be 'float32' or 'float64', got {sd['dtype']!r}")
         if np.dtype(sd["dtype"]) != self._state.dtype:
             raise TypeError(f"the state is {sd['dtype']}; this optimizer's parameters are "
                             f"{self._state.dtype.name} (cupynn does not cast silently)")
-        shapes = tuple(tuple(s) for s in sd["shapes"])
+        try:
+            shapes = tuple(tuple(int(n) for n in s) for s in sd["shapes"])
+        except (TypeError, ValueError):
+            raise ValueError(f"the state's shapes must be lists of integers, got {sd['shapes']!r}") from None
         if shapes != self._state.shapes:
             raise ValueError(f"the state is for parameters of shapes {shapes}; these have "
                              f"{self._state.shapes}")
-        if set(sd["state"]) != set(self._buffers):
-            raise ValueError(f"the state has arrays {sorted(sd['state'])}; this optimizer keeps "
+        if not isinstance(sd["state"], dict) or set(sd["state"]) != set(self._buffers):
+            got = sorted(sd["state"]) if isinstance(sd["state"], dict) else type(sd["state"]).__name__
+            raise ValueError(f"the state has arrays {got}; this optimizer keeps "
                              f"{sorted(self._buffers)} (an SGD keeps a momentum buffer only when "
                              "made with momentum != 0)")
         for name, arrays in sd["state"].items():
-            if len(arrays) != len(shapes):
-                raise ValueError(f"state {name!r} has {len(arrays)} arrays, expected {len(shapes)}")
+            if not isinstance(arrays, (list, tuple)) or len(arrays) != len(shapes):
+                raise ValueError(f"state {name!r} must be a list of {len(shapes)} arrays")
             for i, (a, shp) in enumerate(zip(arrays, shapes)):
-                if not isinstance(a, np.ndarray) or a.shape != shp or a.dtype != self._state.dtype:
+                if type(a) is not np.ndarray or a.shape != shp or a.dtype != self._state.dtype:
                     raise ValueError(f"state {name!r}[{i}]: expected a NumPy array {shp} of "
                                      f"{self._state.dtype}, got {type(a).__name__} "
                                      f"{getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}")
-        step = sd["step"]
-        if int(step) != step or step < 0:
-            raise ValueError(f"the step count must be a non-negative integer, got {step!r}")
+        step = check_count(sd["step"], "the state's step count")
+        if not isinstance(sd["hyper"], dict) or set(sd["hyper"]) != set(self._hyper_names):
+            got = sorted(sd["hyper"]) if isinstance(sd["hyper"], dict) else type(sd["hyper"]).__name__
+            raise ValueError(f"the state's hyperparameters are {got}; this optimizer has "
+                             f"{sorted(self._hyper_names)}")
         old = self.hyperparameters()
         try:
             for k in self._hyper_names:
@@ -241,7 +254,7 @@ class Optimizer:
         for name, arrays in sd["state"].items():
             for dst, src in zip(self._state.buffers[name], arrays):
                 dst[...] = be.asarray_from_host(src)
-        functional.optimizer_set_step(self._state, self.params, int(step))
+        functional.optimizer_set_step(self._state, self.params, step)
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
@@ -254,7 +267,8 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(float(x))
+    return (isinstance(x, (int, float, np.floating, np.integer))
+            and not isinstance(x, (bool, np.bool_)) and math.isfinite(float(x)))
 
 
 class SGD(Optimizer):
@@ -385,6 +399,10 @@ def load_state(path) -> dict:
     """The optimizer state saved by ``model.save(path, optimizer=opt)``, for
     ``opt.load_state_dict`` (``path`` may omit the ``.npz`` suffix that ``save`` appended).
 
+    Every member is checked against the state's ``optimizer.meta``; a damaged file, or one
+    without optimizer state, raises :class:`cupynn.FileFormatError` naming the member.
+    The values (kind, step, hyperparameters) are checked when ``load_state_dict`` applies it.
+
     >>> import numpy as np, cupynn, tempfile, os
     >>> model = cupynn.MLP([1, 4, 1], "tanh", device="cpu", rng=0)
     >>> opt = cupynn.optim.Adam(model.parameters())
@@ -394,13 +412,49 @@ def load_state(path) -> dict:
     >>> opt2 = cupynn.optim.Adam(model2.parameters())
     >>> opt2.load_state_dict(cupynn.optim.load_state(path))
     """
-    path = _npz.resolve(path)
-    with np.load(path, allow_pickle=False) as data:
-        if "optimizer.meta" not in data:
-            raise ValueError(f"{path}: holds no optimizer state (save it with "
-                             "model.save(path, optimizer=opt))")
-        meta = json.loads(str(data["optimizer.meta"]))
-        buffers = meta.pop("buffers")
-        meta["state"] = {k: [np.array(data[f"optimizer.{k}.{i}"]) for i in range(n)]
-                         for k, n in buffers.items()}
+    with _npz.Reader(path, "a cupynn file") as f:
+        if "optimizer.meta" not in f.members:
+            raise FileFormatError(f.name, "optimizer.meta", "is missing: the file holds no "
+                                  "optimizer state (save it with model.save(path, optimizer=opt))")
+
+        def bad(member, message):
+            return FileFormatError(f.name, member, message)
+
+        try:
+            meta = json.loads(f.text("optimizer.meta"))
+        except ValueError as exc:
+            if isinstance(exc, FileFormatError):
+                raise
+            raise bad("optimizer.meta", f"is not JSON ({exc})") from None
+        keys = {"format", "kind", "dtype", "shapes", "step", "hyper", "buffers"}
+        if not isinstance(meta, dict) or meta.get("format") != _STATE_FORMAT or set(meta) != keys:
+            raise bad("optimizer.meta", f"must be a JSON object with the keys {sorted(keys)} and "
+                      f"format {_STATE_FORMAT!r}")
+        if meta["dtype"] not in ("float32", "float64"):
+            raise bad("optimizer.meta", f"dtype must be 'float32' or 'float64', got {meta['dtype']!r}")
+        shapes, buffers = meta["shapes"], meta["buffers"]
+        if not (isinstance(shapes, list) and all(
+                isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                            for n in s) for s in shapes)):
+            raise bad("optimizer.meta", f"shapes must be lists of non-negative integers, got {shapes!r}")
+        if not (isinstance(buffers, dict) and all(n == len(shapes) for n in buffers.values())):
+            raise bad("optimizer.meta", f"buffers must map each state name to {len(shapes)} "
+                      f"(one array per parameter), got {buffers!r}")
+        known = {"optimizer.meta"} | {f"optimizer.{k}.{i}" for k in buffers for i in range(len(shapes))}
+        extra = sorted(m for m in f.members if m.startswith("optimizer.") and m not in known)
+        if extra:
+            raise bad(extra[0], f"is not part of the optimizer state the file's meta lists "
+                      f"(unexpected members: {extra[:5]})")
+        state = {}
+        for k in buffers:
+            state[k] = []
+            for i, shp in enumerate(shapes):
+                member = f"optimizer.{k}.{i}"
+                a = f.array(member)
+                if a.shape != tuple(shp) or a.dtype != np.dtype(meta["dtype"]):
+                    raise bad(member, f"must be a {meta['dtype']} array of shape {tuple(shp)}, got "
+                              f"shape {a.shape} and dtype {a.dtype}")
+                state[k].append(np.array(a))
+    meta.pop("buffers")
+    meta["state"] = state
     return meta

@@ -86,6 +86,34 @@ def _tensor(a) -> torch.Tensor:
     return torch.from_dlpack(a)
 
 
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, with a lazy negation or conjugation applied (a copy only then): torch's
+    autograd hands such views to a backward (the gradient of ``-y``), and cupynn reads memory."""
+    return t.detach().resolve_neg().resolve_conj()
+
+
+def _check_writeable_params(model) -> None:
+    """Refuse arrays torch's optimizers could not write in place: a read-only NumPy array (a
+    read-only ``np.memmap`` held by ``Dense.from_arrays(..., copy=False)``) would be written
+    anyway through DLPack -- or crash the process; and one array held twice (a layer used
+    twice in a Chain), which would become two Parameters updated separately."""
+    labels, arrays = [], []
+    for i, layer in enumerate(_layers(model)):
+        for k, a in (("weight", layer.weight), ("bias", layer.bias)):
+            if a is not None:
+                labels.append(f"layer {i} {k}")
+                arrays.append(a)
+    functional._check_distinct(arrays, labels)
+    for i, layer in enumerate(_layers(model)):
+        for k, a in (("weight", layer.weight), ("bias", layer.bias)):
+            flags = getattr(a, "flags", None)
+            if flags is not None and not getattr(flags, "writeable", True):
+                raise ValueError(
+                    f"layer {i} {k} is a read-only array (e.g. a read-only np.memmap held with "
+                    "Dense.from_arrays(..., copy=False)), and torch's optimizers write Parameters "
+                    "in place: build the layer with copy=True, or from a writeable array")
+
+
 def _layers(model) -> list[Dense]:
     return list(model.layers) if isinstance(model, Chain) else [model]
 
@@ -94,9 +122,9 @@ def _vjp_tensors(g, x, model, need_dx, saved):
     """``(dx?, dW0, db0, ...)`` as torch tensors from one cupynn backward call."""
     with _stream(x.device):
         if saved is not None:  # the forward's kept activations: no second forward
-            grads, dx = functional.vjp_saved(model, saved, g.detach(), wrt_input=need_dx)
+            grads, dx = functional.vjp_saved(model, saved, _resolved(g), wrt_input=need_dx)
         else:
-            grads, dx = functional.vjp(model, x.detach(), g.detach(), wrt_input=need_dx)
+            grads, dx = functional.vjp(model, _resolved(x), _resolved(g), wrt_input=need_dx)
     grads = grads if isinstance(grads, list) else [grads]
     flat = [_tensor(arr) for gr in grads for arr in (gr["weight"], gr["bias"]) if arr is not None]
     return tuple(([_tensor(dx)] if need_dx else []) + flat)
@@ -188,7 +216,7 @@ class _Apply(torch.autograd.Function):
     @staticmethod
     def forward(x, module, box, *params):
         model = module._model_on(params)
-        xa = intake(x.detach(), what="x", device=model.device, dtype=model.dtype)
+        xa = intake(_resolved(x), what="x", device=model.device, dtype=model.dtype)
         with _stream(x.device):
             if box.keep:  # keep what the backward needs: it does not run the forward again
                 y, box.saved = functional.forward_saved(model, xa)
@@ -270,6 +298,7 @@ class Module(torch.nn.Module):
         if not isinstance(model, (Dense, Chain)):
             raise TypeError(f"cupynn.torch.Module wraps a cupynn Dense or Chain, got "
                             f"{type(model).__name__}")
+        _check_writeable_params(model)
         self._model = model
         self.layers = torch.nn.ModuleList()
         for layer in _layers(model):

@@ -77,12 +77,12 @@ def test_save_without_suffix_loads_without_suffix(tmp_path, model):
 
 def test_load_of_a_foreign_npz_says_what_it_holds(tmp_path):
     np.savez(tmp_path / "data.npz", inputs=np.ones(3), labels=np.zeros(3))
-    with pytest.raises(ValueError, match=r"data.npz: not a cupynn model file: it has no 'meta' "
-                                         r"entry \(its arrays: inputs, labels\); cupynn.load "
-                                         r"reads files written by model.save"):
+    with pytest.raises(cupynn.FileFormatError, match=r"data.npz \[meta\]: is missing: not a cupynn "
+                                                     r"model file \(its arrays: inputs, labels\); "
+                                                     r"cupynn.load reads files written by model.save"):
         cupynn.load(tmp_path / "data.npz", device="cpu")
     np.save(tmp_path / "one.npy", np.ones(3))
-    with pytest.raises(ValueError, match="holds a single array, not a cupynn model"):
+    with pytest.raises(cupynn.FileFormatError, match=r"holds a single array \(.npy\), not a cupynn model"):
         cupynn.load(tmp_path / "one.npy", device="cpu")
     np.savez(tmp_path / "other.npz", meta=np.array('{"format": "someone-else"}'))
     with pytest.raises(ValueError, match=r"not a cupynn model file \(format 'someone-else'"):
@@ -94,7 +94,8 @@ def test_damaged_model_file_names_the_missing_array(tmp_path, model):
     with np.load(tmp_path / "m.npz") as data:
         kept = {k: data[k] for k in data.files if k != "layers.1.weight"}
     np.savez(tmp_path / "broken.npz", **kept)
-    with pytest.raises(ValueError, match=r"has no 'layers.1.weight' array: the file is damaged"):
+    with pytest.raises(cupynn.FileFormatError, match=r"broken.npz \[layers.1.weight\]: is missing: the "
+                                                     r"file is damaged"):
         cupynn.load(tmp_path / "broken.npz", device="cpu")
 
 
