@@ -97,3 +97,97 @@ def test_cuda_extras_require_the_cupy_whose_cache_works():
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     pins = re.findall(r'"cupy-cuda1\dx>=([\d.]+)"', text)
     assert pins and all(_config._version_tuple(v) >= _config.CUPY_CACHE_MIN for v in pins)
+
+
+# -- float32 flush-to-zero: the options CuPy really passes ------------------------------------
+def _cupy_nvrtc_options(arch: str) -> tuple:
+    """The options CuPy hands NVRTC for one of our modules, recorded by wrapping its NVRTC
+    program compile (stopped there: no driver is needed)."""
+    cc = pytest.importorskip("cupy.cuda.compiler")
+    from cupynn import _loader, compile_check
+
+    try:
+        compile_check.load_nvrtc()
+    except compile_check.NvrtcUnavailable as exc:
+        pytest.skip(str(exc))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    orig = cc._NVRTCProgram.compile
+
+    def compile(self, options=(), log_stream=None):
+        if self.name_expressions:  # the module's own compilation (not CuPy's preprocess)
+            seen.append(tuple(options))
+            raise Stop
+        return orig(self, options, log_stream)
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(cc._NVRTCProgram, "compile", compile)
+        # CuPy asks the current device for this; pick the architecture ourselves
+        mp.setattr(cc, "_get_arch_for_options_for_nvrtc", lambda a=None: (f"-arch=sm_{a}", "cubin"))
+        mp.setenv("CUPY_CACHE_IN_MEMORY", "1")
+        with pytest.raises(Stop):
+            cc._compile_module_with_cache("template <class T> __global__ void k(T* p) {}",
+                                          _loader.compile_options(), arch=arch[3:],
+                                          name_expressions=["k<float>"])
+    finally:
+        mp.undo()
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvrtc_options_are_what_cupy_passes(arch):
+    from cupynn import _loader
+
+    real = _cupy_nvrtc_options(arch)
+    assert "-ftz=true" in real
+    assert real == _loader.nvrtc_options(arch)
+
+
+def test_compile_check_sass_stats_and_emulator_use_cupys_options(monkeypatch):
+    import numpy as np
+
+    from cupynn import _loader, compile_check, sass_stats
+    from cupynn.emulator import _build
+
+    seen = {}
+
+    def fake_chunk(source_name, code, names, arch, options, sass=True):
+        seen[source_name] = tuple(options)
+        return {"ok": False, "log": "stop", "lowered": {}, "cubin_size": 0}
+
+    monkeypatch.setattr(compile_check, "compile_chunk", fake_chunk)
+    with pytest.raises(RuntimeError):
+        sass_stats.kernel_sass("cupynn::dense_forward<double, 0, 2, 1>", arch="sm_90")
+    assert seen["dense.cu"][:len(_loader.nvrtc_options("sm_90"))] == _loader.nvrtc_options("sm_90")
+
+    class Recorder:
+        def __init__(self, code=None, options=(), name_expressions=()):
+            self.options = options
+
+    mod = _loader.load_module("optim.cu", ["x<float>"], module_cls=Recorder, arch="sm_90")
+    assert "-ftz=true" in mod.options and _build.parse_options(mod.options).ftz
+    assert not _build.parse_options(mod.options + ("-ftz=false",)).ftz
+    assert np.dtype("float32")  # (keep numpy imported lazily with the other optional pieces)
+
+
+@pytest.mark.emulator
+def test_emulator_flushes_float32_subnormals_like_the_gpu():
+    """sigmoid(-88) = 6.05e-39 is a float32 subnormal: 0 under CuPy's -ftz=true, on the GPU
+    and now on the emulator; float64 keeps it (-ftz only concerns float32)."""
+    import numpy as np
+
+    from cupynn.backends.cuda_backend import CudaBackend
+    from cupynn.emulator import EmulatedModule
+
+    be = CudaBackend(xp=np, module_cls=EmulatedModule)
+    x = np.array([[-88.0], [-1.0]])
+    W = np.ones((1, 1))
+    for dtype, tiny_kept in (("float32", False), ("float64", True)):
+        y = be.dense_forward(x.astype(dtype), W.astype(dtype), None, "sigmoid")
+        want = 1.0 / (1.0 + np.exp(88.0))
+        assert (y[0, 0] == want) if tiny_kept else (y[0, 0] == 0.0), (dtype, y[0, 0])
+        np.testing.assert_allclose(y[1, 0], 1.0 / (1.0 + np.exp(1.0)), rtol=1e-6)
