@@ -191,3 +191,149 @@ def test_emulator_flushes_float32_subnormals_like_the_gpu():
         want = 1.0 / (1.0 + np.exp(88.0))
         assert (y[0, 0] == want) if tiny_kept else (y[0, 0] == 0.0), (dtype, y[0, 0])
         np.testing.assert_allclose(y[1, 0], 1.0 / (1.0 + np.exp(1.0)), rtol=1e-6)
+
+
+# -- concurrent calls on one backend ----------------------------------------------------------
+def _two_threads(be, net, params_pair, xs, delay_hook, need_dx=False):
+    """Run one value_and_grad per thread (own x and params, same network spec) while the
+    launches are slowed by ``delay_hook``; returns each thread's (value, grads, dx)."""
+    import threading
+
+    from cupynn.backends.base import LossSpec
+
+    out = [None, None]
+    errors = []
+
+    def work(i):
+        try:
+            out[i] = be.network_value_and_grad(net, params_pair[i], xs[i], LossSpec("sum_squares"),
+                                               need_dx=need_dx)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    ts[0].start()
+    delay_hook.first_started.wait(10)
+    ts[1].start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    return out
+
+
+class _Delay:
+    """Wraps a launch function: after the first launch of the first thread, sleep, so that a
+    second thread can launch in between (what an unlucky scheduler does)."""
+
+    def __init__(self, launch, seconds=0.3):
+        import threading
+
+        self.launch = launch
+        self.seconds = seconds
+        self.first_started = threading.Event()
+        self.count = 0
+
+    def __call__(self, *a, **k):
+        import time
+
+        r = self.launch(*a, **k)
+        self.count += 1
+        if self.count == 1:
+            self.first_started.set()
+            time.sleep(self.seconds)
+        return r
+
+
+@pytest.fixture(scope="module")
+def emu_be():
+    pytest.importorskip("cupynn.emulator")
+    import numpy as np
+
+    from cupynn.backends.cuda_backend import CudaBackend
+    from cupynn.emulator import EmulatedModule
+
+    be = CudaBackend(xp=np, module_cls=EmulatedModule)
+    be.kernels.poison = True
+    return be
+
+
+def _reference(net, params, x, need_dx=False):
+    from cupynn.backends import get_backend
+    from cupynn.backends.base import LossSpec
+
+    return get_backend("cpu").network_value_and_grad(net, params, x, LossSpec("sum_squares"),
+                                                       need_dx=need_dx)
+
+
+def _assert_same(got, want, what):
+    import numpy as np
+
+    v, grads, dx = got
+    v_r, grads_r, dx_r = want
+    np.testing.assert_allclose(v, v_r, rtol=1e-10, err_msg=f"{what}: value")
+    for (dW, db), (dW_r, db_r) in zip(grads, grads_r):
+        np.testing.assert_allclose(dW, dW_r, rtol=1e-9, atol=1e-12, err_msg=f"{what}: dW")
+        np.testing.assert_allclose(db, db_r, rtol=1e-9, atol=1e-12, err_msg=f"{what}: db")
+    if dx_r is not None:
+        np.testing.assert_allclose(dx, dx_r, rtol=1e-9, atol=1e-12, err_msg=f"{what}: dx")
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("fused", [True, False])
+def test_concurrent_calls_return_their_own_gradients(emu_be, monkeypatch, fused):
+    """Two host threads, one backend, the same network spec: a delay between the first
+    thread's launches lets the second launch in between; each must get its own results."""
+    import numpy as np
+
+    from cupynn.backends import cuda_fused_layout as fl
+    from cupynn.backends.base import LayerSpec, NetSpec
+
+    rng = np.random.default_rng(22)
+    net = NetSpec((LayerSpec(3, 9, "tanh", True), LayerSpec(9, 2, "identity", True)),
+                  np.dtype("float64"), "strict")
+    params_pair = [[(rng.standard_normal((9, 3)), rng.standard_normal(9)),
+                    (rng.standard_normal((2, 9)), rng.standard_normal(2))] for _ in range(2)]
+    xs = [rng.standard_normal((40, 3)) for _ in range(2)]
+    be = emu_be
+    monkeypatch.setattr(be.fused, "enabled", fused)
+    assert (be.execution_path(net, 40) == "fused") == fused
+    if fused:
+        monkeypatch.setattr(fl, "FUSED_BLOCKS", 2)
+        hook = _Delay(be.fused._launch)
+        monkeypatch.setattr(be.fused, "_launch", hook)
+    else:
+        hook = _Delay(be.kernels.launch)
+        monkeypatch.setattr(be.kernels, "launch", hook)
+    be.network_value_and_grad(net, params_pair[0], xs[0], __import__(
+        "cupynn.backends.base", fromlist=["LossSpec"]).LossSpec("sum_squares"))  # plans, compiled
+    hook.count = 0
+    got = _two_threads(be, net, params_pair, xs, hook, need_dx=not fused)
+    for i in (0, 1):
+        _assert_same(got[i], _reference(net, params_pair[i], xs[i], need_dx=not fused), f"thread {i}")
+
+
+@pytest.mark.emulator
+def test_a_capture_records_only_its_own_threads_launches(emu_be):
+    import threading
+
+    import numpy as np
+
+    from cupynn.backends.base import LayerSpec, NetSpec
+
+    rng = np.random.default_rng(5)
+    net = NetSpec((LayerSpec(3, 5, "tanh", True),), np.dtype("float64"), "strict")
+    params = [(rng.standard_normal((5, 3)), rng.standard_normal(5))]
+    x = rng.standard_normal((7, 3))
+    be = emu_be
+    be.kernels.capture = []  # this thread captures
+    try:
+        box = []
+        t = threading.Thread(target=lambda: box.append(be.network_forward(net, params, x)))
+        t.start()
+        t.join(60)
+        assert be.kernels.capture == []  # the other thread's launches ran, unrecorded
+    finally:
+        be.kernels.capture = None
+    y = box[0]
+    W, b = params[0]
+    np.testing.assert_allclose(y, np.tanh(x @ W.T + b), rtol=1e-12)

@@ -9,7 +9,8 @@ functions, the configuration table and the partial-gradient workspace on the dev
 constant part of both argument lists.  A call after the first therefore checks the caller's
 arrays, allocates its outputs (one block, sliced into value, gradients and dx; nothing with
 ``out=``) and launches two kernels.  Workspaces belong to the runner and are reused by every
-call with the same key on the current stream (a CUDA graph captures them).
+call with the same key on the same stream (a CUDA graph captures them); the CUDA backend
+runs each call under its call lock, so two threads never interleave their launches.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ class FusedRunner:
         """The cached :class:`FusedPlan` of a call, or None for the per-layer path."""
         if not self.enabled:
             return None
-        fields = (mode, self.kernels.device(), x.shape[0], x.strides, need_dx,
+        # per stream: a workspace written by one stream's fused_mlp and read by its
+        # fused_reduce must not be shared with a call on another stream
+        fields = (mode, self.kernels.device(), self.kernels.stream_key(), x.shape[0], x.strides,
+                  need_dx,
                   None if loss is None else loss.kind,
                   loss is not None and loss.target is not None,
                   f64_mma_enabled(), _fl.WIDE_MIN, _fl.FUSED_BLOCKS, _fl._ENABLED_ENV)
@@ -214,13 +218,14 @@ class FusedRunner:
 
     def _launch(self, rng: str, name: str, fn, grid3: tuple, args: list, smem: int = 0) -> None:
         k = self.kernels
-        if k.recording is not None:
+        local = k._local  # this thread's recording / keep_alive / capture
+        if local.recording is not None:
             raise CudaLaunchError("the fused path cannot be recorded into a per-layer launch plan")
-        if k.keep_alive is not None:  # a graph capture: what the launch reads stays alive
-            k.keep_alive.extend(a for a in args if isinstance(a, k.xp.ndarray))
-        if k.capture is not None:  # the emulator's stream capture: replayed by EmulatedGraph
-            k.capture.append((rng, name, functools.partial(fn, shared_mem=smem), grid3,
-                              tuple(args)))
+        if local.keep_alive is not None:  # a graph capture: what the launch reads stays alive
+            local.keep_alive.extend(a for a in args if isinstance(a, k.xp.ndarray))
+        if local.capture is not None:  # the emulator's stream capture: replayed by EmulatedGraph
+            local.capture.append((rng, name, functools.partial(fn, shared_mem=smem), grid3,
+                                  tuple(args)))
             return
         if k.launch_log is not None:
             k.launch_log.append((rng, name))
