@@ -3,14 +3,16 @@
 // workspaces) and cuda_fused_layout.py (which networks, tile sizes, the shared-memory layout
 // and the configuration table read here).
 //
-// What a block owns: a contiguous range of batch rows [blockIdx.x * rows_per_block, +rows),
-// walked in tiles of BT rows (16..128).  For one tile, every layer's activations stay in shared
+// What a block owns: the batch is cut into a fixed number of slices (the host's FUSED_BLOCKS,
+// 132, whatever the card); the grid has min(slices, SM count) persistent blocks and block b
+// walks slices b, b + gridDim.x, ... .  A slice is a contiguous range of batch rows
+// [slice * rows_per_block, +rows), walked in tiles of BT rows (16..128).  For one tile, every layer's activations stay in shared
 // memory: forward (each product's raw result to shared memory, then an elementwise pass adds
 // the bias and applies the activation -- in the last layer the loss and its dz), then
 // backward (dz = dh * act'(saved), written over the saved y it is computed from), and the
-// tile's [dW | db] added into the block's own slice of `partials` (no other block touches it:
+// tile's [dW | db] added into the slice's own part of `partials` (no other block touches it:
 // no atomics; the first tile writes, later tiles add, in order).  fused_reduce then sums the
-// blocks' slices in block order.  Same inputs, same bits.
+// slices' partials in slice order.  Same inputs, same card type: same bits, for any SM count.
 //
 // Two network classes (cuda_fused_layout.fused_layout decides):
 //   narrow: every layer <= 256 wide, the input x staged per tile, every W staged in shared
@@ -775,9 +777,14 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
 //   x (M, K0) strided; target (M, N_out) if cfg has_t; two_scale: 2 * the loss scale
 //   w0..w7, b0..b7: the layers' W (N, K) and b (N) (a 1-element dummy when absent)
 //   y_out (M, N_out): the output (forward mode); dx_out (M, K0): dL/dx (wrt_input)
-//   partials [gridDim.x][P]: block b's [dW_0 | db_0 | dW_1 | ... | loss] in its slice
-// A block owns batch rows [blockIdx.x * rows_per_block, +rows_per_block) (see the top of
-// this file); dynamic shared memory: cfg H_SMEM elements of T.
+//   partials [slices][P]: slice s's [dW_0 | db_0 | dW_1 | ... | loss]
+//   slices: how many fixed batch slices the batch is cut into (the host's FUSED_BLOCKS, 132,
+//     or fewer for a small batch), independent of the card
+// Persistent blocks: the grid has min(slices, SM count) blocks and block b walks the slices
+// b, b + gridDim.x, ... in that order.  Slice s owns batch rows [s * rows_per_block,
+// +rows_per_block) and its own partial; every slice starts from the same state (shared memory
+// zero-filled, W staged again), so its bits do not depend on which block ran it or after
+// which slice, i.e. not on the card's SM count.  Dynamic shared memory: cfg H_SMEM elements of T.
 template <typename T, int MATH>
 __global__ void __launch_bounds__(fz::THREADS, 1)
 fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 sxk, i64 M,
@@ -788,7 +795,7 @@ fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 s
           const T* __restrict__ b0, const T* __restrict__ b1, const T* __restrict__ b2,
           const T* __restrict__ b3, const T* __restrict__ b4, const T* __restrict__ b5,
           const T* __restrict__ b6, const T* __restrict__ b7,
-          T* __restrict__ y_out, T* __restrict__ dx_out, T* __restrict__ partials) {
+          T* __restrict__ y_out, T* __restrict__ dx_out, T* __restrict__ partials, i64 slices) {
     using namespace fz;
     __shared__ i64 cfg[CFG_WORDS];
     __shared__ const T* ptrs[2 * MAX_LAYERS];
@@ -823,58 +830,62 @@ fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 s
     c.need_dx = (int)cfg[H_NEED_DX];
     c.K0 = (int)cfg[H_K0];
     const i64 P = cfg[H_P];
-    c.part = partials + (i64)blockIdx.x * P;
-    // zero-filled buffers: every padding element reads as an exact 0
     const int smem = (int)cfg[H_SMEM];
-    #pragma unroll 1
-    for (int i = threadIdx.x; i < smem; i += THREADS) sm[i] = T(0);
-    __syncthreads();
-    // every staged W into its [ceil16(N)][W_LD] buffer
-    for (int l = 0; l < c.L; ++l) {
-        const int wo = c.f(l, F_W);
-        if (wo < 0) continue;
-        const int K = c.f(l, F_K), N = c.f(l, F_N), ld = c.f(l, F_W_LD);
-        const T* w = c.W[l];
-        T* dst = sm + wo;
-        #pragma unroll 1
-        for (int e = threadIdx.x; e < N * K; e += THREADS) dst[(e / K) * ld + e % K] = w[e];
-    }
-    __syncthreads();
     const i64 rpb = cfg[H_RPB], R = cfg[H_R];
-    const i64 rb = (i64)blockIdx.x * rpb;
-    const i64 re = rb + rpb < M ? rb + rpb : M;
     const bool grad = c.mode == MODE_GRAD;
-    T loss = T(0);
-    for (i64 s0 = rb; s0 < re; s0 += R) {
-        const i64 s1 = s0 + R < re ? s0 + R : re;
-        if (c.wide && grad && c.need_dx) {
-            T* dxw = c.buf(c.h(H_DXW));
-            #pragma unroll 1
-            for (int i = threadIdx.x; i < WARPS * (int)R * MAX_K0; i += THREADS) dxw[i] = T(0);
-        }
-        for (i64 t0 = s0; t0 < s1; t0 += c.BT) {
-            const int rows = (int)(s1 - t0 < c.BT ? s1 - t0 : c.BT);
-            const int xr_off = (int)(t0 - s0);
-            stage_x(c, t0, rows, xr_off);
-            __syncthreads();
-            for (int l = c.wide ? 1 : 0; l < c.L; ++l) {
-                if (c.wide && l == 1) wide_forward<T, MATH>(c, t0, rows, xr_off, loss);
-                else narrow_forward<T, MATH>(c, l, t0, rows, xr_off, loss);
-                __syncthreads();
-            }
-            if (grad) narrow_backward<T, MATH>(c, t0, rows, xr_off, t0 == rb);
-        }
-        if (grad && c.wide) wide_backward<T, MATH>(c, s0, (int)(s1 - s0), s0 == rb);
-    }
-    if (c.mode != MODE_FORWARD) {  // block-uniform: every thread takes part
-        const T s = warp_sum(loss);
-        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+    #pragma unroll 1
+    for (i64 slice = blockIdx.x; slice < slices; slice += gridDim.x) {
+        c.part = partials + slice * P;
+        // zero-filled buffers: every padding element reads as an exact 0
+        #pragma unroll 1
+        for (int i = threadIdx.x; i < smem; i += THREADS) sm[i] = T(0);
         __syncthreads();
-        if (threadIdx.x == 0) {
-            T v = T(0);
-            for (int w = 0; w < WARPS; ++w) v += red[w];
-            c.part[cfg[H_VSLOT]] = v;
+        // every staged W into its [ceil16(N)][W_LD] buffer
+        for (int l = 0; l < c.L; ++l) {
+            const int wo = c.f(l, F_W);
+            if (wo < 0) continue;
+            const int K = c.f(l, F_K), N = c.f(l, F_N), ld = c.f(l, F_W_LD);
+            const T* w = c.W[l];
+            T* dst = sm + wo;
+            #pragma unroll 1
+            for (int e = threadIdx.x; e < N * K; e += THREADS) dst[(e / K) * ld + e % K] = w[e];
         }
+        __syncthreads();
+        const i64 rb = slice * rpb;
+        const i64 re = rb + rpb < M ? rb + rpb : M;
+        T loss = T(0);
+        for (i64 s0 = rb; s0 < re; s0 += R) {
+            const i64 s1 = s0 + R < re ? s0 + R : re;
+            if (c.wide && grad && c.need_dx) {
+                T* dxw = c.buf(c.h(H_DXW));
+                #pragma unroll 1
+                for (int i = threadIdx.x; i < WARPS * (int)R * MAX_K0; i += THREADS) dxw[i] = T(0);
+            }
+            for (i64 t0 = s0; t0 < s1; t0 += c.BT) {
+                const int rows = (int)(s1 - t0 < c.BT ? s1 - t0 : c.BT);
+                const int xr_off = (int)(t0 - s0);
+                stage_x(c, t0, rows, xr_off);
+                __syncthreads();
+                for (int l = c.wide ? 1 : 0; l < c.L; ++l) {
+                    if (c.wide && l == 1) wide_forward<T, MATH>(c, t0, rows, xr_off, loss);
+                    else narrow_forward<T, MATH>(c, l, t0, rows, xr_off, loss);
+                    __syncthreads();
+                }
+                if (grad) narrow_backward<T, MATH>(c, t0, rows, xr_off, t0 == rb);
+            }
+            if (grad && c.wide) wide_backward<T, MATH>(c, s0, (int)(s1 - s0), s0 == rb);
+        }
+        if (c.mode != MODE_FORWARD) {  // block-uniform: every thread takes part
+            const T s = warp_sum(loss);
+            if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                T v = T(0);
+                for (int w = 0; w < WARPS; ++w) v += red[w];
+                c.part[cfg[H_VSLOT]] = v;
+            }
+        }
+        __syncthreads();  // the next slice zero-fills what this one's last readers read
     }
 }
 

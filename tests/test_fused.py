@@ -128,7 +128,9 @@ def case_fused_sanitizer_subset(be, xp, rng, monkeypatch):
     wrt_input, targets, both dtypes, DMMA / FMA / 3xTF32): what compute-sanitizer checks on a
     GPU and the emulator's address / thread modes check on the CPU."""
     monkeypatch.setattr(fl, "WIDE_MIN", 24)
-    monkeypatch.setattr(fl, "FUSED_BLOCKS", 2)
+    monkeypatch.setattr(fl, "FUSED_BLOCKS", 3)
+    # emulator: 2 persistent blocks for the 3 slices, so one block walks two of them
+    monkeypatch.setattr(be.fused, "simulated_sms", 2)
     case_fused(be, xp, rng, [3, 21, 6, 2], ["tanh", "elu", "identity"], "float64", 53,
                need_dx=True, target=True, wide=False)
     case_fused(be, xp, rng, [2, 40, 9, 1], ["softplus", "relu", "identity"], "float64", 150,

@@ -337,3 +337,62 @@ def test_a_capture_records_only_its_own_threads_launches(emu_be):
     y = box[0]
     W, b = params[0]
     np.testing.assert_allclose(y, np.tanh(x @ W.T + b), rtol=1e-12)
+
+
+# -- persistent fused blocks: the bits do not depend on the SM count -------------------------
+@pytest.mark.emulator
+@pytest.mark.parametrize("dtype,sizes,wide", [("float64", (3, 17, 5, 2), False),
+                                              ("float32", (1, 40, 6, 1), True)])
+def test_fused_bits_are_independent_of_the_sm_count(emu_be, monkeypatch, dtype, sizes, wide):
+    """A fixed number of slices (here 9, so the emulator runs quickly) walked by
+    min(slices, SMs) persistent blocks: 1, 2, 4, 8, 9 and 132 simulated SMs give the same bits
+    and launch that many blocks (before: always one block per slice)."""
+    import numpy as np
+
+    from cupynn.backends import cuda_fused_layout as fl
+    from cupynn.backends.base import LayerSpec, LossSpec, NetSpec
+
+    monkeypatch.setattr(fl, "FUSED_BLOCKS", 9)
+    monkeypatch.setattr(fl, "WIDE_MIN", 24)
+    rng = np.random.default_rng(4)
+    acts = ["tanh"] * (len(sizes) - 2) + ["identity"]
+    net = NetSpec(tuple(LayerSpec(i, o, a, True) for i, o, a in zip(sizes, sizes[1:], acts)),
+                  np.dtype(dtype), "strict")
+    params = [(rng.standard_normal((o, i)).astype(dtype), rng.standard_normal(o).astype(dtype))
+              for i, o in zip(sizes, sizes[1:])]
+    M = 280  # 9 slices of 32 rows, the last one 24
+    x = rng.standard_normal((M, sizes[0])).astype(dtype)
+    t = rng.standard_normal((M, sizes[-1])).astype(dtype)
+    be = emu_be
+    lay = be.fused.layout(net, M, fl.MODE_GRAD, loss=LossSpec("mse", t))
+    assert isinstance(lay, fl.FusedLayout) and lay.wide == wide and lay.grid == 9
+    grids = []
+    real = be.fused._launch
+
+    def spy(rng_, name, fn, grid3, args, smem=0):
+        grids.append((name, grid3))
+        return real(rng_, name, fn, grid3, args, smem)
+
+    monkeypatch.setattr(be.fused, "_launch", spy)
+    results = {}
+    for sms in (132, 9, 8, 4, 2, 1):
+        monkeypatch.setattr(be.fused, "simulated_sms", sms)
+        grids.clear()
+        v, g, dx = be.network_value_and_grad(net, params, x, LossSpec("mse", t), need_dx=not wide)
+        assert grids[0] == (lay.kernel, (min(9, sms), 1, 1)), grids
+        results[sms] = [np.asarray(v).copy()] + [a.copy() for pair in g for a in pair] + (
+            [] if dx is None else [dx.copy()])
+    ref = results[132]
+    for sms, got in results.items():
+        for a, b in zip(got, ref):
+            assert a.tobytes() == b.tobytes(), f"{sms} SMs: bits differ"
+    want = _reference_mse(net, params, x, t, need_dx=not wide)
+    np.testing.assert_allclose(ref[0], want[0], rtol=1e-4 if dtype == "float32" else 1e-10)
+
+
+def _reference_mse(net, params, x, t, need_dx):
+    from cupynn.backends import get_backend
+    from cupynn.backends.base import LossSpec
+
+    return get_backend("cpu").network_value_and_grad(net, params, x, LossSpec("mse", t),
+                                                     need_dx=need_dx)

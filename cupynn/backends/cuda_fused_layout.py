@@ -49,8 +49,14 @@ WIDE_MIN = 257          # a fan-in <= MAX_K0 first layer this wide is recomputed
 TILE_ROWS = (128, 64, 32, 16)
 SUPER_TILES = (8, 4, 2, 1)  # wide: dz1 of this many tiles is collected before its backward
 SUPER_PREFER = 256          # wide: super-tiles of up to this many rows come before taller tiles
-# Blocks a batch is split into: a fixed number (an H100/H200's SM count), not the device's, so
-# the summation order -- hence the bits -- is the same on every card.
+# Slices a batch is split into: a fixed number (an H100 SXM / H200's SM count), not the
+# device's.  fused_mlp runs min(slices, SM count) persistent blocks that walk the slices in a
+# fixed order, and fused_reduce sums the slices' partials in slice order, so the summation
+# order -- hence the bits -- does not depend on the SM count (a 108-SM A100 or a 114-SM H100
+# PCIe gets the same bits as a 132-SM H100 SXM of the same architecture).  What it cannot
+# promise: the same bits across architectures -- the tensor cores' internal accumulation
+# differs (sm_80: chains of DMMA.8x8x4; sm_90: DMMA.16x8x16), so the guarantee is "same card
+# type (architecture), same inputs: same bits, for any SM count".
 FUSED_BLOCKS = 132
 # Every block keeps a partial of every parameter (FUSED_BLOCKS x P workspace, all of it read
 # by the reduction): beyond this many parameters the per-layer path's reductions are cheaper.
@@ -138,8 +144,8 @@ class FusedLayout:
     wide: bool
     tile_rows: int          # BT
     super_rows: int         # R (wide: dz1 rows collected before the first layer's backward)
-    rows_per_block: int
-    grid: int
+    rows_per_block: int     # rows of one slice
+    grid: int               # slices (<= FUSED_BLOCKS); fused_mlp launches min(grid, SMs) blocks
     partial_stride: int     # P: elements of one block's partial slice (value slot last)
     param_offsets: tuple    # ((dW offset, db offset or -1), ...) per layer, in the slice
     smem_bytes: int         # dynamic shared memory per block
