@@ -118,6 +118,28 @@ template <typename T, int TILE, int MATH> struct Gemm {
 
     struct __align__(16) Vec { T v[VEC]; };
 
+    // XOR swizzle of the shared tiles: element (k, i) of a tile lives at column i ^ swz<G>(k)
+    // of row k.  Why: a loader whose k index is the fast one (x, dz, W^T: most of them)
+    // stores a warp's 32 elements down 16 (or 8) k rows; with the row stride at 8 banks mod 32
+    // those rows fall on 4 banks, a 4-way (BK = 8: 2-way) conflict on every stash store.  The
+    // swizzle spreads the rows' columns over the banks, and since it is constant along a row
+    // (and within the k quad an mma fragment reads), the fragment reads keep the banks they
+    // had.  G: elements a read keeps contiguous (1 for mma fragments; the FMA path's vector
+    // width, so a 16-byte vector is never split).  tests/test_gpu_hardening.py's bank model
+    // counts, per warp access: mma modes conflict-free everywhere; the FMA path's 16-byte
+    // vectors leave its BK = 16 stores 2-way (4-way before) and make BK = 8 conflict-free.
+    static constexpr int WAVE = 128 / (int)sizeof(T);  // lanes of one shared-memory wavefront
+    // LEN: the tile's row length (BM or BN); a tile narrower than 8 granules (the GEMV's
+    // BN = 1) is not swizzled.
+    template <int G, int LEN> static __device__ __forceinline__ int swz(int k) {
+        if constexpr (LEN % (8 * G) != 0) return 0;
+        else if constexpr (G == 1) return ((k >> 2) * (WAVE / BK)) & 7;
+        else return ((k >> (BK >= 16 ? 1 : 2)) * G) & (8 * G - 1);
+    }
+    static constexpr int GA = MMA ? 1 : VM, GB = MMA ? 1 : VN;  // swizzle granules of A, B
+    static __device__ __forceinline__ int swz_a(int k) { return swz<GA, BM>(k); }
+    static __device__ __forceinline__ int swz_b(int k) { return swz<GB, BN>(k); }
+
     T acc[NACC];
 
     __device__ __forceinline__ void zero() {
@@ -134,19 +156,20 @@ template <typename T, int TILE, int MATH> struct Gemm {
     static __device__ __forceinline__ int fma_row(int ty, int i) { return frag_index<VM, TY>(ty, i); }
     static __device__ __forceinline__ int fma_col(int tx, int j) { return frag_index<VN, TX>(tx, j); }
 
-    // dst[i] = line[frag_index<V, NT>(t, i)], with 16-byte vector reads when V > 1.
+    // dst[i] = line[frag_index<V, NT>(t, i) ^ sw] (sw: the row's swizzle, a multiple of V),
+    // with 16-byte vector reads when V > 1.
     template <int N, int V, int NT>
-    static __device__ __forceinline__ void load_fragment(T (&dst)[N], const T* line, int t) {
+    static __device__ __forceinline__ void load_fragment(T (&dst)[N], const T* line, int t, int sw) {
         if constexpr (V > 1) {
 #pragma unroll
             for (int i = 0; i < N; i += V) {
-                const Vec v = *reinterpret_cast<const Vec*>(&line[frag_index<V, NT>(t, i)]);
+                const Vec v = *reinterpret_cast<const Vec*>(&line[frag_index<V, NT>(t, i) ^ sw]);
 #pragma unroll
                 for (int u = 0; u < V; ++u) dst[i + u] = v.v[u];
             }
         } else {
 #pragma unroll
-            for (int i = 0; i < N; ++i) dst[i] = line[frag_index<1, NT>(t, i)];
+            for (int i = 0; i < N; ++i) dst[i] = line[frag_index<1, NT>(t, i) ^ sw];
         }
     }
 
@@ -226,14 +249,14 @@ template <typename T, int TILE, int MATH> struct Gemm {
             const int e = tid + q * GEMM_THREADS;
             int rr, kk;
             tile_coord<LA::C_FAST, BM, BK>(e, rr, kk);
-            if (e < BM * BK) sm.a[stage][kk][rr] = ra[q];
+            if (e < BM * BK) sm.a[stage][kk][rr ^ swz_a(kk)] = ra[q];
         }
 #pragma unroll
         for (int q = 0; q < NB; ++q) {
             const int e = tid + q * GEMM_THREADS;
             int kk, cc;
             tile_coord<LB::C_FAST, BK, BN>(e, kk, cc);
-            if (e < BK * BN) sm.b[stage][kk][cc] = rb[q];
+            if (e < BK * BN) sm.b[stage][kk][cc ^ swz_b(kk)] = rb[q];
         }
     }
 
@@ -269,8 +292,8 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
                 T a[TM], b[TN];
-                load_fragment<TM, VM, TY>(a, sm.a[stage][kk], ty);
-                load_fragment<TN, VN, TX>(b, sm.b[stage][kk], tx);
+                load_fragment<TM, VM, TY>(a, sm.a[stage][kk], ty, swz_a(kk));
+                load_fragment<TN, VN, TX>(b, sm.b[stage][kk], tx, swz_b(kk));
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -289,11 +312,13 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 4) {
                 double a[MI], b[NI];
-                // A fragment (8x4, row): lane holds A(g, t); B (4x8, col): B(t, g).
+                // A fragment (8x4, row): lane holds A(g, t); B (4x8, col): B(t, g).  Rows
+                // kk..kk+3 share one swizzle (kk % 4 == 0): g ^ sw stays in the 8 columns.
+                const int ga = g ^ swz_a(kk), gb = g ^ swz_b(kk);
 #pragma unroll
-                for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + g];
+                for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + ga];
 #pragma unroll
-                for (int j = 0; j < NI; ++j) b[j] = sm.b[stage][kk + t][wc + j * 8 + g];
+                for (int j = 0; j < NI; ++j) b[j] = sm.b[stage][kk + t][wc + j * 8 + gb];
 #pragma unroll
                 for (int i = 0; i < MI; ++i)
 #pragma unroll
@@ -310,12 +335,16 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 8) {
                 unsigned ah[MI][4], al[MI][4], bh[NI][2], bl[NI][2];
+                // rows kk..kk+3 and kk+4..kk+7 each share one swizzle (see swz)
+                const int g0 = g ^ swz_a(kk), g4 = g ^ swz_a(kk + 4);
+                const int h0 = g ^ swz_b(kk), h4 = g ^ swz_b(kk + 4);
 #pragma unroll
                 for (int i = 0; i < MI; ++i) {
                     // A fragment (16x8, row): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
-                    const float v[4] = {sm.a[stage][kk + t][wr + i * 16 + g], sm.a[stage][kk + t][wr + i * 16 + g + 8],
-                                        sm.a[stage][kk + t + 4][wr + i * 16 + g],
-                                        sm.a[stage][kk + t + 4][wr + i * 16 + g + 8]};
+                    const float v[4] = {sm.a[stage][kk + t][wr + i * 16 + g0],
+                                        sm.a[stage][kk + t][wr + i * 16 + g0 + 8],
+                                        sm.a[stage][kk + t + 4][wr + i * 16 + g4],
+                                        sm.a[stage][kk + t + 4][wr + i * 16 + g4 + 8]};
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         if constexpr (MATH == MATH_3XTF32) split_tf32(v[q], ah[i][q], al[i][q]);
@@ -325,7 +354,7 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
                 for (int j = 0; j < NI; ++j) {
                     // B fragment (8x8, col): b0 (k = t, n = g), b1 (k = t+4, n = g)
-                    const float v[2] = {sm.b[stage][kk + t][wc + j * 8 + g], sm.b[stage][kk + t + 4][wc + j * 8 + g]};
+                    const float v[2] = {sm.b[stage][kk + t][wc + j * 8 + h0], sm.b[stage][kk + t + 4][wc + j * 8 + h4]};
 #pragma unroll
                     for (int q = 0; q < 2; ++q) {
                         if constexpr (MATH == MATH_3XTF32) split_tf32(v[q], bh[j][q], bl[j][q]);

@@ -396,3 +396,160 @@ def _reference_mse(net, params, x, t, need_dx):
 
     return get_backend("cpu").network_value_and_grad(net, params, x, LossSpec("mse", t),
                                                      need_dx=need_dx)
+
+
+# -- shared-memory bank model of kernels/gemm.cuh's tiles --------------------------------------
+_FMA, _DMMA, _TF32 = "fma", "dmma", "tf32"
+
+
+def _gemm_source() -> str:
+    from cupynn import _loader
+
+    return (_loader.KERNEL_DIR / "gemm.cuh").read_text()
+
+
+def _tile_shapes() -> dict:
+    import re
+
+    shapes = {}
+    for m in re.finditer(r"template <> struct TileShape<(\d)> \{[^\n]*\n\s*static constexpr int ([^;]+);",
+                         _gemm_source()):
+        shapes[int(m.group(1))] = {k.strip(): int(v) for k, v in
+                                   (kv.split("=") for kv in m.group(2).split(","))}
+    assert sorted(shapes) == [0, 1, 2, 3, 4, 5], shapes
+    return shapes
+
+
+def _shape(tile, E, math):
+    s = dict(_tile_shapes()[tile])
+    if tile == 4 and E == 4 and math == _FMA:  # Gemm::BK: 16-deep K steps for FMA float there
+        s["BK"] = 16
+    s["PAD"] = 4 if E == 8 else 8
+    vec = 16 // E
+    s["VM"] = vec if s["TM"] % vec == 0 else 1
+    s["VN"] = vec if s["TN"] % vec == 0 else 1
+    s["TX"], s["TY"] = s["BN"] // s["TN"], s["BM"] // s["TM"]
+    return s
+
+
+def _swz(E, BK, G, length):
+    """Gemm::swz<G, LEN> (kernels/gemm.cuh), in Python."""
+    wave = 128 // E
+    if length % (8 * G):
+        return lambda k: 0
+    if G == 1:
+        return lambda k: ((k >> 2) * (wave // BK)) & 7
+    return lambda k: ((k >> (1 if BK >= 16 else 2)) * G) & (8 * G - 1)
+
+
+def _wavefronts(words, nbytes):
+    """Shared-memory wavefronts of one warp access (each lane reads/writes nbytes at word
+    address words[lane], None: inactive) and the conflict-free minimum: the warp is served in
+    phases of 128 bytes; within a phase, distinct words in one bank serialize."""
+    from collections import defaultdict
+
+    per_phase = 32 if nbytes <= 4 else 128 // nbytes
+    total = 0
+    for p in range(0, 32, per_phase):
+        banks = defaultdict(set)
+        for a in words[p:p + per_phase]:
+            if a is not None:
+                for w in range(nbytes // 4):
+                    banks[(a + w) % 32].add(a + w)
+        total += max((len(v) for v in banks.values()), default=0)
+    return total, -(-32 * nbytes // 128)
+
+
+def _bank_report(tile, E, math, swizzled=True):
+    """Wavefronts per access over the ideal, per kind of access: the stash stores of both
+    operands for both loader orientations (C_FAST), and the fragment reads of the mode."""
+    from collections import defaultdict
+
+    s = _shape(tile, E, math)
+    BM, BN, BK, PAD = s["BM"], s["BN"], s["BK"], s["PAD"]
+    mma = math != _FMA and s["WM"] > 0
+    ga, gb = (1, 1) if mma else (s["VM"], s["VN"])
+    sa = _swz(E, BK, ga, BM) if swizzled else (lambda k: 0)
+    sb = _swz(E, BK, gb, BN) if swizzled else (lambda k: 0)
+
+    def word(k, i, ld, sw):
+        return (k * ld + (i ^ sw(k))) * E // 4
+
+    acc = defaultdict(lambda: [0, 0])
+
+    def add(what, words, nbytes):
+        w, ideal = _wavefronts(words, nbytes)
+        acc[what][0] += w
+        acc[what][1] += ideal
+
+    for operand, n0, n1 in (("a", BM, BK), ("b", BK, BN)):
+        for cfast in (True, False):
+            for q in range(-(-n0 * n1 // 256)):
+                for warp in range(8):
+                    words = []
+                    for lane in range(32):
+                        e = warp * 32 + lane + q * 256
+                        if e >= n0 * n1:
+                            words.append(None)
+                            continue
+                        i0, i1 = (e // n1, e % n1) if cfast else (e % n0, e // n0)
+                        words.append(word(i1, i0, BM + PAD, sa) if operand == "a"
+                                     else word(i0, i1, BN + PAD, sb))
+                    add(f"store {operand} fast={'k' if (cfast == (operand == 'a')) else 'i'}", words, E)
+    if not mma:
+        TX, TY, TM, TN, VM, VN = (s[k] for k in ("TX", "TY", "TM", "TN", "VM", "VN"))
+        for kk in range(BK):
+            for warp in range(8):
+                tids = [warp * 32 + lane for lane in range(32)]
+                for i in range(0, TM, VM):
+                    add("read a", [word(kk, (i // VM) * TY * VM + (t // TX) * VM, BM + PAD, sa)
+                                   for t in tids], E * VM)
+                for j in range(0, TN, VN):
+                    add("read b", [word(kk, (j // VN) * TX * VN + (t % TX) * VN, BN + PAD, sb)
+                                   for t in tids], E * VN)
+    else:
+        WM, WN = s["WM"], s["WN"]
+        WTM, WTN = BM // WM, BN // WN
+        rows = 8 if math == _DMMA else 16
+        ks = [(0, 0)] if math == _DMMA else [(0, 0), (0, 8), (4, 0), (4, 8)]
+        for kk in range(0, BK, 4 if math == _DMMA else 8):
+            for warp in range(8):
+                wr, wc = (warp % WM) * WTM, (warp // WM) * WTN
+                for i in range(WTM // rows):
+                    for dk, dr in ks:
+                        add("read a", [word(kk + (ln & 3) + dk, wr + i * rows + (ln >> 2) + dr,
+                                            BM + PAD, sa) for ln in range(32)], E)
+                for j in range(WTN // 8):
+                    for dk in sorted({d for d, _ in ks}):
+                        add("read b", [word(kk + (ln & 3) + dk, wc + j * 8 + (ln >> 2), BN + PAD, sb)
+                                       for ln in range(32)], E)
+    return {k: v[0] / v[1] for k, v in acc.items()}
+
+
+def test_the_bank_model_mirrors_gemm_cuh():
+    """The model's swizzle is the kernel's (a change to one must be made to the other)."""
+    src = _gemm_source()
+    assert "if constexpr (LEN % (8 * G) != 0) return 0;" in src
+    assert "else if constexpr (G == 1) return ((k >> 2) * (WAVE / BK)) & 7;" in src
+    assert "else return ((k >> (BK >= 16 ? 1 : 2)) * G) & (8 * G - 1);" in src
+    assert "static constexpr int WAVE = 128 / (int)sizeof(T);" in src
+    assert "sm.a[stage][kk][rr ^ swz_a(kk)]" in src and "sm.b[stage][kk][cc ^ swz_b(kk)]" in src
+
+
+@pytest.mark.parametrize("E,math", [(8, _DMMA), (4, _TF32), (8, _FMA), (4, _FMA)])
+@pytest.mark.parametrize("tile", [2, 3, 4, 5])
+def test_shared_tiles_bank_conflicts(E, math, tile):
+    """Per warp access: the k-fast stash stores were 4-way (BK 16) / 2-way (BK 8) conflicted;
+    swizzled, the mma modes are conflict-free in every store and fragment read, and the FMA
+    path (16-byte vector reads) has conflict-free reads, 2-way BK-16 stores, conflict-free
+    BK-8 stores."""
+    before = _bank_report(tile, E, math, swizzled=False)
+    after = _bank_report(tile, E, math)
+    BK = _shape(tile, E, math)["BK"]
+    assert before["store a fast=k"] == (4.0 if BK == 16 else 2.0)
+    for what, ratio in after.items():
+        if what.startswith("read") or what.endswith("fast=i") or math != _FMA or BK == 8:
+            assert ratio <= 1.0, (what, ratio, after)
+        else:
+            assert ratio <= 2.0, (what, ratio, after)
+        assert ratio <= before[what], (what, ratio, before[what])
