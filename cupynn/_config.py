@@ -86,8 +86,8 @@ def _fused_info() -> dict[str, Any]:
 
     return {"enabled": fl.enabled(),
             "networks": (f"every layer <= {fl.NARROW_MAX} wide, or a first layer <= "
-                         f"{fl.WIDE_MAX} wide with fan-in <= {fl.MAX_K0}; <= {fl.MAX_LAYERS} "
-                         "layers, built-in losses")}
+                         f"{fl.WIDE_MAX} wide with fan-in <= {fl.MAX_K0} and a second <= "
+                         f"{fl.WIDE_N1_MAX} wide; <= {fl.MAX_LAYERS} layers, built-in losses")}
 
 
 # The first CuPy whose on-disk kernel cache serves modules built with ``name_expressions``

@@ -50,7 +50,7 @@ def compile_options(arch: str | None = None) -> tuple[str, ...]:
     return tuple(opts)
 
 
-# What CuPy (14.x, cupy/cuda/compiler.py) appends to our options before NVRTC sees them, after
+# What CuPy (14.x, its cuda.compiler module) appends to our options before NVRTC sees them, after
 # them: -ftz=true (float32 subnormal results and inputs are flushed to zero; CuPy adds it last,
 # so no option of ours can undo it), then -arch=sm_XY and --device-as-default-execution-space.
 # tests/test_gpu_hardening.py records what CuPy really passes and checks it against this.

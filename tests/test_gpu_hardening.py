@@ -553,3 +553,25 @@ def test_shared_tiles_bank_conflicts(E, math, tile):
         else:
             assert ratio <= 2.0, (what, ratio, after)
         assert ratio <= before[what], (what, ratio, before[what])
+
+
+def test_wide_first_layer_cliff_takes_the_per_layer_path():
+    """N1 > 24 after a wide first layer (the fused kernel's cliff) is excluded, and the CUDA
+    backend's execution_path says why; N1 <= 24 (the seed's 20) stays fused."""
+    import numpy as np
+
+    from cupynn.backends.base import LayerSpec, NetSpec
+    from cupynn.backends.cuda_backend import CudaBackend
+    from cupynn.bench.host_overhead import NullModule
+
+    be = CudaBackend(xp=np, module_cls=NullModule)
+
+    def net(n1):
+        return NetSpec((LayerSpec(1, 1000, "tanh", True), LayerSpec(1000, n1, "tanh", True),
+                        LayerSpec(n1, 1, "identity", True)), np.dtype("float64"), "strict")
+
+    assert be.execution_path(net(20), 10_000) == "fused"
+    assert be.execution_path(net(24), 10_000) == "fused"
+    for n1 in (25, 64, 256):
+        why = be.execution_path(net(n1), 10_000)
+        assert why.startswith("per-layer: ") and "re-reads W1 from L2" in why, why

@@ -46,6 +46,12 @@ WIDE_PW = WARPS * 32 * (20 + 28)          # wide backward: 32 x 16 (+4) and 32 x
 NARROW_MAX = 256
 WIDE_MAX = 4096
 WIDE_MIN = 257          # a fan-in <= MAX_K0 first layer this wide is recomputed, not stored
+# The wide class's second layer: up to one 24-column pass (FNW n8 tiles).  Wider, the wide
+# forward re-reads W1 from L2 at every 16-row step and recomputes h0 once per 24-column pass
+# (N1 / 24 times), and the backward keeps a 24-column W1 slice per warp: a cliff the static
+# counts put below the per-layer path, so such networks take the per-layer path (execution_path
+# says why) until a GPU run says otherwise (bench/RESULTS.md).
+WIDE_N1_MAX = FNW * 8
 TILE_ROWS = (128, 64, 32, 16)
 SUPER_TILES = (8, 4, 2, 1)  # wide: dz1 of this many tiles is collected before its backward
 SUPER_PREFER = 256          # wide: super-tiles of up to this many rows come before taller tiles
@@ -180,6 +186,11 @@ def _classify(net: NetSpec) -> tuple[bool, str | None]:
         return False, f"{L} layers (the fused kernel takes at most {MAX_LAYERS})"
     first = layers[0]
     wide = (L >= 2 and first.in_features <= MAX_K0 and WIDE_MIN <= first.out_features <= WIDE_MAX)
+    if wide and layers[1].out_features > WIDE_N1_MAX:
+        return wide, (f"a wide first layer ({first.out_features} units, fan-in {first.in_features}) "
+                      f"feeding a {layers[1].out_features}-wide layer: past {WIDE_N1_MAX} columns "
+                      f"the fused kernel re-reads W1 from L2 every 16 rows and recomputes the first "
+                      f"layer once per {WIDE_N1_MAX}-column pass, slower than the per-layer path")
     for l, s in enumerate(layers):
         if l == 0 and wide:
             continue
