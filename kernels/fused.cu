@@ -67,6 +67,29 @@ constexpr int CFG_WORDS = HEADER + LAYER_WORDS * MAX_LAYERS;
 __device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
 __device__ __forceinline__ int pad8(int n) { return (n + 7) & ~7; }
 
+// Global loads in flight per thread in the staging loops (W, x, targets): the loads of
+// STAGE_U iterations issue before any of their uses, instead of one load per round trip.
+constexpr int STAGE_U = 4;
+
+// for e in [0, n) (thread-strided): store(e, load(e)), with STAGE_U loads in flight.
+template <typename T, class Ld, class St>
+__device__ __forceinline__ void copy_in_flight(int n, Ld&& load, St&& store) {
+    #pragma unroll 1
+    for (int e0 = threadIdx.x; e0 < n; e0 += STAGE_U * THREADS) {
+        T v[STAGE_U];
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; ++u) {
+            const int e = e0 + u * THREADS;
+            v[u] = e < n ? load(e) : T(0);
+        }
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; ++u) {
+            const int e = e0 + u * THREADS;
+            if (e < n) store(e, v[u]);
+        }
+    }
+}
+
 // The fan-in of a recomputed first layer: 1 (the seed's) as a compile-time constant,
 // f(Fan<1>{}), else f(Fan<0>{}) with k0 <= MAX_K0 at run time (predicated).
 template <int K> struct Fan { static constexpr int value = K; };
@@ -343,26 +366,40 @@ __device__ __noinline__ void layer_epilogue(const Ctx<T>& c, int l, i64 t0, int 
     const T* tg = c.has_t ? c.target : nullptr;
     const int nrows = fwd ? rows : rp;
     T acc = T(0);
+    const int n_el = nrows * N;
     with_activation(c.f(l, F_ACT), [&](auto a) {
         constexpr int A = decltype(a)::id;
+        // STAGE_U elements per round: their bias and target loads issue first
 #pragma unroll 1
-        for (int e = threadIdx.x; e < nrows * N; e += THREADS) {
-            const int m = e / N, n = e % N;
-            const T zz = b ? o[m * ld + n] + b[n] : o[m * ld + n];
-            const T yy = act_forward<A>(zz);
-            if (!last) {
-                o[m * ld + n] = yy;
-                if (z) z[m * ld + n] = zz;
-            } else if (fwd) {
-                c.y_out[(t0 + m) * N + n] = yy;
-            } else {
-                T d = T(0);
-                if (m < rows) {
-                    const T r = tg ? yy - tg[(t0 + m) * N + n] : yy;
-                    acc += r * r;
-                    if (dz) d = r * c.two_scale * act_derivative<A>(act_saved<A>(zz, yy));
+        for (int e0 = threadIdx.x; e0 < n_el; e0 += STAGE_U * THREADS) {
+            T bv[STAGE_U], tv[STAGE_U];
+#pragma unroll
+            for (int u = 0; u < STAGE_U; ++u) {
+                const int e = e0 + u * THREADS, m = e / N, n = e % N;
+                bv[u] = (b && e < n_el) ? b[n] : T(0);
+                tv[u] = (tg && last && e < n_el && m < rows) ? tg[(t0 + m) * N + n] : T(0);
+            }
+#pragma unroll
+            for (int u = 0; u < STAGE_U; ++u) {
+                const int e = e0 + u * THREADS;
+                if (e >= n_el) break;
+                const int m = e / N, n = e % N;
+                const T zz = b ? o[m * ld + n] + bv[u] : o[m * ld + n];
+                const T yy = act_forward<A>(zz);
+                if (!last) {
+                    o[m * ld + n] = yy;
+                    if (z) z[m * ld + n] = zz;
+                } else if (fwd) {
+                    c.y_out[(t0 + m) * N + n] = yy;
+                } else {
+                    T d = T(0);
+                    if (m < rows) {
+                        const T r = tg ? yy - tv[u] : yy;
+                        acc += r * r;
+                        if (dz) d = r * c.two_scale * act_derivative<A>(act_saved<A>(zz, yy));
+                    }
+                    if (dz) dz[m * dld + n] = d;
                 }
-                if (dz) dz[m * dld + n] = d;
             }
         }
     });
@@ -524,18 +561,16 @@ __device__ __forceinline__ void stage_x(const Ctx<T>& c, i64 t0, int rows, int x
     if (!c.wide) {
         T* xs = c.buf(c.h(H_XS));
         const int ld = c.h(H_XS_LD);
-        #pragma unroll 1
-        for (int e = threadIdx.x; e < BT * K0; e += THREADS) {
+        copy_in_flight<T>(BT * K0, [&](int e) {
             const int r = e / K0, k = e % K0;
-            xs[r * ld + k] = r < rows ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
-        }
+            return r < rows ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
+        }, [&](int e, T v) { xs[(e / K0) * ld + e % K0] = v; });
     } else {
         T* xr = c.buf(c.h(H_XR)) + xr_off * MAX_K0;
-        #pragma unroll 1
-        for (int e = threadIdx.x; e < BT * MAX_K0; e += THREADS) {
+        copy_in_flight<T>(BT * MAX_K0, [&](int e) {
             const int r = e / MAX_K0, k = e % MAX_K0;
-            xr[e] = (r < rows && k < K0) ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
-        }
+            return (r < rows && k < K0) ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
+        }, [&](int e, T v) { xr[e] = v; });
     }
 }
 
@@ -847,8 +882,8 @@ fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 s
             const int K = c.f(l, F_K), N = c.f(l, F_N), ld = c.f(l, F_W_LD);
             const T* w = c.W[l];
             T* dst = sm + wo;
-            #pragma unroll 1
-            for (int e = threadIdx.x; e < N * K; e += THREADS) dst[(e / K) * ld + e % K] = w[e];
+            copy_in_flight<T>(N * K, [&](int e) { return w[e]; },
+                              [&](int e, T v) { dst[(e / K) * ld + e % K] = v; });
         }
         __syncthreads();
         const i64 rb = slice * rpb;
