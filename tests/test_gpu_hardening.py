@@ -575,3 +575,37 @@ def test_wide_first_layer_cliff_takes_the_per_layer_path():
     for n1 in (25, 64, 256):
         why = be.execution_path(net(n1), 10_000)
         assert why.startswith("per-layer: ") and "re-reads W1 from L2" in why, why
+
+
+@pytest.mark.emulator
+def test_finer_slices_keep_the_bits_across_sm_counts(emu_be, monkeypatch):
+    """SLICE_SPLIT: FUSED_BLOCKS * split slices for a large batch (here 3 * 4 = 12 slices of
+    a 1,600-row batch), walked by 3, 2 or 1 persistent blocks: same bits, right values."""
+    import numpy as np
+
+    from cupynn.backends import cuda_fused_layout as fl
+    from cupynn.backends.base import LayerSpec, LossSpec, NetSpec
+
+    monkeypatch.setattr(fl, "FUSED_BLOCKS", 3)
+    monkeypatch.setattr(fl, "SLICE_SPLIT", 4)
+    rng = np.random.default_rng(9)
+    net = NetSpec((LayerSpec(2, 6, "tanh", True), LayerSpec(6, 1, "identity", True)),
+                  np.dtype("float64"), "strict")
+    params = [(rng.standard_normal((6, 2)), rng.standard_normal(6)),
+              (rng.standard_normal((1, 6)), rng.standard_normal(1))]
+    M = 1600
+    x = rng.standard_normal((M, 2))
+    be = emu_be
+    lay = be.fused.layout(net, M, fl.MODE_GRAD, loss=LossSpec("sum_squares"))
+    assert isinstance(lay, fl.FusedLayout) and lay.grid == 12, lay
+    half = be.fused.layout(net, 1000, fl.MODE_GRAD, loss=LossSpec("sum_squares"))
+    assert half.grid == 6  # 2 x 3 slices: 4 x 3 would be under 128 rows each
+    small = be.fused.layout(net, 700, fl.MODE_GRAD, loss=LossSpec("sum_squares"))
+    assert small.grid <= 3  # below 128 rows per slice: no finer slices
+    out = {}
+    for sms in (3, 2, 1):
+        monkeypatch.setattr(be.fused, "simulated_sms", sms)
+        v, g, _ = be.network_value_and_grad(net, params, x, LossSpec("sum_squares"))
+        out[sms] = b"".join(a.tobytes() for a in [np.asarray(v)] + [t for pair in g for t in pair])
+    assert out[1] == out[2] == out[3]
+    _assert_same((v, g, None), _reference(net, params, x), "12 slices")

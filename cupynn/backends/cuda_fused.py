@@ -106,9 +106,10 @@ class FusedRunner:
         return n
 
     def blocks(self, lay: FusedLayout) -> int:
-        """fused_mlp's grid: min(slices, SM count) persistent blocks, each walking its share
-        of the layout's fixed slices (one wave on any card; the bits do not change)."""
-        return max(1, min(lay.grid, self.sm_count()))
+        """fused_mlp's grid: min(slices, SM count, FUSED_BLOCKS) persistent blocks, each
+        walking its share of the layout's fixed slices (one wave on any card; the bits do
+        not change)."""
+        return max(1, min(lay.grid, self.sm_count(), _fl.FUSED_BLOCKS))
 
     # -- path choice ------------------------------------------------------------------------
     def smem_limit(self) -> int:
@@ -146,7 +147,8 @@ class FusedRunner:
                   need_dx,
                   None if loss is None else loss.kind,
                   loss is not None and loss.target is not None,
-                  f64_mma_enabled(), _fl.WIDE_MIN, _fl.FUSED_BLOCKS, _fl._ENABLED_ENV,
+                  f64_mma_enabled(), _fl.WIDE_MIN, _fl.FUSED_BLOCKS, _fl.SLICE_SPLIT,
+                  _fl._ENABLED_ENV,
                   self.simulated_sms)
         last = self._last
         if last is not None and last[1] is net and last[0] == fields:

@@ -64,6 +64,14 @@ SUPER_PREFER = 256          # wide: super-tiles of up to this many rows come bef
 # differs (sm_80: chains of DMMA.8x8x4; sm_90: DMMA.16x8x16), so the guarantee is "same card
 # type (architecture), same inputs: same bits, for any SM count".
 FUSED_BLOCKS = 132
+# Finer slices for a large batch: FUSED_BLOCKS * SLICE_SPLIT slices (each at least a 128-row
+# tile; the partials of all of them within SLICE_WORKSPACE bytes, else fewer).  With 132
+# slices a 114-SM card still needs two slice times (18 blocks walk two); with 528, five
+# quarter-slices: ~1.25x a 132-SM card's time instead of 2x.  It multiplies the partials and
+# the reduction's reads by SLICE_SPLIT on every card, so it stays at 1 until a GPU run weighs
+# the two (bench/RESULTS.md); the kernel and the tests take any value.
+SLICE_SPLIT = 1
+SLICE_WORKSPACE = 64 << 20
 # Every block keeps a partial of every parameter (FUSED_BLOCKS x P workspace, all of it read
 # by the reduction): beyond this many parameters the per-layer path's reductions are cheaper.
 MAX_PARAMS = 1 << 18
@@ -254,12 +262,22 @@ def fused_layout(net: NetSpec, batch: int, *, mode: int, need_dx: bool = False,
                  f64_mma: bool = True):
     """A :class:`FusedLayout`, or a string saying why ``net`` at ``batch`` is not fused."""
     return _fused_layout(net, int(batch), int(mode), bool(need_dx), bool(has_target), loss,
-                         int(smem_limit), bool(f64_mma), WIDE_MIN, FUSED_BLOCKS)
+                         int(smem_limit), bool(f64_mma), WIDE_MIN, FUSED_BLOCKS, SLICE_SPLIT,
+                         SLICE_WORKSPACE)
+
+
+def _slices(batch: int, blocks: int, split: int, workspace: int, partial_bytes: int) -> int:
+    """How many fixed slices the batch is cut into (a function of the batch and the network
+    only, never of the card: the bits depend on it)."""
+    k = max(1, split)
+    while k > 1 and (batch < blocks * k * TILE_ROWS[0] or blocks * k * partial_bytes > workspace):
+        k //= 2
+    return blocks * k
 
 
 @functools.lru_cache(maxsize=256)
 def _fused_layout(net, batch, mode, need_dx, has_target, loss, smem_limit, f64_mma, wide_min,
-                  blocks):
+                  blocks, split=1, workspace=SLICE_WORKSPACE):
     if not enabled():
         return "the fused path is switched off (CUPYNN_FUSED=0)"
     if mode != MODE_FORWARD and loss not in ("sum_squares", "mse"):
@@ -283,7 +301,9 @@ def _fused_layout(net, batch, mode, need_dx, has_target, loss, smem_limit, f64_m
                 f"(the fused path takes up to {MAX_PARAMS:,})")
     dtype = np.dtype(net.dtype)
     itemsize = dtype.itemsize
-    rpb = max(16, pad16(-(-batch // blocks)))
+    slices = _slices(batch, blocks, split, workspace,
+                     0 if mode == MODE_FORWARD else (n_params + 1) * itemsize)
+    rpb = max(16, pad16(-(-batch // slices)))
     grid = -(-batch // rpb)
     budget = smem_limit - STATIC_SMEM
     grad = mode == MODE_GRAD
