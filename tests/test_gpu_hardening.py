@@ -609,3 +609,41 @@ def test_finer_slices_keep_the_bits_across_sm_counts(emu_be, monkeypatch):
         out[sms] = b"".join(a.tobytes() for a in [np.asarray(v)] + [t for pair in g for t in pair])
     assert out[1] == out[2] == out[3]
     _assert_same((v, g, None), _reference(net, params, x), "12 slices")
+
+
+# -- the claims and the staging loops, in the sources ------------------------------------------
+def test_the_bit_guarantee_is_stated_exactly():
+    """Bits: same card type (architecture) and any SM count -- not "any card": sm_80 and sm_90
+    tensor cores accumulate differently."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    def words(path):
+        return " ".join(path.read_text().replace("#", " ").split())
+
+    readme = words(root / "README.md")
+    kreadme = words(root / "kernels" / "README.md")
+    layout = words(root / "cupynn" / "backends" / "cuda_fused_layout.py")
+    assert "same card type (architecture), same inputs: same bits, for any SM count" in kreadme
+    assert "Not across architectures" in kreadme and "DMMA.16x8x16" in kreadme
+    assert "same card type" in readme and "not across" in readme
+    assert "same card type (architecture), same inputs: same bits, for any SM count" in layout
+    for text in (readme, kreadme, layout):
+        assert "the bits do not depend on the card" not in text
+        assert "the same on every card." not in text
+
+
+def test_staging_loops_keep_several_loads_in_flight():
+    """fused.cu's staging loops (W, x, the epilogue's bias and targets) issue STAGE_U >= 2
+    global loads before using them, not one load per `#pragma unroll 1` iteration."""
+    import re
+
+    from cupynn import _loader
+
+    src = (_loader.KERNEL_DIR / "fused.cu").read_text()
+    u = int(re.search(r"constexpr int STAGE_U = (\d+);", src).group(1))
+    assert u >= 2
+    assert src.count("copy_in_flight<T>(") >= 3  # W, narrow x, wide x
+    assert "dst[(e / K) * ld + e % K] = w[e]" not in src  # the old one-load-at-a-time W loop
+    epilogue = src[src.index("void layer_epilogue"):src.index("narrow_forward")]
+    assert "tv[STAGE_U]" in epilogue and "bv[STAGE_U]" in epilogue
