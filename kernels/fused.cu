@@ -69,7 +69,7 @@ __device__ __forceinline__ int pad8(int n) { return (n + 7) & ~7; }
 
 // Global loads in flight per thread in the staging loops (W, x, targets): the loads of
 // STAGE_U iterations issue before any of their uses, instead of one load per round trip.
-constexpr int STAGE_U = 4;
+constexpr int STAGE_U = 2;
 
 // for e in [0, n) (thread-strided): store(e, load(e)), with STAGE_U loads in flight.
 template <typename T, class Ld, class St>
@@ -864,14 +864,15 @@ fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 s
     c.has_t = (int)cfg[H_HAS_T];
     c.need_dx = (int)cfg[H_NEED_DX];
     c.K0 = (int)cfg[H_K0];
-    const i64 P = cfg[H_P];
-    const int smem = (int)cfg[H_SMEM];
-    const i64 rpb = cfg[H_RPB], R = cfg[H_R];
-    const bool grad = c.mode == MODE_GRAD;
+    // Only the slice index lives across a slice: everything else is read from the shared
+    // table again in each one (volatile: not hoisted into registers kept for the whole body,
+    // which would push this 248-register kernel into spills).
+    const volatile i64* vcfg = cfg;
     #pragma unroll 1
-    for (i64 slice = blockIdx.x; slice < slices; slice += gridDim.x) {
-        c.part = partials + slice * P;
+    for (int slice = blockIdx.x; slice < (int)slices; slice += gridDim.x) {
+        c.part = partials + (i64)slice * vcfg[H_P];
         // zero-filled buffers: every padding element reads as an exact 0
+        const int smem = (int)vcfg[H_SMEM];
         #pragma unroll 1
         for (int i = threadIdx.x; i < smem; i += THREADS) sm[i] = T(0);
         __syncthreads();
@@ -886,7 +887,9 @@ fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 s
                               [&](int e, T v) { dst[(e / K) * ld + e % K] = v; });
         }
         __syncthreads();
-        const i64 rb = slice * rpb;
+        const i64 rpb = vcfg[H_RPB], R = vcfg[H_R];
+        const bool grad = c.mode == MODE_GRAD;
+        const i64 rb = (i64)slice * rpb;
         const i64 re = rb + rpb < M ? rb + rpb : M;
         T loss = T(0);
         for (i64 s0 = rb; s0 < re; s0 += R) {

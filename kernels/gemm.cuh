@@ -118,27 +118,30 @@ template <typename T, int TILE, int MATH> struct Gemm {
 
     struct __align__(16) Vec { T v[VEC]; };
 
-    // XOR swizzle of the shared tiles: element (k, i) of a tile lives at column i ^ swz<G>(k)
-    // of row k.  Why: a loader whose k index is the fast one (x, dz, W^T: most of them)
-    // stores a warp's 32 elements down 16 (or 8) k rows; with the row stride at 8 banks mod 32
-    // those rows fall on 4 banks, a 4-way (BK = 8: 2-way) conflict on every stash store.  The
-    // swizzle spreads the rows' columns over the banks, and since it is constant along a row
-    // (and within the k quad an mma fragment reads), the fragment reads keep the banks they
-    // had.  G: elements a read keeps contiguous (1 for mma fragments; the FMA path's vector
-    // width, so a 16-byte vector is never split).  tests/test_gpu_hardening.py's bank model
-    // counts, per warp access: mma modes conflict-free everywhere; the FMA path's 16-byte
-    // vectors leave its BK = 16 stores 2-way (4-way before) and make BK = 8 conflict-free.
+    // Row skew of the shared tiles: element (k, i) of a tile lives at column i + skew<G>(k) of
+    // row k (inside the row's padding: skew <= PAD).  Why: a loader whose k index is the fast
+    // one (x, dz, W^T: most of them) stores a warp's 32 elements down 16 (or 8) k rows; with
+    // the row stride at 8 banks mod 32 those rows fall on 4 banks, a 4-way (BK = 8: 2-way)
+    // conflict on every stash store.  The skew moves every group of four rows by a few banks;
+    // since it is constant within the k quad an mma fragment reads (and along a row), the
+    // fragment reads keep their banks and the skew is an immediate offset in their addresses
+    // (no register).  G: elements a read keeps contiguous (1 for mma fragments; the FMA path's
+    // vector width, so a 16-byte vector stays aligned).  tests/test_gpu_hardening.py's bank
+    // model counts, per warp access: mma modes conflict-free everywhere; the FMA path's
+    // 16-byte vectors leave its BK = 16 stores 2-way (4-way before) and make BK = 8
+    // conflict-free.
     static constexpr int WAVE = 128 / (int)sizeof(T);  // lanes of one shared-memory wavefront
-    // LEN: the tile's row length (BM or BN); a tile narrower than 8 granules (the GEMV's
-    // BN = 1) is not swizzled.
-    template <int G, int LEN> static __device__ __forceinline__ int swz(int k) {
-        if constexpr (LEN % (8 * G) != 0) return 0;
-        else if constexpr (G == 1) return ((k >> 2) * (WAVE / BK)) & 7;
-        else return ((k >> (BK >= 16 ? 1 : 2)) * G) & (8 * G - 1);
+    template <int G> static __device__ __forceinline__ int skew(int k) {
+        if constexpr (G == 1) return (k >> 2) * (WAVE / BK);
+        else return ((k >> 2) & 1) * G;
     }
-    static constexpr int GA = MMA ? 1 : VM, GB = MMA ? 1 : VN;  // swizzle granules of A, B
-    static __device__ __forceinline__ int swz_a(int k) { return swz<GA, BM>(k); }
-    static __device__ __forceinline__ int swz_b(int k) { return swz<GB, BN>(k); }
+    static constexpr int GA = MMA ? 1 : VM, GB = MMA ? 1 : VN;  // skew granules of A, B
+    // The N <= 32 tile skews A only: its forward is held to 128 registers (two blocks per SM,
+    // MinBlocks) and skewing B too spills there (float64, 3xtf32); B is a fifth of its stores.
+    static constexpr bool SKEW_B = TILE != 2;
+    static_assert((BK / 4 - 1) * (WAVE / BK) <= PAD && VEC <= PAD, "the skew stays in the padding");
+    static __device__ __forceinline__ int skew_a(int k) { return skew<GA>(k); }
+    static __device__ __forceinline__ int skew_b(int k) { return SKEW_B ? skew<GB>(k) : 0; }
 
     T acc[NACC];
 
@@ -156,20 +159,19 @@ template <typename T, int TILE, int MATH> struct Gemm {
     static __device__ __forceinline__ int fma_row(int ty, int i) { return frag_index<VM, TY>(ty, i); }
     static __device__ __forceinline__ int fma_col(int tx, int j) { return frag_index<VN, TX>(tx, j); }
 
-    // dst[i] = line[frag_index<V, NT>(t, i) ^ sw] (sw: the row's swizzle, a multiple of V),
-    // with 16-byte vector reads when V > 1.
+    // dst[i] = line[frag_index<V, NT>(t, i)], with 16-byte vector reads when V > 1.
     template <int N, int V, int NT>
-    static __device__ __forceinline__ void load_fragment(T (&dst)[N], const T* line, int t, int sw) {
+    static __device__ __forceinline__ void load_fragment(T (&dst)[N], const T* line, int t) {
         if constexpr (V > 1) {
 #pragma unroll
             for (int i = 0; i < N; i += V) {
-                const Vec v = *reinterpret_cast<const Vec*>(&line[frag_index<V, NT>(t, i) ^ sw]);
+                const Vec v = *reinterpret_cast<const Vec*>(&line[frag_index<V, NT>(t, i)]);
 #pragma unroll
                 for (int u = 0; u < V; ++u) dst[i + u] = v.v[u];
             }
         } else {
 #pragma unroll
-            for (int i = 0; i < N; ++i) dst[i] = line[frag_index<1, NT>(t, i) ^ sw];
+            for (int i = 0; i < N; ++i) dst[i] = line[frag_index<1, NT>(t, i)];
         }
     }
 
@@ -249,14 +251,14 @@ template <typename T, int TILE, int MATH> struct Gemm {
             const int e = tid + q * GEMM_THREADS;
             int rr, kk;
             tile_coord<LA::C_FAST, BM, BK>(e, rr, kk);
-            if (e < BM * BK) sm.a[stage][kk][rr ^ swz_a(kk)] = ra[q];
+            if (e < BM * BK) sm.a[stage][kk][rr + skew_a(kk)] = ra[q];
         }
 #pragma unroll
         for (int q = 0; q < NB; ++q) {
             const int e = tid + q * GEMM_THREADS;
             int kk, cc;
             tile_coord<LB::C_FAST, BK, BN>(e, kk, cc);
-            if (e < BK * BN) sm.b[stage][kk][cc ^ swz_b(kk)] = rb[q];
+            if (e < BK * BN) sm.b[stage][kk][cc + skew_b(kk)] = rb[q];
         }
     }
 
@@ -292,8 +294,8 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
                 T a[TM], b[TN];
-                load_fragment<TM, VM, TY>(a, sm.a[stage][kk], ty, swz_a(kk));
-                load_fragment<TN, VN, TX>(b, sm.b[stage][kk], tx, swz_b(kk));
+                load_fragment<TM, VM, TY>(a, sm.a[stage][kk] + skew_a(kk), ty);
+                load_fragment<TN, VN, TX>(b, sm.b[stage][kk] + skew_b(kk), tx);
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -313,8 +315,8 @@ template <typename T, int TILE, int MATH> struct Gemm {
             for (int kk = 0; kk < BK; kk += 4) {
                 double a[MI], b[NI];
                 // A fragment (8x4, row): lane holds A(g, t); B (4x8, col): B(t, g).  Rows
-                // kk..kk+3 share one swizzle (kk % 4 == 0): g ^ sw stays in the 8 columns.
-                const int ga = g ^ swz_a(kk), gb = g ^ swz_b(kk);
+                // kk..kk+3 share one skew (kk % 4 == 0): a constant offset.
+                const int ga = g + skew_a(kk), gb = g + skew_b(kk);
 #pragma unroll
                 for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + ga];
 #pragma unroll
@@ -335,9 +337,9 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 8) {
                 unsigned ah[MI][4], al[MI][4], bh[NI][2], bl[NI][2];
-                // rows kk..kk+3 and kk+4..kk+7 each share one swizzle (see swz)
-                const int g0 = g ^ swz_a(kk), g4 = g ^ swz_a(kk + 4);
-                const int h0 = g ^ swz_b(kk), h4 = g ^ swz_b(kk + 4);
+                // rows kk..kk+3 and kk+4..kk+7 each share one skew (constant offsets)
+                const int g0 = g + skew_a(kk), g4 = g + skew_a(kk + 4);
+                const int h0 = g + skew_b(kk), h4 = g + skew_b(kk + 4);
 #pragma unroll
                 for (int i = 0; i < MI; ++i) {
                     // A fragment (16x8, row): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
