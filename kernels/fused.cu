@@ -69,7 +69,7 @@ __device__ __forceinline__ int pad8(int n) { return (n + 7) & ~7; }
 
 // Global loads in flight per thread in the staging loops (W, x, targets): the loads of
 // STAGE_U iterations issue before any of their uses, instead of one load per round trip.
-constexpr int STAGE_U = 2;
+constexpr int STAGE_U = 4;
 
 // for e in [0, n) (thread-strided): store(e, load(e)), with STAGE_U loads in flight.
 template <typename T, class Ld, class St>

@@ -139,9 +139,12 @@ template <typename T, int TILE, int MATH> struct Gemm {
     // The N <= 32 tile skews A only: its forward is held to 128 registers (two blocks per SM,
     // MinBlocks) and skewing B too spills there (float64, 3xtf32); B is a fifth of its stores.
     static constexpr bool SKEW_B = TILE != 2;
+    // The GEMV tile (N = 1: one output row per thread) keeps its plain layout: its loads are
+    // row-fast, and skewing it cost 30 registers (3 -> 2 blocks per SM).
+    static constexpr bool SKEW_A = TILE != 0;
     static_assert((BK / 4 - 1) * (WAVE / BK) <= PAD && VEC <= PAD, "the skew stays in the padding");
-    static __device__ __forceinline__ int skew_a(int k) { return skew<GA>(k); }
-    static __device__ __forceinline__ int skew_b(int k) { return SKEW_B ? skew<GB>(k) : 0; }
+    static __device__ __forceinline__ int skew_a(int k) { return SKEW_A ? skew<GA>(k) : 0; }
+    static __device__ __forceinline__ int skew_b(int k) { return SKEW_A && SKEW_B ? skew<GB>(k) : 0; }
 
     T acc[NACC];
 
