@@ -620,19 +620,20 @@ class CudaBackend(Backend):
         return self._run_planned(key, net, params, x, target,
                                  lambda: self._value_impl(net, params, x, loss, target))
 
-    @_one_call_at_a_time
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
                                need_dx: bool = False, out=None):
-        target = self._target_of(loss)
-        if x.shape[0]:
-            plan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
-            if plan is not None:
-                return self.fused.value_and_grad(plan, net, params, x, loss, target, need_dx, out)
-        key = self._plan_key("grad", net, x, loss, need_dx)
-        res = self._run_planned(key, net, params, x, target,
-                                lambda: self._value_and_grad_impl(net, params, x, loss, target,
-                                                                  need_dx))
-        return res if out is None else write_into(out, res)
+        with self._call_lock:  # inline rather than _one_call_at_a_time: the hottest call
+            target = self._target_of(loss)
+            if x.shape[0]:
+                plan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
+                if plan is not None:
+                    return self.fused.value_and_grad(plan, net, params, x, loss, target, need_dx,
+                                                     out)
+            key = self._plan_key("grad", net, x, loss, need_dx)
+            res = self._run_planned(key, net, params, x, target,
+                                    lambda: self._value_and_grad_impl(net, params, x, loss,
+                                                                      target, need_dx))
+            return res if out is None else write_into(out, res)
 
     # A launch plan records, once per (network, batch, layout, loss kind), the kernels,
     # grids and scalar arguments a call launches and the buffers it allocates; later
