@@ -108,6 +108,14 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _cupy_installed() -> bool:
+    """Whether a ``cupy`` module is importable here (found, not imported)."""
+    try:
+        return importlib.util.find_spec("cupy") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _cache_unused_reason(cupy_version: str | None, path: Path) -> str | None:
     """Why CuPy will not reuse compiled cupynn kernels across processes, or None."""
     if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") not in ("", "0"):
@@ -131,7 +139,7 @@ def _kernel_cache_dir() -> dict[str, Any]:
     path = Path(env) if env else Path("~/.cupy/kernel_cache").expanduser()
     info: dict[str, Any] = {"dir": str(path), "source": "CUPY_CACHE_DIR" if env else "default"}
     version = None
-    if importlib.util.find_spec("cupy") is not None:
+    if _cupy_installed():
         version = next((v for n in _CUPY_DISTRIBUTIONS if (v := _dist_version(n)) is not None), None)
     reason = _cache_unused_reason(version, path)
     info["used"] = reason is None

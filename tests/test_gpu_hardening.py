@@ -74,7 +74,7 @@ def test_info_says_when_the_kernel_cache_is_not_used(monkeypatch, tmp_path, caps
     monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
     versions = {"cupy-cuda12x": "14.1.1"}
     monkeypatch.setattr(_config, "_dist_version", lambda name: versions.get(name))
-    monkeypatch.setattr(_config.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(_config, "_cupy_installed", lambda: True)
     cache = _config.collect()["kernel_cache"]
     assert cache["used"] is False and "14.1.1" in cache["not_used"] and ">=14.2" in cache["not_used"]
     _config.show_config()
