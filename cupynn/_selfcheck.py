@@ -180,7 +180,9 @@ def sample_instantiations(name_expressions) -> tuple[str, ...]:
 def _compile_program(job) -> tuple[str, str, int, float, str | None]:
     """Compile one (source file, arch, name expressions) program; NVRTC's log on failure."""
     source_file, code, arch, options, names = job
-    from cupy_backends.cuda.libs import nvrtc
+    from cupynn.compile_check import load_nvrtc
+
+    nvrtc = load_nvrtc()  # a spawned worker: pip's libnvrtc preloaded where CuPy cannot find it
 
     start = time.perf_counter()
     program = nvrtc.createProgram(code, source_file, [], [])
