@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -85,15 +86,66 @@ def _fused_info() -> dict[str, Any]:
 
     return {"enabled": fl.enabled(),
             "networks": (f"every layer <= {fl.NARROW_MAX} wide, or a first layer <= "
-                         f"{fl.WIDE_MAX} wide with fan-in <= {fl.MAX_K0}; <= {fl.MAX_LAYERS} "
-                         "layers, built-in losses")}
+                         f"{fl.WIDE_MAX} wide with fan-in <= {fl.MAX_K0} and a second <= "
+                         f"{fl.WIDE_N1_MAX} wide; <= {fl.MAX_LAYERS} layers, built-in losses")}
+
+
+# The first CuPy whose on-disk kernel cache serves modules built with ``name_expressions``
+# (every cupynn module): 14.2 stores NVRTC's mangled names with the cubin.  Before 14.0 such
+# modules were never read back; 14.0 and 14.1 recover the names by demangling the cubin's
+# symbols, which needs a driver >= 12.4 and misses whenever NVRTC's spelling differs from
+# the name expression: there every process recompiles (20-60 s for the fused kernels).
+CUPY_CACHE_MIN = (14, 2)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def _cupy_installed() -> bool:
+    """Whether a ``cupy`` module is importable here (found, not imported)."""
+    try:
+        return importlib.util.find_spec("cupy") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _cache_unused_reason(cupy_version: str | None, path: Path) -> str | None:
+    """Why CuPy will not reuse compiled cupynn kernels across processes, or None."""
+    if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") not in ("", "0"):
+        return "CUPY_CACHE_IN_MEMORY is set: every process compiles its kernels again"
+    if cupy_version is not None and _version_tuple(cupy_version) < CUPY_CACHE_MIN:
+        need = ".".join(map(str, CUPY_CACHE_MIN))
+        return (f"CuPy {cupy_version} does not read back modules built with name_expressions "
+                f"(all of cupynn's; 14.0-14.1 only with a driver >= 12.4 and an exact name match): "
+                f"every process recompiles; pip install 'cupy-cuda12x>={need}'")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        return f"{probe} is not writable: compiled kernels cannot be saved"
+    return None
 
 
 def _kernel_cache_dir() -> dict[str, Any]:
     # CuPy's rule (cupy.cuda.compiler.get_cache_dir): $CUPY_CACHE_DIR, else ~/.cupy/kernel_cache.
     env = os.environ.get("CUPY_CACHE_DIR")
     path = Path(env) if env else Path("~/.cupy/kernel_cache").expanduser()
-    return {"dir": str(path), "source": "CUPY_CACHE_DIR" if env else "default"}
+    info: dict[str, Any] = {"dir": str(path), "source": "CUPY_CACHE_DIR" if env else "default"}
+    version = None
+    if _cupy_installed():
+        version = next((v for n in _CUPY_DISTRIBUTIONS if (v := _dist_version(n)) is not None), None)
+    reason = _cache_unused_reason(version, path)
+    info["used"] = reason is None
+    if reason is not None:
+        info["not_used"] = reason
+    return info
 
 
 def _cupy_info() -> dict[str, Any]:
@@ -322,7 +374,8 @@ def _format(report: dict[str, Any]) -> str:
         kernel_text += f" [{kernels['error']}]"
     rows += [
         ("kernels", kernel_text),
-        ("kernel cache", f"{value(cache.get('dir'))} ({value(cache.get('source'))})"),
+        ("kernel cache", f"{value(cache.get('dir'))} ({value(cache.get('source'))})"
+         + (f" NOT USED: {cache['not_used']}" if cache.get("not_used") else "")),
         ("fused path", _fused_row(report.get("fused", {}))),
         ("NVTX", value(nvtx_info.get("backend")) + _bracket(nvtx_info.get("error"))),
     ]

@@ -16,7 +16,8 @@ import hashlib
 import threading
 from pathlib import Path
 
-__all__ = ["KERNEL_DIR", "compile_options", "load_module", "have_mma"]
+__all__ = ["KERNEL_DIR", "CUPY_APPENDED_OPTIONS", "compile_options", "nvrtc_options", "load_module",
+           "have_mma"]
 
 
 def _kernel_dir() -> Path:
@@ -47,6 +48,36 @@ def compile_options(arch: str | None = None) -> tuple[str, ...]:
     if arch:
         opts.append(f"-arch={arch}")
     return tuple(opts)
+
+
+# What CuPy (14.x, its cuda.compiler module) appends to our options before NVRTC sees them, after
+# them: -ftz=true (float32 subnormal results and inputs are flushed to zero; CuPy adds it last,
+# so no option of ours can undo it), then -arch=sm_XY and --device-as-default-execution-space.
+# tests/test_gpu_hardening.py records what CuPy really passes and checks it against this.
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
+
+
+def nvrtc_options(arch: str) -> tuple[str, ...]:
+    """The options NVRTC really receives when CuPy compiles one of our modules for ``arch``
+    (``"sm_90"``): :func:`compile_options` plus what CuPy appends.  The compile check,
+    ``sass_stats`` and the emulator use these, so they see the build that runs (float32
+    flush-to-zero included)."""
+    return (compile_options() + CUPY_APPENDED_OPTIONS
+            + (f"-arch={arch}", "--device-as-default-execution-space"))
+
+
+def module_options(module_cls, arch: str | None = None) -> tuple[str, ...]:
+    """What :func:`load_module` hands ``module_cls``: :func:`compile_options` to
+    ``cupy.RawModule`` (CuPy appends the rest itself), :func:`nvrtc_options` to any other
+    module class (the emulator), which must see the semantics CuPy's build has."""
+    try:
+        import cupy
+
+        if module_cls is cupy.RawModule:
+            return compile_options(arch)
+    except Exception:  # noqa: BLE001 - no CuPy: not a GPU module
+        pass
+    return nvrtc_options(arch or "sm_80")
 
 
 @functools.cache
@@ -96,6 +127,7 @@ def load_module(source_file: str, name_expressions, *, module_cls=None, arch: st
         if mod is None:
             code = f"// cupynn kernel sources {_sources_digest()}\n" + (
                 KERNEL_DIR / source_file).read_text()
-            mod = module_cls(code=code, options=compile_options(arch), name_expressions=names)
+            mod = module_cls(code=code, options=module_options(module_cls, arch),
+                             name_expressions=names)
             _CACHE[key] = mod
     return mod

@@ -180,7 +180,9 @@ def sample_instantiations(name_expressions) -> tuple[str, ...]:
 def _compile_program(job) -> tuple[str, str, int, float, str | None]:
     """Compile one (source file, arch, name expressions) program; NVRTC's log on failure."""
     source_file, code, arch, options, names = job
-    from cupy_backends.cuda.libs import nvrtc
+    from cupynn.compile_check import load_nvrtc
+
+    nvrtc = load_nvrtc()  # a spawned worker: pip's libnvrtc preloaded where CuPy cannot find it
 
     start = time.perf_counter()
     program = nvrtc.createProgram(code, source_file, [], [])
@@ -205,7 +207,7 @@ def compile_kernels(
 
     Uses ``cupy_backends.cuda.libs.nvrtc`` directly, so it needs NVRTC (pip's
     ``nvidia-cuda-nvrtc-cu12``) but neither a GPU nor a driver; the sources and options
-    are the loader's (``KERNEL_DIR``, ``compile_options(arch)``). ``sample=True`` compiles
+    are the loader's (``KERNEL_DIR``, ``nvrtc_options(arch)``: CuPy's -ftz=true included). ``sample=True`` compiles
     only :func:`sample_instantiations`. The programs are split over ``jobs`` processes
     (default: one per CPU). Returns the failures, each with NVRTC's log.
     """
@@ -223,7 +225,7 @@ def compile_kernels(
         code = (Path(_loader.KERNEL_DIR) / source_file).read_text()
         chunks = max(1, min(jobs, len(names) // 8))
         for arch in archs:
-            options = tuple(_loader.compile_options(arch))
+            options = tuple(_loader.nvrtc_options(arch))
             for i in range(chunks):
                 work.append((source_file, code, arch, options, names[i::chunks]))
 

@@ -5,7 +5,8 @@
 
 For each (source file, name expressions) of ``cupynn.backends.cuda_catalog.all_instantiations()`` and
 each architecture, the same source text, name expressions and options
-(``cupynn._loader.compile_options(arch)``) that the loader hands to cupy.RawModule are
+(``cupynn._loader.nvrtc_options(arch)``: the loader's plus what CuPy appends, -ftz=true
+included, i.e. what NVRTC receives when cupy.RawModule compiles them on a GPU) are
 compiled by NVRTC to SASS (cubin) with ``--ptxas-options=-v``; ptxas' report gives every
 kernel's registers, static shared memory, stack frame and spill bytes.  The check fails
 (exit status 1) when a compilation fails, when a requested kernel is missing from the
@@ -467,7 +468,7 @@ def main(argv=None) -> int:
         instantiations = sample_instantiations(instantiations, args.sample, is_hot)
 
     def options_for_arch(arch):
-        return tuple(_loader.compile_options(arch)) + tuple(args.option)
+        return tuple(_loader.nvrtc_options(arch)) + tuple(args.option)
 
     version = ".".join(map(str, nvrtc.getVersion()))
     cache_dir = None

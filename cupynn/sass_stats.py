@@ -73,7 +73,7 @@ def kernel_sass(name: str, *, arch: str = "sm_90", defines: tuple[str, ...] = ()
         missing = [t for t, p in (("ptxas", ptxas), ("nvdisasm", nvdisasm)) if not p]
         raise FileNotFoundError(f"{' and '.join(missing)} not found (see python -m "
                                 "cupynn.sass_stats --help for where they come from)")
-    options = tuple(_loader.compile_options(arch)) + tuple(f"-D{d}" for d in defines)
+    options = tuple(_loader.nvrtc_options(arch)) + tuple(f"-D{d}" for d in defines)
     res = compile_chunk(source, (_loader.KERNEL_DIR / source).read_text(), (name,), arch, options,
                         sass=False)
     if not res["ok"]:

@@ -75,8 +75,15 @@ def _stream(device: torch.device):
         return contextlib.nullcontext()
     import cupy
 
-    ts = torch.cuda.current_stream(device)
-    if hasattr(cupy.cuda.Stream, "from_external"):
+    return _cupy_stream(torch.cuda.current_stream(device), cupy)
+
+
+def _cupy_stream(ts, cupy):
+    """CuPy's view of the torch stream ``ts``: ``Stream.from_external`` where ``ts`` speaks the
+    ``__cuda_stream__`` protocol (torch >= 2.10) and CuPy has it (>= 14), else
+    ``ExternalStream(ts.cuda_stream, ts.device_index)`` (torch 2.1-2.9, whose streams lack the
+    protocol that CuPy 14's ``from_external`` requires: it would raise TypeError)."""
+    if hasattr(ts, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
         return cupy.cuda.Stream.from_external(ts)
     return cupy.cuda.ExternalStream(ts.cuda_stream, ts.device_index)
 

@@ -3,14 +3,16 @@
 // workspaces) and cuda_fused_layout.py (which networks, tile sizes, the shared-memory layout
 // and the configuration table read here).
 //
-// What a block owns: a contiguous range of batch rows [blockIdx.x * rows_per_block, +rows),
-// walked in tiles of BT rows (16..128).  For one tile, every layer's activations stay in shared
+// What a block owns: the batch is cut into a fixed number of slices (the host's FUSED_BLOCKS,
+// 132, whatever the card); the grid has min(slices, SM count) persistent blocks and block b
+// walks slices b, b + gridDim.x, ... .  A slice is a contiguous range of batch rows
+// [slice * rows_per_block, +rows), walked in tiles of BT rows (16..128).  For one tile, every layer's activations stay in shared
 // memory: forward (each product's raw result to shared memory, then an elementwise pass adds
 // the bias and applies the activation -- in the last layer the loss and its dz), then
 // backward (dz = dh * act'(saved), written over the saved y it is computed from), and the
-// tile's [dW | db] added into the block's own slice of `partials` (no other block touches it:
+// tile's [dW | db] added into the slice's own part of `partials` (no other block touches it:
 // no atomics; the first tile writes, later tiles add, in order).  fused_reduce then sums the
-// blocks' slices in block order.  Same inputs, same bits.
+// slices' partials in slice order.  Same inputs, same card type: same bits, for any SM count.
 //
 // Two network classes (cuda_fused_layout.fused_layout decides):
 //   narrow: every layer <= 256 wide, the input x staged per tile, every W staged in shared
@@ -64,6 +66,29 @@ constexpr int CFG_WORDS = HEADER + LAYER_WORDS * MAX_LAYERS;
 
 __device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
 __device__ __forceinline__ int pad8(int n) { return (n + 7) & ~7; }
+
+// Global loads in flight per thread in the staging loops (W, x, targets): the loads of
+// STAGE_U iterations issue before any of their uses, instead of one load per round trip.
+constexpr int STAGE_U = 4;
+
+// for e in [0, n) (thread-strided): store(e, load(e)), with STAGE_U loads in flight.
+template <typename T, class Ld, class St>
+__device__ __forceinline__ void copy_in_flight(int n, Ld&& load, St&& store) {
+    #pragma unroll 1
+    for (int e0 = threadIdx.x; e0 < n; e0 += STAGE_U * THREADS) {
+        T v[STAGE_U];
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; ++u) {
+            const int e = e0 + u * THREADS;
+            v[u] = e < n ? load(e) : T(0);
+        }
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; ++u) {
+            const int e = e0 + u * THREADS;
+            if (e < n) store(e, v[u]);
+        }
+    }
+}
 
 // The fan-in of a recomputed first layer: 1 (the seed's) as a compile-time constant,
 // f(Fan<1>{}), else f(Fan<0>{}) with k0 <= MAX_K0 at run time (predicated).
@@ -341,26 +366,40 @@ __device__ __noinline__ void layer_epilogue(const Ctx<T>& c, int l, i64 t0, int 
     const T* tg = c.has_t ? c.target : nullptr;
     const int nrows = fwd ? rows : rp;
     T acc = T(0);
+    const int n_el = nrows * N;
     with_activation(c.f(l, F_ACT), [&](auto a) {
         constexpr int A = decltype(a)::id;
+        // STAGE_U elements per round: their bias and target loads issue first
 #pragma unroll 1
-        for (int e = threadIdx.x; e < nrows * N; e += THREADS) {
-            const int m = e / N, n = e % N;
-            const T zz = b ? o[m * ld + n] + b[n] : o[m * ld + n];
-            const T yy = act_forward<A>(zz);
-            if (!last) {
-                o[m * ld + n] = yy;
-                if (z) z[m * ld + n] = zz;
-            } else if (fwd) {
-                c.y_out[(t0 + m) * N + n] = yy;
-            } else {
-                T d = T(0);
-                if (m < rows) {
-                    const T r = tg ? yy - tg[(t0 + m) * N + n] : yy;
-                    acc += r * r;
-                    if (dz) d = r * c.two_scale * act_derivative<A>(act_saved<A>(zz, yy));
+        for (int e0 = threadIdx.x; e0 < n_el; e0 += STAGE_U * THREADS) {
+            T bv[STAGE_U], tv[STAGE_U];
+#pragma unroll
+            for (int u = 0; u < STAGE_U; ++u) {
+                const int e = e0 + u * THREADS, m = e / N, n = e % N;
+                bv[u] = (b && e < n_el) ? b[n] : T(0);
+                tv[u] = (tg && last && e < n_el && m < rows) ? tg[(t0 + m) * N + n] : T(0);
+            }
+#pragma unroll
+            for (int u = 0; u < STAGE_U; ++u) {
+                const int e = e0 + u * THREADS;
+                if (e >= n_el) break;
+                const int m = e / N, n = e % N;
+                const T zz = b ? o[m * ld + n] + bv[u] : o[m * ld + n];
+                const T yy = act_forward<A>(zz);
+                if (!last) {
+                    o[m * ld + n] = yy;
+                    if (z) z[m * ld + n] = zz;
+                } else if (fwd) {
+                    c.y_out[(t0 + m) * N + n] = yy;
+                } else {
+                    T d = T(0);
+                    if (m < rows) {
+                        const T r = tg ? yy - tv[u] : yy;
+                        acc += r * r;
+                        if (dz) d = r * c.two_scale * act_derivative<A>(act_saved<A>(zz, yy));
+                    }
+                    if (dz) dz[m * dld + n] = d;
                 }
-                if (dz) dz[m * dld + n] = d;
             }
         }
     });
@@ -522,18 +561,16 @@ __device__ __forceinline__ void stage_x(const Ctx<T>& c, i64 t0, int rows, int x
     if (!c.wide) {
         T* xs = c.buf(c.h(H_XS));
         const int ld = c.h(H_XS_LD);
-        #pragma unroll 1
-        for (int e = threadIdx.x; e < BT * K0; e += THREADS) {
+        copy_in_flight<T>(BT * K0, [&](int e) {
             const int r = e / K0, k = e % K0;
-            xs[r * ld + k] = r < rows ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
-        }
+            return r < rows ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
+        }, [&](int e, T v) { xs[(e / K0) * ld + e % K0] = v; });
     } else {
         T* xr = c.buf(c.h(H_XR)) + xr_off * MAX_K0;
-        #pragma unroll 1
-        for (int e = threadIdx.x; e < BT * MAX_K0; e += THREADS) {
+        copy_in_flight<T>(BT * MAX_K0, [&](int e) {
             const int r = e / MAX_K0, k = e % MAX_K0;
-            xr[e] = (r < rows && k < K0) ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
-        }
+            return (r < rows && k < K0) ? c.x[(t0 + r) * c.sxm + (i64)k * c.sxk] : T(0);
+        }, [&](int e, T v) { xr[e] = v; });
     }
 }
 
@@ -775,9 +812,14 @@ __device__ void wide_backward(const Ctx<T>& c, i64 s0, int Rv, bool first) {
 //   x (M, K0) strided; target (M, N_out) if cfg has_t; two_scale: 2 * the loss scale
 //   w0..w7, b0..b7: the layers' W (N, K) and b (N) (a 1-element dummy when absent)
 //   y_out (M, N_out): the output (forward mode); dx_out (M, K0): dL/dx (wrt_input)
-//   partials [gridDim.x][P]: block b's [dW_0 | db_0 | dW_1 | ... | loss] in its slice
-// A block owns batch rows [blockIdx.x * rows_per_block, +rows_per_block) (see the top of
-// this file); dynamic shared memory: cfg H_SMEM elements of T.
+//   partials [slices][P]: slice s's [dW_0 | db_0 | dW_1 | ... | loss]
+//   slices: how many fixed batch slices the batch is cut into (the host's FUSED_BLOCKS, 132,
+//     or fewer for a small batch), independent of the card
+// Persistent blocks: the grid has min(slices, SM count) blocks and block b walks the slices
+// b, b + gridDim.x, ... in that order.  Slice s owns batch rows [s * rows_per_block,
+// +rows_per_block) and its own partial; every slice starts from the same state (shared memory
+// zero-filled, W staged again), so its bits do not depend on which block ran it or after
+// which slice, i.e. not on the card's SM count.  Dynamic shared memory: cfg H_SMEM elements of T.
 template <typename T, int MATH>
 __global__ void __launch_bounds__(fz::THREADS, 1)
 fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 sxk, i64 M,
@@ -788,7 +830,7 @@ fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 s
           const T* __restrict__ b0, const T* __restrict__ b1, const T* __restrict__ b2,
           const T* __restrict__ b3, const T* __restrict__ b4, const T* __restrict__ b5,
           const T* __restrict__ b6, const T* __restrict__ b7,
-          T* __restrict__ y_out, T* __restrict__ dx_out, T* __restrict__ partials) {
+          T* __restrict__ y_out, T* __restrict__ dx_out, T* __restrict__ partials, i64 slices) {
     using namespace fz;
     __shared__ i64 cfg[CFG_WORDS];
     __shared__ const T* ptrs[2 * MAX_LAYERS];
@@ -822,59 +864,66 @@ fused_mlp(const i64* __restrict__ cfg_g, const T* __restrict__ x, i64 sxm, i64 s
     c.has_t = (int)cfg[H_HAS_T];
     c.need_dx = (int)cfg[H_NEED_DX];
     c.K0 = (int)cfg[H_K0];
-    const i64 P = cfg[H_P];
-    c.part = partials + (i64)blockIdx.x * P;
-    // zero-filled buffers: every padding element reads as an exact 0
-    const int smem = (int)cfg[H_SMEM];
+    // Only the slice index lives across a slice: everything else is read from the shared
+    // table again in each one (volatile: not hoisted into registers kept for the whole body,
+    // which would push this 248-register kernel into spills).
+    const volatile i64* vcfg = cfg;
     #pragma unroll 1
-    for (int i = threadIdx.x; i < smem; i += THREADS) sm[i] = T(0);
-    __syncthreads();
-    // every staged W into its [ceil16(N)][W_LD] buffer
-    for (int l = 0; l < c.L; ++l) {
-        const int wo = c.f(l, F_W);
-        if (wo < 0) continue;
-        const int K = c.f(l, F_K), N = c.f(l, F_N), ld = c.f(l, F_W_LD);
-        const T* w = c.W[l];
-        T* dst = sm + wo;
+    for (int slice = blockIdx.x; slice < (int)slices; slice += gridDim.x) {
+        c.part = partials + (i64)slice * vcfg[H_P];
+        // zero-filled buffers: every padding element reads as an exact 0
+        const int smem = (int)vcfg[H_SMEM];
         #pragma unroll 1
-        for (int e = threadIdx.x; e < N * K; e += THREADS) dst[(e / K) * ld + e % K] = w[e];
-    }
-    __syncthreads();
-    const i64 rpb = cfg[H_RPB], R = cfg[H_R];
-    const i64 rb = (i64)blockIdx.x * rpb;
-    const i64 re = rb + rpb < M ? rb + rpb : M;
-    const bool grad = c.mode == MODE_GRAD;
-    T loss = T(0);
-    for (i64 s0 = rb; s0 < re; s0 += R) {
-        const i64 s1 = s0 + R < re ? s0 + R : re;
-        if (c.wide && grad && c.need_dx) {
-            T* dxw = c.buf(c.h(H_DXW));
-            #pragma unroll 1
-            for (int i = threadIdx.x; i < WARPS * (int)R * MAX_K0; i += THREADS) dxw[i] = T(0);
-        }
-        for (i64 t0 = s0; t0 < s1; t0 += c.BT) {
-            const int rows = (int)(s1 - t0 < c.BT ? s1 - t0 : c.BT);
-            const int xr_off = (int)(t0 - s0);
-            stage_x(c, t0, rows, xr_off);
-            __syncthreads();
-            for (int l = c.wide ? 1 : 0; l < c.L; ++l) {
-                if (c.wide && l == 1) wide_forward<T, MATH>(c, t0, rows, xr_off, loss);
-                else narrow_forward<T, MATH>(c, l, t0, rows, xr_off, loss);
-                __syncthreads();
-            }
-            if (grad) narrow_backward<T, MATH>(c, t0, rows, xr_off, t0 == rb);
-        }
-        if (grad && c.wide) wide_backward<T, MATH>(c, s0, (int)(s1 - s0), s0 == rb);
-    }
-    if (c.mode != MODE_FORWARD) {  // block-uniform: every thread takes part
-        const T s = warp_sum(loss);
-        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+        for (int i = threadIdx.x; i < smem; i += THREADS) sm[i] = T(0);
         __syncthreads();
-        if (threadIdx.x == 0) {
-            T v = T(0);
-            for (int w = 0; w < WARPS; ++w) v += red[w];
-            c.part[cfg[H_VSLOT]] = v;
+        // every staged W into its [ceil16(N)][W_LD] buffer
+        for (int l = 0; l < c.L; ++l) {
+            const int wo = c.f(l, F_W);
+            if (wo < 0) continue;
+            const int K = c.f(l, F_K), N = c.f(l, F_N), ld = c.f(l, F_W_LD);
+            const T* w = c.W[l];
+            T* dst = sm + wo;
+            copy_in_flight<T>(N * K, [&](int e) { return w[e]; },
+                              [&](int e, T v) { dst[(e / K) * ld + e % K] = v; });
         }
+        __syncthreads();
+        const i64 rpb = vcfg[H_RPB], R = vcfg[H_R];
+        const bool grad = c.mode == MODE_GRAD;
+        const i64 rb = (i64)slice * rpb;
+        const i64 re = rb + rpb < M ? rb + rpb : M;
+        T loss = T(0);
+        for (i64 s0 = rb; s0 < re; s0 += R) {
+            const i64 s1 = s0 + R < re ? s0 + R : re;
+            if (c.wide && grad && c.need_dx) {
+                T* dxw = c.buf(c.h(H_DXW));
+                #pragma unroll 1
+                for (int i = threadIdx.x; i < WARPS * (int)R * MAX_K0; i += THREADS) dxw[i] = T(0);
+            }
+            for (i64 t0 = s0; t0 < s1; t0 += c.BT) {
+                const int rows = (int)(s1 - t0 < c.BT ? s1 - t0 : c.BT);
+                const int xr_off = (int)(t0 - s0);
+                stage_x(c, t0, rows, xr_off);
+                __syncthreads();
+                for (int l = c.wide ? 1 : 0; l < c.L; ++l) {
+                    if (c.wide && l == 1) wide_forward<T, MATH>(c, t0, rows, xr_off, loss);
+                    else narrow_forward<T, MATH>(c, l, t0, rows, xr_off, loss);
+                    __syncthreads();
+                }
+                if (grad) narrow_backward<T, MATH>(c, t0, rows, xr_off, t0 == rb);
+            }
+            if (grad && c.wide) wide_backward<T, MATH>(c, s0, (int)(s1 - s0), s0 == rb);
+        }
+        if (c.mode != MODE_FORWARD) {  // block-uniform: every thread takes part
+            const T s = warp_sum(loss);
+            if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                T v = T(0);
+                for (int w = 0; w < WARPS; ++w) v += red[w];
+                c.part[cfg[H_VSLOT]] = v;
+            }
+        }
+        __syncthreads();  // the next slice zero-fills what this one's last readers read
     }
 }
 

@@ -118,6 +118,34 @@ template <typename T, int TILE, int MATH> struct Gemm {
 
     struct __align__(16) Vec { T v[VEC]; };
 
+    // Row skew of the shared tiles: element (k, i) of a tile lives at column i + skew<G>(k) of
+    // row k (inside the row's padding: skew <= PAD).  Why: a loader whose k index is the fast
+    // one (x, dz, W^T: most of them) stores a warp's 32 elements down 16 (or 8) k rows; with
+    // the row stride at 8 banks mod 32 those rows fall on 4 banks, a 4-way (BK = 8: 2-way)
+    // conflict on every stash store.  The skew moves every group of four rows by a few banks;
+    // since it is constant within the k quad an mma fragment reads (and along a row), the
+    // fragment reads keep their banks and the skew is an immediate offset in their addresses
+    // (no register).  G: elements a read keeps contiguous (1 for mma fragments; the FMA path's
+    // vector width, so a 16-byte vector stays aligned).  tests/test_gpu_hardening.py's bank
+    // model counts, per warp access: mma modes conflict-free everywhere; the FMA path's
+    // 16-byte vectors leave its BK = 16 stores 2-way (4-way before) and make BK = 8
+    // conflict-free.
+    static constexpr int WAVE = 128 / (int)sizeof(T);  // lanes of one shared-memory wavefront
+    template <int G> static __device__ __forceinline__ int skew(int k) {
+        if constexpr (G == 1) return (k >> 2) * (WAVE / BK);
+        else return ((k >> 2) & 1) * G;
+    }
+    static constexpr int GA = MMA ? 1 : VM, GB = MMA ? 1 : VN;  // skew granules of A, B
+    // The N <= 32 tile skews A only: its forward is held to 128 registers (two blocks per SM,
+    // MinBlocks) and skewing B too spills there (float64, 3xtf32); B is a fifth of its stores.
+    static constexpr bool SKEW_B = TILE != 2;
+    // The GEMV tile (N = 1: one output row per thread) keeps its plain layout: its loads are
+    // row-fast, and skewing it cost 30 registers (3 -> 2 blocks per SM).
+    static constexpr bool SKEW_A = TILE != 0;
+    static_assert((BK / 4 - 1) * (WAVE / BK) <= PAD && VEC <= PAD, "the skew stays in the padding");
+    static __device__ __forceinline__ int skew_a(int k) { return SKEW_A ? skew<GA>(k) : 0; }
+    static __device__ __forceinline__ int skew_b(int k) { return SKEW_A && SKEW_B ? skew<GB>(k) : 0; }
+
     T acc[NACC];
 
     __device__ __forceinline__ void zero() {
@@ -226,14 +254,14 @@ template <typename T, int TILE, int MATH> struct Gemm {
             const int e = tid + q * GEMM_THREADS;
             int rr, kk;
             tile_coord<LA::C_FAST, BM, BK>(e, rr, kk);
-            if (e < BM * BK) sm.a[stage][kk][rr] = ra[q];
+            if (e < BM * BK) sm.a[stage][kk][rr + skew_a(kk)] = ra[q];
         }
 #pragma unroll
         for (int q = 0; q < NB; ++q) {
             const int e = tid + q * GEMM_THREADS;
             int kk, cc;
             tile_coord<LB::C_FAST, BK, BN>(e, kk, cc);
-            if (e < BK * BN) sm.b[stage][kk][cc] = rb[q];
+            if (e < BK * BN) sm.b[stage][kk][cc + skew_b(kk)] = rb[q];
         }
     }
 
@@ -269,8 +297,8 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
                 T a[TM], b[TN];
-                load_fragment<TM, VM, TY>(a, sm.a[stage][kk], ty);
-                load_fragment<TN, VN, TX>(b, sm.b[stage][kk], tx);
+                load_fragment<TM, VM, TY>(a, sm.a[stage][kk] + skew_a(kk), ty);
+                load_fragment<TN, VN, TX>(b, sm.b[stage][kk] + skew_b(kk), tx);
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -289,11 +317,13 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 4) {
                 double a[MI], b[NI];
-                // A fragment (8x4, row): lane holds A(g, t); B (4x8, col): B(t, g).
+                // A fragment (8x4, row): lane holds A(g, t); B (4x8, col): B(t, g).  Rows
+                // kk..kk+3 share one skew (kk % 4 == 0): a constant offset.
+                const int ga = g + skew_a(kk), gb = g + skew_b(kk);
 #pragma unroll
-                for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + g];
+                for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + ga];
 #pragma unroll
-                for (int j = 0; j < NI; ++j) b[j] = sm.b[stage][kk + t][wc + j * 8 + g];
+                for (int j = 0; j < NI; ++j) b[j] = sm.b[stage][kk + t][wc + j * 8 + gb];
 #pragma unroll
                 for (int i = 0; i < MI; ++i)
 #pragma unroll
@@ -310,12 +340,16 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 8) {
                 unsigned ah[MI][4], al[MI][4], bh[NI][2], bl[NI][2];
+                // rows kk..kk+3 and kk+4..kk+7 each share one skew (constant offsets)
+                const int g0 = g + skew_a(kk), g4 = g + skew_a(kk + 4);
+                const int h0 = g + skew_b(kk), h4 = g + skew_b(kk + 4);
 #pragma unroll
                 for (int i = 0; i < MI; ++i) {
                     // A fragment (16x8, row): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
-                    const float v[4] = {sm.a[stage][kk + t][wr + i * 16 + g], sm.a[stage][kk + t][wr + i * 16 + g + 8],
-                                        sm.a[stage][kk + t + 4][wr + i * 16 + g],
-                                        sm.a[stage][kk + t + 4][wr + i * 16 + g + 8]};
+                    const float v[4] = {sm.a[stage][kk + t][wr + i * 16 + g0],
+                                        sm.a[stage][kk + t][wr + i * 16 + g0 + 8],
+                                        sm.a[stage][kk + t + 4][wr + i * 16 + g4],
+                                        sm.a[stage][kk + t + 4][wr + i * 16 + g4 + 8]};
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         if constexpr (MATH == MATH_3XTF32) split_tf32(v[q], ah[i][q], al[i][q]);
@@ -325,7 +359,7 @@ template <typename T, int TILE, int MATH> struct Gemm {
 #pragma unroll
                 for (int j = 0; j < NI; ++j) {
                     // B fragment (8x8, col): b0 (k = t, n = g), b1 (k = t+4, n = g)
-                    const float v[2] = {sm.b[stage][kk + t][wc + j * 8 + g], sm.b[stage][kk + t + 4][wc + j * 8 + g]};
+                    const float v[2] = {sm.b[stage][kk + t][wc + j * 8 + h0], sm.b[stage][kk + t + 4][wc + j * 8 + h4]};
 #pragma unroll
                     for (int q = 0; q < 2; ++q) {
                         if constexpr (MATH == MATH_3XTF32) split_tf32(v[q], bh[j][q], bl[j][q]);

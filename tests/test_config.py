@@ -62,10 +62,11 @@ def test_report_is_json_serialisable_and_names_the_kernel_dir():
 
 def test_kernel_cache_follows_cupy_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
-    assert _config.collect()["kernel_cache"] == {"dir": str(tmp_path), "source": "CUPY_CACHE_DIR"}
+    cache = _config.collect()["kernel_cache"]
+    assert (cache["dir"], cache["source"]) == (str(tmp_path), "CUPY_CACHE_DIR")
     monkeypatch.delenv("CUPY_CACHE_DIR")
     default = _config.collect()["kernel_cache"]
-    assert default == {"dir": str(Path("~/.cupy/kernel_cache").expanduser()), "source": "default"}
+    assert (default["dir"], default["source"]) == (str(Path("~/.cupy/kernel_cache").expanduser()), "default")
 
 
 def test_info_without_cupy():

@@ -32,6 +32,8 @@ What runs per layer:
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,8 +83,28 @@ class _Input:
     act0: int = 0
 
 
+def _one_call_at_a_time(method):
+    """Run the method under the backend's call lock (see :class:`CudaBackend`)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._call_lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class CudaBackend(Backend):
-    """Dense layers on our own CUDA kernels (or on their CPU emulation)."""
+    """Dense layers on our own CUDA kernels (or on their CPU emulation).
+
+    Thread safety: the backend is one per process and its workspaces (the fused path's
+    partials, the split-batch reductions deferred to the end of a backward pass, recorded
+    launch plans) are shared by every call with the same key, so each public call runs under
+    one re-entrant lock: a call's launches are issued together, in order, and on one stream
+    the next call's kernels run after them.  Calls on different streams get workspaces of
+    their own (the fused plans are per stream).  The lock costs well under a microsecond per
+    call (``python -m cupynn bench --host-overhead``); the kernels themselves still overlap.
+    """
 
     name = "cuda"
     device = "cuda"
@@ -99,6 +121,7 @@ class CudaBackend(Backend):
         self._inp_override: tuple | None = None
         self._deferred: list | None = None  # split-batch reductions waiting for one launch
         self.fused = FusedRunner(self.kernels, self._x_input)  # kernels/fused.cu, when it applies
+        self._call_lock = threading.RLock()  # one public call's launches at a time
 
     def _empty(self, shape, dtype):
         return self.kernels.empty(shape, dtype)
@@ -144,6 +167,7 @@ class CudaBackend(Backend):
     def optimizer_state(self, kind, shapes, dtype, buffers) -> OptimizerState:
         return cuda_optim.make_state(self.kernels, self.xp, kind, shapes, dtype, buffers)
 
+    @_one_call_at_a_time
     def optimizer_step(self, state, hyper, params, grads) -> None:
         cuda_optim.step(self.kernels, self.xp, state, hyper, params, grads)
 
@@ -343,6 +367,7 @@ class CudaBackend(Backend):
             sm, sk = K, 1
         return _Input(x, sm, sk)
 
+    @_one_call_at_a_time
     def dense_forward(self, x, W, b, activation: str, *, precision: str = "strict"):
         act = get_activation(activation).id
         M = x.shape[0]
@@ -350,6 +375,7 @@ class CudaBackend(Backend):
         self._forward("Dense.forward", self._x_input(x), W, b, act, M, y=y, precision=precision)
         return y
 
+    @_one_call_at_a_time
     def dense_forward_train(self, x, W, b, activation: str, *, precision: str = "strict"):
         a = get_activation(activation)
         M = x.shape[0]
@@ -359,6 +385,7 @@ class CudaBackend(Backend):
                       precision=precision)
         return y, (y if a.from_output else z)
 
+    @_one_call_at_a_time
     def dense_backward(self, g, x, saved, W, activation: str, *, has_bias: bool,
                        need_dx: bool, precision: str = "strict"):
         act = get_activation(activation).id
@@ -385,9 +412,11 @@ class CudaBackend(Backend):
         return dx, dW, db
 
     # -- derivatives with respect to the inputs (kernels/derivatives.cu) --------------
+    @_one_call_at_a_time
     def taylor_activation_forward(self, z, b, activation: str, *, d: int, second: str):
         return cuda_taylor.forward(self.kernels, z, b, get_activation(activation).id, d, second)
 
+    @_one_call_at_a_time
     def taylor_activation_backward(self, g, z, y, b, activation: str, *, d: int, second: str):
         return cuda_taylor.backward(self.kernels, g, z, y, b, get_activation(activation).id, d,
                                     second)
@@ -569,6 +598,7 @@ class CudaBackend(Backend):
         lay = self.fused.layout(net, batch, m, need_dx=need_dx, loss=loss)
         return "fused" if isinstance(lay, FusedLayout) else f"per-layer: {lay}"
 
+    @_one_call_at_a_time
     def network_forward(self, net: NetSpec, params: Params, x):
         if x.shape[0]:
             plan = self.fused.plan(MODE_FORWARD, net, x, None, False)
@@ -578,6 +608,7 @@ class CudaBackend(Backend):
         return self._run_planned(key, net, params, x, None,
                                  lambda: self._forward_impl(net, params, x))
 
+    @_one_call_at_a_time
     def network_value(self, net: NetSpec, params: Params, x, loss: LossSpec):
         """The loss value alone: forward with the loss fused, nothing saved (graph forward)."""
         target = self._target_of(loss)
@@ -591,16 +622,18 @@ class CudaBackend(Backend):
 
     def network_value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
                                need_dx: bool = False, out=None):
-        target = self._target_of(loss)
-        if x.shape[0]:
-            plan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
-            if plan is not None:
-                return self.fused.value_and_grad(plan, net, params, x, loss, target, need_dx, out)
-        key = self._plan_key("grad", net, x, loss, need_dx)
-        res = self._run_planned(key, net, params, x, target,
-                                lambda: self._value_and_grad_impl(net, params, x, loss, target,
-                                                                  need_dx))
-        return res if out is None else write_into(out, res)
+        with self._call_lock:  # inline rather than _one_call_at_a_time: the hottest call
+            target = self._target_of(loss)
+            if x.shape[0]:
+                plan = self.fused.plan(MODE_GRAD, net, x, loss, need_dx)
+                if plan is not None:
+                    return self.fused.value_and_grad(plan, net, params, x, loss, target, need_dx,
+                                                     out)
+            key = self._plan_key("grad", net, x, loss, need_dx)
+            res = self._run_planned(key, net, params, x, target,
+                                    lambda: self._value_and_grad_impl(net, params, x, loss,
+                                                                      target, need_dx))
+            return res if out is None else write_into(out, res)
 
     # A launch plan records, once per (network, batch, layout, loss kind), the kernels,
     # grids and scalar arguments a call launches and the buffers it allocates; later
@@ -676,6 +709,7 @@ class CudaBackend(Backend):
             expect(target, "target", (x.shape[0], net.out_features), dtype)
         return cuda_plans.replay(self.kernels, plan, externals)
 
+    @_one_call_at_a_time
     def planned_launches(self, net: NetSpec, params: Params, x, loss: LossSpec, *,
                          need_dx: bool = False) -> tuple[list[PlannedLaunch], tuple]:
         """The kernel launches of one ``network_value_and_grad`` call, in order, each bound

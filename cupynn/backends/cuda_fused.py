@@ -9,7 +9,8 @@ functions, the configuration table and the partial-gradient workspace on the dev
 constant part of both argument lists.  A call after the first therefore checks the caller's
 arrays, allocates its outputs (one block, sliced into value, gradients and dx; nothing with
 ``out=``) and launches two kernels.  Workspaces belong to the runner and are reused by every
-call with the same key on the current stream (a CUDA graph captures them).
+call with the same key on the same stream (a CUDA graph captures them); the CUDA backend
+runs each call under its call lock, so two threads never interleave their launches.
 """
 
 from __future__ import annotations
@@ -86,9 +87,29 @@ class FusedRunner:
         self._x_input = x_input  # CudaBackend._x_input: (array, row stride, column stride)
         self._plans: dict = {}
         self._smem: dict = {}
+        self._sms: dict = {}
+        # the emulator's stand-in for the SM count (tests vary it: the bits must not change)
+        self.simulated_sms = _fl.FUSED_BLOCKS
         self._last: tuple | None = None  # (key fields, net, plan) of the last call
         # False: every network takes the per-layer path (tests of the per-layer kernels)
         self.enabled = True
+
+    # -- persistent blocks ---------------------------------------------------------------------
+    def sm_count(self) -> int:
+        """Multiprocessors of the current device (on the emulator: ``simulated_sms``)."""
+        if self.kernels.emulated:
+            return self.simulated_sms
+        dev = self.kernels.device()
+        n = self._sms.get(dev)
+        if n is None:
+            n = self._sms[dev] = int(self.kernels.xp.cuda.Device(dev).attributes["MultiProcessorCount"])
+        return n
+
+    def blocks(self, lay: FusedLayout) -> int:
+        """fused_mlp's grid: min(slices, SM count, FUSED_BLOCKS) persistent blocks, each
+        walking its share of the layout's fixed slices (one wave on any card; the bits do
+        not change)."""
+        return max(1, min(lay.grid, self.sm_count(), _fl.FUSED_BLOCKS))
 
     # -- path choice ------------------------------------------------------------------------
     def smem_limit(self) -> int:
@@ -120,10 +141,15 @@ class FusedRunner:
         """The cached :class:`FusedPlan` of a call, or None for the per-layer path."""
         if not self.enabled:
             return None
-        fields = (mode, self.kernels.device(), x.shape[0], x.strides, need_dx,
+        # per stream: a workspace written by one stream's fused_mlp and read by its
+        # fused_reduce must not be shared with a call on another stream
+        fields = (mode, self.kernels.device(), self.kernels.stream_key(), x.shape[0], x.strides,
+                  need_dx,
                   None if loss is None else loss.kind,
                   loss is not None and loss.target is not None,
-                  f64_mma_enabled(), _fl.WIDE_MIN, _fl.FUSED_BLOCKS, _fl._ENABLED_ENV)
+                  f64_mma_enabled(), _fl.WIDE_MIN, _fl.FUSED_BLOCKS, _fl.SLICE_SPLIT,
+                  _fl._ENABLED_ENV,
+                  self.simulated_sms)
         last = self._last
         if last is not None and last[1] is net and last[0] == fields:
             p = last[2]  # the same network object as the last call: no hashing of its spec
@@ -157,7 +183,7 @@ class FusedRunner:
         scale = loss_scale(kind, M * n_out)
         i64 = np.int64
         args = [cfg, None, i64(0), i64(0), i64(M), none, T(2.0 * scale)]
-        args += [none] * (2 * MAX_LAYERS) + [none, none, partials]
+        args += [none] * (2 * MAX_LAYERS) + [none, none, partials, i64(lay.grid)]
         reduce_fn = None
         rargs = []
         if mode != MODE_FORWARD:
@@ -181,7 +207,7 @@ class FusedRunner:
                          partials=partials, two_scale=T(2.0 * scale), vscale=T(scale),
                          n_out=n_out, k0=net.in_features, out_shapes=shapes,
                          flat_size=lay.partial_stride, args=args, rargs=rargs, dtype=dtype,
-                         x_direct=x_direct, rgrid=rgrid, grid3=(lay.grid, 1, 1),
+                         x_direct=x_direct, rgrid=rgrid, grid3=(self.blocks(lay), 1, 1),
                          rgrid3=(rgrid, 1, 1), checks=checks, views=views)
 
     # -- one call ---------------------------------------------------------------------------
@@ -214,13 +240,14 @@ class FusedRunner:
 
     def _launch(self, rng: str, name: str, fn, grid3: tuple, args: list, smem: int = 0) -> None:
         k = self.kernels
-        if k.recording is not None:
+        local = k._local  # this thread's recording / keep_alive / capture
+        if local.recording is not None:
             raise CudaLaunchError("the fused path cannot be recorded into a per-layer launch plan")
-        if k.keep_alive is not None:  # a graph capture: what the launch reads stays alive
-            k.keep_alive.extend(a for a in args if isinstance(a, k.xp.ndarray))
-        if k.capture is not None:  # the emulator's stream capture: replayed by EmulatedGraph
-            k.capture.append((rng, name, functools.partial(fn, shared_mem=smem), grid3,
-                              tuple(args)))
+        if local.keep_alive is not None:  # a graph capture: what the launch reads stays alive
+            local.keep_alive.extend(a for a in args if isinstance(a, k.xp.ndarray))
+        if local.capture is not None:  # the emulator's stream capture: replayed by EmulatedGraph
+            local.capture.append((rng, name, functools.partial(fn, shared_mem=smem), grid3,
+                                  tuple(args)))
             return
         if k.launch_log is not None:
             k.launch_log.append((rng, name))
@@ -324,8 +351,8 @@ class FusedRunner:
                 rargs[_RDB + l] = db
         rgrid = -(-lay.partial_stride // THREADS)
         launches = [
-            PlannedLaunch(_STEP_RANGE[plan.mode], lay.kernel, (lay.grid, 1, 1),
-                          functools.partial(plan.fn, (lay.grid, 1, 1), (THREADS,), tuple(args),
+            PlannedLaunch(_STEP_RANGE[plan.mode], lay.kernel, plan.grid3,
+                          functools.partial(plan.fn, plan.grid3, (THREADS,), tuple(args),
                                             shared_mem=lay.smem_bytes), plan.fn),
             PlannedLaunch("fused.reduce", lay.reduce, (rgrid, 1, 1),
                           functools.partial(plan.reduce_fn, (rgrid, 1, 1), (THREADS,),

@@ -46,12 +46,32 @@ WIDE_PW = WARPS * 32 * (20 + 28)          # wide backward: 32 x 16 (+4) and 32 x
 NARROW_MAX = 256
 WIDE_MAX = 4096
 WIDE_MIN = 257          # a fan-in <= MAX_K0 first layer this wide is recomputed, not stored
+# The wide class's second layer: up to one 24-column pass (FNW n8 tiles).  Wider, the wide
+# forward re-reads W1 from L2 at every 16-row step and recomputes h0 once per 24-column pass
+# (N1 / 24 times), and the backward keeps a 24-column W1 slice per warp: a cliff the static
+# counts put below the per-layer path, so such networks take the per-layer path (execution_path
+# says why) until a GPU run says otherwise (bench/RESULTS.md).
+WIDE_N1_MAX = FNW * 8
 TILE_ROWS = (128, 64, 32, 16)
 SUPER_TILES = (8, 4, 2, 1)  # wide: dz1 of this many tiles is collected before its backward
 SUPER_PREFER = 256          # wide: super-tiles of up to this many rows come before taller tiles
-# Blocks a batch is split into: a fixed number (an H100/H200's SM count), not the device's, so
-# the summation order -- hence the bits -- is the same on every card.
+# Slices a batch is split into: a fixed number (an H100 SXM / H200's SM count), not the
+# device's.  fused_mlp runs min(slices, SM count) persistent blocks that walk the slices in a
+# fixed order, and fused_reduce sums the slices' partials in slice order, so the summation
+# order -- hence the bits -- does not depend on the SM count (a 108-SM A100 or a 114-SM H100
+# PCIe gets the same bits as a 132-SM H100 SXM of the same architecture).  What it cannot
+# promise: the same bits across architectures -- the tensor cores' internal accumulation
+# differs (sm_80: chains of DMMA.8x8x4; sm_90: DMMA.16x8x16), so the guarantee is "same card
+# type (architecture), same inputs: same bits, for any SM count".
 FUSED_BLOCKS = 132
+# Finer slices for a large batch: FUSED_BLOCKS * SLICE_SPLIT slices (each at least a 128-row
+# tile; the partials of all of them within SLICE_WORKSPACE bytes, else fewer).  With 132
+# slices a 114-SM card still needs two slice times (18 blocks walk two); with 528, five
+# quarter-slices: ~1.25x a 132-SM card's time instead of 2x.  It multiplies the partials and
+# the reduction's reads by SLICE_SPLIT on every card, so it stays at 1 until a GPU run weighs
+# the two (bench/RESULTS.md); the kernel and the tests take any value.
+SLICE_SPLIT = 1
+SLICE_WORKSPACE = 64 << 20
 # Every block keeps a partial of every parameter (FUSED_BLOCKS x P workspace, all of it read
 # by the reduction): beyond this many parameters the per-layer path's reductions are cheaper.
 MAX_PARAMS = 1 << 18
@@ -138,8 +158,8 @@ class FusedLayout:
     wide: bool
     tile_rows: int          # BT
     super_rows: int         # R (wide: dz1 rows collected before the first layer's backward)
-    rows_per_block: int
-    grid: int
+    rows_per_block: int     # rows of one slice
+    grid: int               # slices (<= FUSED_BLOCKS); fused_mlp launches min(grid, SMs) blocks
     partial_stride: int     # P: elements of one block's partial slice (value slot last)
     param_offsets: tuple    # ((dW offset, db offset or -1), ...) per layer, in the slice
     smem_bytes: int         # dynamic shared memory per block
@@ -174,6 +194,11 @@ def _classify(net: NetSpec) -> tuple[bool, str | None]:
         return False, f"{L} layers (the fused kernel takes at most {MAX_LAYERS})"
     first = layers[0]
     wide = (L >= 2 and first.in_features <= MAX_K0 and WIDE_MIN <= first.out_features <= WIDE_MAX)
+    if wide and layers[1].out_features > WIDE_N1_MAX:
+        return wide, (f"a wide first layer ({first.out_features} units, fan-in {first.in_features}) "
+                      f"feeding a {layers[1].out_features}-wide layer: past {WIDE_N1_MAX} columns "
+                      f"the fused kernel re-reads W1 from L2 every 16 rows and recomputes the first "
+                      f"layer once per {WIDE_N1_MAX}-column pass, slower than the per-layer path")
     for l, s in enumerate(layers):
         if l == 0 and wide:
             continue
@@ -237,12 +262,22 @@ def fused_layout(net: NetSpec, batch: int, *, mode: int, need_dx: bool = False,
                  f64_mma: bool = True):
     """A :class:`FusedLayout`, or a string saying why ``net`` at ``batch`` is not fused."""
     return _fused_layout(net, int(batch), int(mode), bool(need_dx), bool(has_target), loss,
-                         int(smem_limit), bool(f64_mma), WIDE_MIN, FUSED_BLOCKS)
+                         int(smem_limit), bool(f64_mma), WIDE_MIN, FUSED_BLOCKS, SLICE_SPLIT,
+                         SLICE_WORKSPACE)
+
+
+def _slices(batch: int, blocks: int, split: int, workspace: int, partial_bytes: int) -> int:
+    """How many fixed slices the batch is cut into (a function of the batch and the network
+    only, never of the card: the bits depend on it)."""
+    k = max(1, split)
+    while k > 1 and (batch < blocks * k * TILE_ROWS[0] or blocks * k * partial_bytes > workspace):
+        k //= 2
+    return blocks * k
 
 
 @functools.lru_cache(maxsize=256)
 def _fused_layout(net, batch, mode, need_dx, has_target, loss, smem_limit, f64_mma, wide_min,
-                  blocks):
+                  blocks, split=1, workspace=SLICE_WORKSPACE):
     if not enabled():
         return "the fused path is switched off (CUPYNN_FUSED=0)"
     if mode != MODE_FORWARD and loss not in ("sum_squares", "mse"):
@@ -266,7 +301,9 @@ def _fused_layout(net, batch, mode, need_dx, has_target, loss, smem_limit, f64_m
                 f"(the fused path takes up to {MAX_PARAMS:,})")
     dtype = np.dtype(net.dtype)
     itemsize = dtype.itemsize
-    rpb = max(16, pad16(-(-batch // blocks)))
+    slices = _slices(batch, blocks, split, workspace,
+                     0 if mode == MODE_FORWARD else (n_params + 1) * itemsize)
+    rpb = max(16, pad16(-(-batch // slices)))
     grid = -(-batch // rpb)
     budget = smem_limit - STATIC_SMEM
     grad = mode == MODE_GRAD

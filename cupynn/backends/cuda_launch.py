@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 
 import numpy as np
 
@@ -53,6 +54,14 @@ def elem_strides(x) -> tuple[int, int]:
     return sm // item, sk // item
 
 
+class _PerThread(threading.local):
+    """A launcher's per-thread state (class attributes: the defaults every thread starts with)."""
+
+    recording = None
+    capture = None
+    keep_alive = None
+
+
 class Launcher:
     """Kernel functions, buffers and launches for one array module and module class.
 
@@ -63,6 +72,8 @@ class Launcher:
     ``(launches, allocations)``: launches are recorded instead of run), ``capture`` (set by
     an :class:`EmulatedStream` between ``begin_capture`` and ``end_capture``: on the
     emulator, launches -- a launch plan's included -- are recorded into a graph, not run).
+    ``recording``, ``capture`` and ``keep_alive`` are per thread: they belong to the thread
+    that set them.
     """
 
     def __init__(self, xp, module_cls, *, arch: str | None = None):
@@ -73,10 +84,8 @@ class Launcher:
         self._funcs: dict[tuple, object] = {}
         self._dummy: dict[tuple, object] = {}
         self.poison = False
-        self.keep_alive: list | None = None
+        self._local = _PerThread()  # recording, capture, keep_alive: per thread
         self.launch_log: list[tuple[str, str]] | None = None
-        self.recording: tuple[list, list] | None = None
-        self.capture: list | None = None
 
     # -- buffers ------------------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -84,10 +93,11 @@ class Launcher:
         a = self.xp.empty(shape, dtype=dtype)
         if self.poison:
             a.fill(np.nan if a.dtype.kind == "f" else -1)
-        if self.keep_alive is not None:
-            self.keep_alive.append(a)
-        if self.recording is not None:
-            self.recording[1].append(a)
+        local = self._local
+        if local.keep_alive is not None:
+            local.keep_alive.append(a)
+        if local.recording is not None:
+            local.recording[1].append(a)
         return a
 
     def none(self, dtype):
@@ -101,6 +111,39 @@ class Launcher:
     def dummies(self) -> list:
         """The arrays :meth:`none` hands out (launch plans pass them as constants)."""
         return list(self._dummy.values())
+
+    # -- per-thread state: a recording, a capture or a graph's keep-alive list belongs to the
+    # thread that set it (another thread's calls meanwhile are neither recorded nor kept) --
+    @property
+    def recording(self):
+        return self._local.recording
+
+    @recording.setter
+    def recording(self, value):
+        self._local.recording = value
+
+    @property
+    def capture(self):
+        return self._local.capture
+
+    @capture.setter
+    def capture(self, value):
+        self._local.capture = value
+
+    @property
+    def keep_alive(self):
+        return self._local.keep_alive
+
+    @keep_alive.setter
+    def keep_alive(self, value):
+        self._local.keep_alive = value
+
+    def stream_key(self) -> int:
+        """The current stream (workspaces that kernels write are per stream); 0 on the
+        emulator, which runs every launch at once."""
+        if self.emulated:
+            return 0
+        return self.xp.cuda.get_current_stream().ptr
 
     # -- kernel functions ---------------------------------------------------------------
     def device(self) -> int:
@@ -163,11 +206,12 @@ class Launcher:
         if min(grid) <= 0:
             return
         fn = self.function(source, name)
-        if self.recording is not None:
-            self.recording[0].append((rng, name, fn, grid, args))
+        local = self._local
+        if local.recording is not None:
+            local.recording[0].append((rng, name, fn, grid, args))
             return
-        if self.capture is not None:
-            self.capture.append((rng, name, fn, (int(grid[0]), int(grid[1]), int(grid[2])),
+        if local.capture is not None:
+            local.capture.append((rng, name, fn, (int(grid[0]), int(grid[1]), int(grid[2])),
                                  tuple(args)))
             return
         if self.launch_log is not None:

@@ -41,7 +41,8 @@ ACT_RUNTIME = -2  # kernels/activations.cuh ACT_RUNTIME
 CTYPE = {np.dtype(np.float64): "double", np.dtype(np.float32): "float"}
 _PRECISION_MATH = {"strict": MATH_FMA, "tf32": MATH_TF32, "3xtf32": MATH_3XTF32}
 # Split-batch reductions aim at this many blocks (a fixed number, not the device's
-# SM count, so the summation order -- hence the bits -- is the same on every card).
+# SM count, so the summation order -- hence the bits -- is the same on every card of one
+# architecture; across architectures the tensor cores' own accumulation differs).
 TARGET_BLOCKS = 528
 MIN_ROWS_PER_SPLIT = 64
 # Big tiles only when there are enough of them to fill the card twice.

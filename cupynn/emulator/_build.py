@@ -67,6 +67,7 @@ class ParsedOptions:
     include_dirs: list[str] = field(default_factory=list)
     defines: list[str] = field(default_factory=list)
     arch: int = 800
+    ftz: bool = False  # -ftz=true (CuPy appends it): float32 kernels flush subnormals to zero
 
 
 def parse_options(options) -> ParsedOptions:
@@ -99,6 +100,9 @@ def parse_options(options) -> ParsedOptions:
                 i += 1
             if m:
                 parsed.arch = int(m.group(1)) * 10
+            f = re.match(r"^--?ftz(?:=(true|false))?$", opt)
+            if f:
+                parsed.ftz = f.group(1) != "false"  # the last one wins, as in NVRTC
         i += 1
     parsed.include_dirs = [os.path.abspath(d) for d in parsed.include_dirs]
     return parsed
@@ -208,6 +212,25 @@ def runtime_object(sanitizer: str | None) -> Path:
     return _atomic_build(target, build)
 
 
+# The floating-point mode of the launching thread (the emulator's worker threads are created
+# per launch and inherit it): x86 MXCSR, whose FTZ (bit 15) and DAZ (bit 6) bits are what
+# CUDA's -ftz=true does to float32 arithmetic.  -1 where there is no MXCSR.
+_FPMODE_SHIM = (
+    "\n#if defined(__x86_64__) || defined(__i386__)\n#include <xmmintrin.h>\n#endif\n"
+    'extern "C" __attribute__((visibility("default")))\n'
+    "long long cupynn_emu_fpmode(int set, unsigned value) {\n"
+    "#if defined(__x86_64__) || defined(__i386__)\n"
+    "    const unsigned old = _mm_getcsr();\n"
+    "    if (set) _mm_setcsr(value);\n"
+    "    return (long long)old;\n"
+    "#else\n"
+    "    (void)set; (void)value;\n"
+    "    return -1;\n"
+    "#endif\n"
+    "}\n"
+)
+
+
 def build_module(code: str, options, name_expressions, sanitizer: str | None):
     """Compile `code` into a shared library; return (path to .so, list of kernel names)."""
     if sanitizer not in SANITIZERS:
@@ -219,7 +242,7 @@ def build_module(code: str, options, name_expressions, sanitizer: str | None):
 
     h = hashlib.sha256()
     for part in (FORMAT_VERSION, compiler_id(), str(sanitizer), " ".join(_opt_flags(sanitizer)),
-                 str(parsed.arch), *parsed.defines, *parsed.include_dirs, "\0names", *names):
+                 str(parsed.arch), f"ftz={parsed.ftz}", *parsed.defines, *parsed.include_dirs, "\0names", *names):
         h.update(part.encode() + b"\0")
     h.update(code.encode())
     h.update(EMU_HEADER.read_bytes())
@@ -249,6 +272,7 @@ def build_module(code: str, options, name_expressions, sanitizer: str | None):
         f"    *n = {len(names)};\n"
         "    return cupynn_emu_table_;\n"
         "}\n"
+        + _FPMODE_SHIM
     )
     tu_path = build_dir / f"module-{sanitizer or 'plain'}.cpp"
     tu_path.write_text(tu)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 
 import numpy as np
 
@@ -153,6 +154,10 @@ class EmulatedFunction:
         return f"<EmulatedFunction {self.name}>"
 
 
+_MXCSR_FTZ_DAZ = 0x8040  # flush-to-zero (bit 15) and denormals-are-zero (bit 6)
+_FLOAT_KERNEL = re.compile(r"<\s*float\b")
+
+
 class EmulatedModule:
     """Same constructor keywords as cupy.RawModule; kernels run on the CPU.
 
@@ -179,10 +184,19 @@ class EmulatedModule:
         self.sanitizer = sanitizer
         self.so_path, self._names = _build.build_module(code, self.options, self.name_expressions,
                                                         sanitizer)
+        # -ftz=true (CuPy appends it to every compilation): float32 kernels run with subnormal
+        # results and inputs flushed to zero, as on the GPU (float64 ones keep them).
+        self.ftz = _build.parse_options(self.options).ftz
         self._lib = None
+        self._fpmode = None
         if sanitizer is None:
             self._lib = ctypes.CDLL(str(self.so_path))
             self._table = read_kernel_table(self._lib)
+            fpmode = getattr(self._lib, "cupynn_emu_fpmode", None)
+            if fpmode is not None:
+                fpmode.restype = ctypes.c_longlong
+                fpmode.argtypes = [ctypes.c_int, ctypes.c_uint]
+                self._fpmode = fpmode
         else:
             from ._remote import get_worker
 
@@ -200,8 +214,23 @@ class EmulatedModule:
             self._functions[name_expression] = fn
         return fn
 
+    def flushes(self, name_expression: str) -> bool:
+        """True when launches of this kernel flush float32 subnormals (a float32 kernel --
+        first template argument ``float`` -- of a module built with -ftz=true, in process)."""
+        return bool(self.ftz and self._fpmode is not None and _FLOAT_KERNEL.search(name_expression))
+
     def _launch(self, name, grid, block, shared_mem, packed, args) -> None:
         if self.sanitizer is None:
+            if self.flushes(name):
+                old = self._fpmode(0, 0)
+                if old >= 0:
+                    self._fpmode(1, (old | _MXCSR_FTZ_DAZ) & 0xFFFFFFFF)
+                    try:
+                        launch_in_process(self._lib, self._table[name][0], grid, block, shared_mem,
+                                          packed)
+                    finally:
+                        self._fpmode(1, old)
+                    return
             launch_in_process(self._lib, self._table[name][0], grid, block, shared_mem, packed)
             return
         from ._remote import get_worker
