@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EMU_HEADER = HERE / "cuda_emu.h"
 EMU_RUNTIME = HERE / "cuda_emu_runtime.cpp"
-FORMAT_VERSION = "2"  # bump when the generated code changes meaning
+FORMAT_VERSION = "3"  # bump when the generated code changes meaning
 
 SANITIZERS = (None, "address", "thread")
 

@@ -1,0 +1,246 @@
+"""One planted GPU bug per capability of the emulator, each of which it must catch.
+
+The kernels are in cupynn/emulator/testdata/emulator_bugs.cu; each takes a flag that selects
+the correct version (which must pass) or the bug.  The capabilities: adversarial fiber and
+block schedules, poisoned static shared memory, guarded array arguments (an overrun fails the
+launch with the kernel and offset named instead of killing the process), cp.async modelled as
+the hardware behaves (poisoned at issue, landing at the matching wait), the wrappers' PTX text
+executed by the emulator (a swapped operand fails on the CPU), bit-exact fixed-order
+reductions, and the sparse-memory mode for launches whose M x N passes 2^31.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+emu = pytest.importorskip("cupynn.emulator")
+from cupynn.emulator.testing import TESTDATA, emulated_module, kernels_dir  # noqa: E402
+
+pytestmark = pytest.mark.emulator
+BUGS = TESTDATA / "emulator_bugs.cu"
+NAMES = ("left_neighbour", "chain_blocks", "stale_shared", "overrun", "cp_async_groups",
+         "mma_wrapper<0>", "mma_wrapper<1>", "mma_wrapper<2>", "mma_wrapper<3>", "exchange_across_mma")
+ADVERSARIAL = ("reversed", "rotated", "random:1", "random:2")
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return emulated_module(BUGS, NAMES)
+
+
+# -- schedules ------------------------------------------------------------------------
+
+def run_left_neighbour(mod, bug, rng):
+    x = rng.standard_normal(512).astype(np.float32)
+    y = np.full(512, np.nan, np.float32)
+    mod.get_function("left_neighbour")((2,), (256,), (x, y, np.int32(bug)))
+    xr = x.reshape(2, 256)
+    want = xr + np.concatenate([np.zeros((2, 1), np.float32), xr[:, :-1]], axis=1)
+    return np.array_equal(y, want.ravel())
+
+
+@pytest.mark.parametrize("sched", ADVERSARIAL)
+def test_missing_barrier_caught_by_adversarial_schedules(mod, rng, sched):
+    with emu.schedule("default"):
+        assert run_left_neighbour(mod, 0, rng)
+        # the blind spot the schedules close: thread order runs the writer first
+        assert run_left_neighbour(mod, 1, rng)
+    with emu.schedule(sched):
+        assert run_left_neighbour(mod, 0, rng)
+        assert not run_left_neighbour(mod, 1, rng), f"{sched} did not expose the missing barrier"
+
+
+def run_chain_blocks(mod, bug, rng):
+    x = rng.standard_normal(64)
+    y = np.full(64, np.nan)
+    mod.get_function("chain_blocks")((64,), (1,), (x, y, np.int32(bug)))
+    return np.array_equal(y, x)
+
+
+@pytest.mark.parametrize("sched", ADVERSARIAL)
+def test_race_between_blocks_caught_deterministically(mod, rng, sched):
+    with emu.schedule(sched):
+        assert run_chain_blocks(mod, 0, rng)
+        results = {run_chain_blocks(mod, 1, rng) for _ in range(3)}
+    assert results == {False}, "the block-order race must fail on every run"
+
+
+def test_schedule_names_are_checked():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        emu.set_schedule("sideways")
+    with pytest.raises(ValueError, match="seed"):
+        emu.set_schedule("random:x")
+
+
+# -- poisoned static shared memory -----------------------------------------------------
+
+def test_static_shared_is_poisoned_per_block(mod, rng):
+    x = rng.standard_normal(64)
+    y = np.full(4 * 64, 0.5)
+    f = mod.get_function("stale_shared")
+    f((4,), (64,), (x, y, np.int32(0)))
+    np.testing.assert_array_equal(y, np.tile(x[::-1], 4))
+    y[:] = 0.5
+    f((4,), (64,), (x, y, np.int32(1)))
+    np.testing.assert_array_equal(y[:64], x[::-1])
+    assert np.isnan(y[64:]).all(), "blocks 1-3 must read poison, not block 0's tile"
+
+
+# -- guarded arrays --------------------------------------------------------------------
+
+def test_overrun_read_sees_poison_and_write_fails_the_launch(mod, rng):
+    f = mod.get_function("overrun")
+    x = rng.standard_normal(100)
+    y = np.full(100, np.nan)
+    f((1,), (128,), (x, y, np.int32(100), np.int32(0), np.int64(0)))
+    np.testing.assert_array_equal(y, x)
+    f((1,), (128,), (x, y, np.int32(100), np.int32(1), np.int64(0)))  # reads x[100]
+    np.testing.assert_array_equal(y[:99], x[1:])
+    assert np.isnan(y[99]), "a read past the end must see the 0xff canary (NaN)"
+    with pytest.raises(emu.EmulatorError, match=r"overrun: wrote outside an array: .*argument 1.*element 100 of 100"):
+        f((1,), (128,), (x, y, np.int32(100), np.int32(0), np.int64(100)))
+
+
+def test_far_overrun_fails_the_launch_not_the_process(mod, rng):
+    f = mod.get_function("overrun")
+    x = rng.standard_normal(100)
+    y = np.full(100, np.nan)
+    with pytest.raises(emu.EmulatorError, match=r"kernel overrun: invalid write at .* of argument \d"):
+        f((1,), (128,), (x, y, np.int32(100), np.int32(0), np.int64(-(1 << 32))))
+    # the module (and this process) still work
+    f((1,), (128,), (x, y, np.int32(100), np.int32(0), np.int64(0)))
+    np.testing.assert_array_equal(y, x)
+
+
+# -- cp.async --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, ok", [(0, True), (1, False), (2, True), (3, False), (4, False)])
+def test_cp_async_lands_at_the_matching_wait(mod, rng, mode, ok):
+    x = rng.standard_normal(256).astype(np.float32)
+    y = np.full(128, 0.25, np.float32)
+    mod.get_function("cp_async_groups")((1,), (128,), (x, y, np.int32(mode)))
+    a = np.roll(x[:128], -1)
+    want = a if mode == 2 else a + np.roll(x[128:], -1)
+    assert np.array_equal(y, want) == ok
+    if not ok:
+        assert np.isnan(y).all(), "a copy that was not waited for must read as poison"
+
+
+# -- the PTX text ----------------------------------------------------------------------
+
+def run_mma(mod, variant, rng):
+    A, B, C = rng.standard_normal((8, 4)), rng.standard_normal((4, 8)), rng.standard_normal((8, 8))
+    D = np.full((8, 8), np.nan)
+    mod.get_function(f"mma_wrapper<{variant}>")((1,), (32,), (A, B, C, D))
+    return D, A @ B + C
+
+
+def test_ptx_wrapper_runs_from_its_text(mod, rng):
+    D, want = run_mma(mod, 0, rng)
+    np.testing.assert_allclose(D, want, rtol=1e-14, atol=1e-14)
+
+
+def test_swapped_ptx_operand_fails_on_the_cpu(mod, rng):
+    D, want = run_mma(mod, 1, rng)
+    assert np.linalg.norm(D - want) > 1e-3 * np.linalg.norm(want)
+
+
+def test_ptx_operand_type_and_count_are_checked(mod, rng):
+    with pytest.raises(emu.EmulatorError, match=r'%5 has constraint "l" but operand 4 \(C\) takes "d"'):
+        run_mma(mod, 2, rng)
+    with pytest.raises(emu.EmulatorError, match=r"asm operand %4 is used 2 times|%5 is used 0 times"):
+        run_mma(mod, 3, rng)
+
+
+def test_swapped_operand_still_compiles_under_nvrtc():
+    """The blind spot the interpreter closes: NVRTC accepts the swapped list."""
+    try:
+        import cupy  # noqa: F401
+        from cupy.cuda import nvrtc  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"no NVRTC: {exc}")
+    from cupynn.compile_check import compile_chunk  # noqa: PLC0415
+
+    try:
+        res = compile_chunk("emulator_bugs.cu", BUGS.read_text(), ("mma_wrapper<1>",), "sm_80",
+                            ("-std=c++17", "-default-device", f"-I{kernels_dir()}", "-arch=sm_80"),
+                            sass=False)
+    except Exception as exc:  # NVRTC missing or unloadable here
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    assert res["ok"], res["log"]
+
+
+# -- bit-exact fixed-order reductions --------------------------------------------------
+
+def tree_sum_256(v):
+    """dense.cu block_sum: red[t] += red[t + s] for s = 128, 64, ..., 1."""
+    red = np.array(v, dtype=np.float64)
+    s = 128
+    while s:
+        red[:s] = red[:s] + red[s:2 * s]
+        s //= 2
+    return red[0]
+
+
+def test_loss_reduce_is_bit_exact_in_its_order():
+    P = 3 * 256 + 5
+    p = np.zeros(P)
+    p[7], p[7 + 256], p[7 + 512] = 1.0, 1e16, -1e16  # one thread's strided partials
+    p[3], p[3 + 128] = 1e16, -1e16                  # meet in the tree at s = 128
+    p[3 + 64] = 2.0
+    mod = emulated_module(kernels_dir() / "dense.cu", ("cupynn::loss_reduce<double>",))
+    value = np.full(1, np.nan)
+    mod.get_function("cupynn::loss_reduce<double>")((1,), (256,), (p, np.int64(P), np.float64(1.0), value))
+    acc = np.zeros(256)
+    for start in range(0, P, 256):
+        chunk = p[start:start + 256]
+        acc[:chunk.size] = acc[:chunk.size] + chunk
+    want = tree_sum_256(acc)
+    assert value[0] == want, (value[0], want)
+    backwards = 0.0
+    for v in p[::-1]:
+        backwards += v
+    assert want == 2.0 and backwards != want, "the test must distinguish the orders"
+
+
+def test_split_reduction_is_bit_exact_in_split_order():
+    S, N, K = 3, 5, 7
+    p = np.zeros((S, N, K + 1))
+    p[0], p[1], p[2] = 1.0, 1e16, -1e16  # split order: (1 + 1e16) - 1e16 = 0; reversed: 1
+    p[:, 2, 3] = (-1e16, 1e16, 1.0)      # split order: 1
+    mod = emulated_module(kernels_dir() / "dense.cu", ("cupynn::reduce_partials<double>",))
+    dw, db = np.full((N, K), np.nan), np.full(N, np.nan)
+    mod.get_function("cupynn::reduce_partials<double>")(
+        (1,), (256,), (p, np.int64(S), np.int64(N), np.int64(K), np.int32(1), dw, db))
+    want = (p[0] + p[1]) + p[2]
+    np.testing.assert_array_equal(dw, want[:, :K])
+    np.testing.assert_array_equal(db, want[:, K])
+    assert dw[2, 3] == 1.0 and dw[0, 0] == 0.0
+
+
+# -- sparse memory: launches past 2^31 elements ---------------------------------------
+
+def test_sparse_mode_runs_the_last_blocks_past_2_31():
+    """reduce_partials over N x (K + 1) > 2^31 elements: only its last 2 blocks run, on lazily
+    mapped arrays; a 32-bit element index would write below the array (and fail)."""
+    S, N, K = 1, 1 << 16, (1 << 15) + 7  # N * (K + 1) = 2^31 + 2^19
+    total = N * (K + 1)
+    assert total > 2**31
+    p = emu.sparse_array((S, N, K + 1), np.float64)
+    dw = emu.sparse_array((N, K), np.float64)
+    db = emu.sparse_array((N,), np.float64)
+    rng = np.random.default_rng(5)
+    tail = rng.standard_normal(2 * 256)
+    p.reshape(-1)[total - tail.size:] = tail
+    nblocks = (total + 255) // 256
+    f = emu_dense_function("cupynn::reduce_partials<double>")
+    f((nblocks,), (256,), (p, np.int64(S), np.int64(N), np.int64(K), np.int32(1), dw, db),
+      blocks=(nblocks - 2, 2))
+    np.testing.assert_array_equal(dw[-1, K + 1 - tail.size:], tail[:-1])
+    assert db[-1] == tail[-1]
+    assert dw[-2, -1] == 0.0 and db[-2] == 0.0  # blocks before the range did not run
+
+
+def emu_dense_function(name):
+    return emulated_module(kernels_dir() / "dense.cu", (name,)).get_function(name)
