@@ -244,3 +244,81 @@ def test_sparse_mode_runs_the_last_blocks_past_2_31():
 
 def emu_dense_function(name):
     return emulated_module(kernels_dir() / "dense.cu", (name,)).get_function(name)
+
+
+# -- -Wconversion: a narrowed 64-bit index does not build --------------------------------
+
+def test_narrowed_64_bit_offset_is_a_build_error():
+    code = """
+    extern "C" __global__ void copy_rows(const double* x, double* y, long long ld) {
+        const long long row = blockIdx.x;
+        const int off = row * ld;   // the bug: a 32-bit offset
+        y[off + threadIdx.x] = x[off + threadIdx.x];
+    }"""
+    with pytest.raises(emu.EmulatorBuildError, match=r"conversion from .long long int. to .int."):
+        emulated_module(code)
+    emulated_module(code.replace("const int off", "const long long off"))
+
+
+# -- no ordering from collectives (ThreadSanitizer) --------------------------------------
+
+@pytest.mark.slow
+def test_tsan_takes_no_ordering_from_mma():
+    from cupynn.emulator.testing import sanitizer_available
+
+    ok, why = sanitizer_available("thread")
+    if not ok:
+        pytest.skip(f"ThreadSanitizer unavailable: {why}")
+    f = emulated_module(BUGS, NAMES, sanitizer="thread").get_function("exchange_across_mma")
+    x = np.random.default_rng(3).standard_normal(32)
+    y = np.full(32, np.nan)
+    f((1,), (32,), (x, y, np.int32(1)))
+    np.testing.assert_array_equal(y, x[::-1])
+    with pytest.raises(emu.SanitizerError, match="data race"):
+        f((1,), (32,), (x, y, np.int32(0)))
+
+
+def test_fused_reduce_is_bit_exact_in_block_order():
+    """fused_reduce sums the per-block partials in block order (b = 0, 1, ...)."""
+    n, k, G = 3, 4, 3
+    P = n * k + n + 1  # dW0, db0, the loss value
+    cfg = np.zeros(24 + 16 * 8, np.int64)
+    cfg[0], cfg[5], cfg[21] = 1, P, P - 1                  # H_L, H_P, H_VSLOT
+    layer = cfg[24:40]
+    layer[0], layer[1], layer[9], layer[10] = k, n, 0, n * k  # F_K, F_N, F_DW, F_DB
+    parts = np.zeros((G, P))
+    parts[:, :] = np.array([1.0, 1e16, -1e16])[:, None]     # block order: 0; reversed: 1
+    parts[:, 5] = (-1e16, 1e16, 1.0)                        # block order: 1; reversed: 0
+    value, dw, db = np.full(1, np.nan), np.full((n, k), np.nan), np.full(n, np.nan)
+    name = "cupynn::fused_reduce<double>"
+    f = emulated_module(kernels_dir() / "fused.cu", (name,)).get_function(name)
+    f((1,), (256,), (cfg, parts, np.int64(G), np.int64(0), np.int64(P), np.float64(2.0), value,
+                     dw, *([None] * 7), db, *([None] * 7)))
+    want = (parts[0] + parts[1]) + parts[2]
+    np.testing.assert_array_equal(dw.ravel(), want[:n * k])
+    np.testing.assert_array_equal(db, want[n * k:n * k + n])
+    assert value[0] == 2.0 * want[-1]
+    assert dw.ravel()[5] == 1.0 and dw.ravel()[0] == 0.0
+
+
+def test_sparse_mode_forward_layer_past_2_31():
+    """dense_forward with M x N = 2^31 + 1600 outputs: the last two 128-row blocks run on lazily
+    mapped x and y and must write their rows (a 32-bit output offset wraps below y)."""
+    M, N, K = (1 << 28) + 200, 8, 1
+    assert M * N > 2**31
+    rng = np.random.default_rng(9)
+    x = emu.sparse_array((M, K), np.float64)
+    y = emu.sparse_array((M, N), np.float64)
+    x[-256:] = rng.standard_normal((256, K))
+    y[-256:] = np.nan
+    w, b = rng.standard_normal((N, K)), rng.standard_normal(N)
+    name = "cupynn::dense_forward<double, 0, 1, 0>"  # identity, the N <= 8 tile (BM 128), FMA
+    f = emu_dense_function(name)
+    nb = -(-M // 128)
+    i32, i64 = np.int32, np.int64
+    f((nb, 1), (256,), (x, i64(K), i64(1), None, None, i32(0), i32(0), i32(0), w, b, i32(1),
+                        i64(M), i64(N), i64(K), y, i32(1), None, i32(0), None, i32(0), i32(0), None,
+                        i32(0)), blocks=(nb - 2, 2))
+    rows = M - (nb - 2) * 128  # the rows of the last two blocks
+    np.testing.assert_allclose(y[-rows:], x[-rows:] @ w.T + b, rtol=1e-15, atol=0)
+    assert np.isnan(y[-rows - 1]).all()  # the block before the range did not run

@@ -153,6 +153,14 @@ struct Guarded {
 struct Worker;
 struct Block;
 
+// Word copies of the runtime's own bookkeeping.  Not memcpy: ThreadSanitizer intercepts
+// memcpy even in this uninstrumented file, and the mma operand exchange must not look like a
+// data race (nor order anything: it is a collective, not a barrier).
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void copy_words(
+    unsigned long long* dst, const unsigned long long* src, int n) {
+    for (int i = 0; i < n; ++i) dst[i] = src[i];
+}
+
 // A TSan synchronisation object: TSan keys them by 8-byte cell, so each needs its own.
 struct alignas(8) TsanSync {
     unsigned long long cell;
@@ -193,8 +201,8 @@ struct Warp {
     unsigned long long seq = 0;
     unsigned long long vals[32];
     const void* tag = nullptr;               // OP_GATHER: the instruction text all lanes must run
-    int gwords = 0;                          // OP_GATHER: 64-bit words per lane
-    std::vector<unsigned long long> gbuf;    // OP_GATHER: 32 lanes x gwords
+    int gwords = 0;                          // OP_GATHER: 64-bit words per lane (<= kGatherWords)
+    unsigned long long gbuf[32 * 16];        // OP_GATHER: 32 lanes x gwords
 #if defined(CUPYNN_EMU_TSAN)
     TsanSync tsan_sync[2];
 #endif
@@ -858,7 +866,6 @@ Warp& enter_collective(Fiber* f, int op, unsigned mask, unsigned long long value
         wp.arrived = 0;
         wp.tag = tag;
         wp.gwords = nwords;
-        if (op == OP_GATHER) wp.gbuf.assign((size_t)nwords * 32, 0);
     } else if (wp.mask != mask || wp.op != op) {
         fail_here(f, fmt("divergent warp collectives: this lane calls %s with mask 0x%08x while "
                          "lanes 0x%08x wait in %s with mask 0x%08x",
@@ -869,8 +876,7 @@ Warp& enter_collective(Fiber* f, int op, unsigned mask, unsigned long long value
                          static_cast<const char*>(tag), wp.arrived, static_cast<const char*>(wp.tag)));
     }
     wp.vals[f->lane] = value;
-    if (op == OP_GATHER)
-        memcpy(&wp.gbuf[(size_t)f->lane * (size_t)nwords], words, sizeof(unsigned long long) * (size_t)nwords);
+    if (op == OP_GATHER) copy_words(&wp.gbuf[f->lane * nwords], words, nwords);
     wp.arrived |= bit;
 #if defined(CUPYNN_EMU_TSAN)
     if (op == OP_SYNCWARP) __tsan_release(&wp.tsan_sync[wp.seq & 1]);
@@ -1451,8 +1457,10 @@ std::vector<unsigned long long> warp_gather(Fiber* f, const char* text, const st
     Block* b = f->worker->block;
     if (b->warps[(size_t)f->warp].exists != 0xffffffffu)
         fail_here(f, fmt("`%s` needs all 32 lanes of the warp (the block has %d threads)", text, b->nthreads));
+    if (mine.size() > 16) fail_here(f, fmt("`%s`: more than 16 operand registers per lane", text));
     Warp& wp = enter_collective(f, OP_GATHER, 0xffffffffu, 0, mine.data(), (int)mine.size(), text);
-    std::vector<unsigned long long> all(wp.gbuf);
+    std::vector<unsigned long long> all((size_t)(32 * wp.gwords));
+    copy_words(all.data(), wp.gbuf, 32 * wp.gwords);
     leave_collective(f, wp);
     return all;
 }
