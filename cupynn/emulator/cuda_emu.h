@@ -2,9 +2,14 @@
 //
 // Force-included (g++ -include cuda_emu.h -DCUPYNN_EMULATE) in front of kernels/*.cu.
 // Every CUDA thread of a block is a fiber; the fibers of a block run on one OS thread and
-// switch only inside __syncthreads / warp collectives, so the execution is deterministic.
+// switch only inside __syncthreads / warp collectives / mma.sync, in the order of the launch's
+// schedule (default, reversed, rotated, seeded random: cupynn.emulator.schedule), so the
+// execution is deterministic for a given schedule.
 //   * __shared__ variables are `static thread_local`: one copy per OS thread, and an OS
-//     thread runs one block at a time (blocks run in parallel on several OS threads).
+//     thread runs one block at a time (blocks run in parallel on several OS threads); the
+//     runtime fills them with 0xff bytes (NaN) before every block.
+//   * Inline PTX written with CUPYNN_PTX (kernels/ptx.cuh) reaches the runtime's PTX
+//     interpreter (cupynn_emu_ptx) as the instruction text plus its operands (ptx_in/ptx_out).
 //   * CUPYNN_DYNAMIC_SHARED(T, name) points at a fresh exact-size heap buffer per block,
 //     filled with 0xff bytes (NaN / -1) so that reading it before writing shows.
 //   * __syncthreads is a barrier of the block's fibers (threads that returned count as

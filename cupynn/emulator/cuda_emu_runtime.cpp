@@ -1,5 +1,8 @@
 // cuda_emu_runtime.cpp -- fibers, barriers, warp collectives and the launch loop of the
-// CUDA emulator (see cuda_emu.h).  Linked into every emulated module.
+// CUDA emulator (see cuda_emu.h).  Linked into every emulated module.  Also: the schedules
+// (fiber order per barrier interval, block order), the poisoned static shared memory, the
+// guarded array copies and the fault handler of the default mode, and the PTX interpreter
+// (mma.sync, cvt.rna.tf32, cp.async with its commit groups) -- see kernels/README.md.
 //
 // Sanitizer modes:
 //   CUPYNN_EMU_ASAN  (built with -fsanitize=address): fiber switches are announced to ASan,

@@ -278,12 +278,46 @@ def run_mutant(mutant: Mutant, schedules=DEFAULT_SCHEDULES, *, timeout=900, cach
     return Result(mutant, outcome, time.perf_counter() - t0, detail)
 
 
-def run(mutants=MUTANTS, schedules=DEFAULT_SCHEDULES, *, timeout=900, out=sys.stdout) -> list[Result]:
+def baseline(mutants, schedules=DEFAULT_SCHEDULES, *, timeout=900, cache=None, out=sys.stdout) -> dict:
+    """Each distinct test selection on the unmutated kernels: {tests: "survived" | ...}.
+    A selection that fails here would count its mutants as killed for nothing."""
+    seen = {}
+    for m in mutants:
+        if m.tests in seen:
+            continue
+        nop = Mutant("base", m.file, "none", "", "", m.tests)
+        with tempfile.TemporaryDirectory(prefix="cupynn-baseline-") as tmp:
+            kernels = Path(tmp) / "kernels"
+            shutil.copytree(REPO / "kernels", kernels)
+            env = dict(os.environ, CUPYNN_MUTANT_KERNELS=str(kernels), PYTHONDONTWRITEBYTECODE="1")
+            if cache:
+                env["CUPYNN_EMU_CACHE"] = str(cache)
+            results = set()
+            for sched in schedules:
+                env["CUPYNN_EMU_SCHEDULE"] = sched
+                results.add(_pytest(list(nop.tests), env, timeout)[0])
+        seen[m.tests] = "survived" if results == {"survived"} else "fails: " + ", ".join(sorted(results))
+        print(f"baseline {' '.join(m.tests)}: {'passes' if seen[m.tests] == 'survived' else seen[m.tests]}",
+              file=out, flush=True)
+    return seen
+
+
+def run(mutants=MUTANTS, schedules=DEFAULT_SCHEDULES, *, timeout=900, out=sys.stdout,
+        check_baseline=True) -> list[Result]:
     """Run every mutant; print one line each and a summary; return the results."""
     results = []
     with tempfile.TemporaryDirectory(prefix="cupynn-mutation-cache-") as cache:
+        base = baseline(mutants, schedules, timeout=timeout, cache=cache, out=out) if check_baseline else {}
         for m in mutants:
-            r = run_mutant(m, schedules, timeout=timeout, cache=cache)
+            if base.get(m.tests, "survived") != "survived":
+                r = Result(m, {s: "error: the unmutated kernels fail these tests" for s in schedules}, 0.0)
+                results.append(r)
+                print(f"{m.id:4} ERROR (baseline fails)", file=out, flush=True)
+                continue
+            try:
+                r = run_mutant(m, schedules, timeout=timeout, cache=cache)
+            except ValueError as exc:  # the kernel text changed under the mutant
+                r = Result(m, {s: f"error: {exc}" for s in schedules}, 0.0)
             results.append(r)
             marks = " ".join(f"{s}={v.split(':')[0]}" for s, v in r.outcome.items())
             print(f"{m.id:4} {m.file:16} {m.bug:36} {'KILLED' if r.killed else 'SURVIVED':8} "
@@ -314,6 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help=f"write the result to {RECORD.name}")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip running each test selection on the unmutated kernels first")
     args = ap.parse_args(argv)
 
     mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
@@ -336,7 +372,7 @@ def main(argv=None) -> int:
             print(f"mutation run skipped: kernels/ and the mutants match {RECORD.name} ({recorded})")
             return 0
         print("kernels/ changed since the recorded mutation run: running every mutant")
-    results = run(mutants, args.schedules, timeout=args.timeout)
+    results = run(mutants, args.schedules, timeout=args.timeout, check_baseline=not args.no_baseline)
     s = summary(results)
     print(f"mutation score {s['killed']}/{s['mutants']} = {100 * s['score']:.1f}% "
           f"(target {100 * TARGET:.0f}%), non-deterministic kills: {s['nondeterministic'] or 'none'}, "
