@@ -173,12 +173,12 @@ def test_swapped_operand_still_compiles_under_nvrtc():
 
 # -- bit-exact fixed-order reductions --------------------------------------------------
 
-def tree_sum_256(v):
-    """dense.cu block_sum: red[t] += red[t + s] for s = 128, 64, ..., 1."""
+def tree_sum_256(v, mirrored=False):
+    """dense.cu block_sum: red[t] += red[t + s] for s = 128, 64, ..., 1 (mirrored: red[2s-1-t])."""
     red = np.array(v, dtype=np.float64)
     s = 128
     while s:
-        red[:s] = red[:s] + red[s:2 * s]
+        red[:s] = red[:s] + (red[2 * s - 1:s - 1:-1] if mirrored else red[s:2 * s])
         s //= 2
     return red[0]
 
@@ -186,9 +186,8 @@ def tree_sum_256(v):
 def test_loss_reduce_is_bit_exact_in_its_order():
     P = 3 * 256 + 5
     p = np.zeros(P)
-    p[7], p[7 + 256], p[7 + 512] = 1.0, 1e16, -1e16  # one thread's strided partials
-    p[3], p[3 + 128] = 1e16, -1e16                  # meet in the tree at s = 128
-    p[3 + 64] = 2.0
+    p[7], p[7 + 256], p[7 + 512] = 1.0, 1e16, -1e16  # one thread's strided partials: 0 in order
+    p[3], p[3 + 128], p[252] = 1e16, 1.0, -1e16     # the tree: 1 + 1e16 first (0), not 1e16 - 1e16 (1)
     mod = emulated_module(kernels_dir() / "dense.cu", ("cupynn::loss_reduce<double>",))
     value = np.full(1, np.nan)
     mod.get_function("cupynn::loss_reduce<double>")((1,), (256,), (p, np.int64(P), np.float64(1.0), value))
@@ -199,9 +198,10 @@ def test_loss_reduce_is_bit_exact_in_its_order():
     want = tree_sum_256(acc)
     assert value[0] == want, (value[0], want)
     backwards = 0.0
-    for v in p[::-1]:
+    for v in p[7::256][::-1]:
         backwards += v
-    assert want == 2.0 and backwards != want, "the test must distinguish the orders"
+    assert want == 0.0 and backwards == 1.0 and tree_sum_256(acc, mirrored=True) == 1.0, \
+        "the test must distinguish the orders"
 
 
 def test_split_reduction_is_bit_exact_in_split_order():

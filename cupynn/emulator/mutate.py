@@ -282,23 +282,22 @@ def baseline(mutants, schedules=DEFAULT_SCHEDULES, *, timeout=900, cache=None, o
     """Each distinct test selection on the unmutated kernels: {tests: "survived" | ...}.
     A selection that fails here would count its mutants as killed for nothing."""
     seen = {}
-    for m in mutants:
-        if m.tests in seen:
-            continue
-        nop = Mutant("base", m.file, "none", "", "", m.tests)
-        with tempfile.TemporaryDirectory(prefix="cupynn-baseline-") as tmp:
-            kernels = Path(tmp) / "kernels"
-            shutil.copytree(REPO / "kernels", kernels)
-            env = dict(os.environ, CUPYNN_MUTANT_KERNELS=str(kernels), PYTHONDONTWRITEBYTECODE="1")
-            if cache:
-                env["CUPYNN_EMU_CACHE"] = str(cache)
+    with tempfile.TemporaryDirectory(prefix="cupynn-baseline-") as tmp:
+        kernels = Path(tmp) / "kernels"  # one copy: its builds are shared by every selection
+        shutil.copytree(REPO / "kernels", kernels)
+        env = dict(os.environ, CUPYNN_MUTANT_KERNELS=str(kernels), PYTHONDONTWRITEBYTECODE="1")
+        if cache:
+            env["CUPYNN_EMU_CACHE"] = str(cache)
+        for m in mutants:
+            if m.tests in seen:
+                continue
             results = set()
             for sched in schedules:
                 env["CUPYNN_EMU_SCHEDULE"] = sched
-                results.add(_pytest(list(nop.tests), env, timeout)[0])
-        seen[m.tests] = "survived" if results == {"survived"} else "fails: " + ", ".join(sorted(results))
-        print(f"baseline {' '.join(m.tests)}: {'passes' if seen[m.tests] == 'survived' else seen[m.tests]}",
-              file=out, flush=True)
+                results.add(_pytest(list(m.tests), env, timeout)[0])
+            seen[m.tests] = "survived" if results == {"survived"} else "fails: " + ", ".join(sorted(results))
+            print(f"baseline {' '.join(m.tests)}: "
+                  f"{'passes' if seen[m.tests] == 'survived' else seen[m.tests]}", file=out, flush=True)
     return seen
 
 
