@@ -151,9 +151,11 @@ MUTANTS: tuple[Mutant, ...] = (
        "#define CUPYNN_OUT(c, x) ::cupynn_emu::ptx_out('r', x)",
        [MMA], "every output constraint read as \"r\""),
     # ---- cp_async.cuh -------------------------------------------------------------------
-    _m("C1", "cp_async.cuh", "cp.async zero-fill",
-       "const int src_size = valid ? (int)sizeof(T) : 0;", "const int src_size = (int)sizeof(T);",
-       [FUSED, "-k", "tile_boundaries and float64"], "invalid elements copied instead of zero-filled"),
+    # (Not "src-size always cp-size" in cp_async.cuh: fused.cu passes a valid dummy source for
+    # the padding, whose products meet zeros or are never stored -- an equivalent mutant.)
+    _m("C1", "fused.cu", "cp.async out-of-bounds source",
+       "cp_async_elem(dst, ok ? src : w1, ok);", "cp_async_elem(dst, src, true);",
+       [FUSED, "-k", "tile_boundaries and float64"], "the W1 slice copied from past the rows / the array"),
     _m("C2", "cp_async.cuh", "cp.async wait",
        'CUPYNN_PTX_MEM("cp.async.wait_all;\\n", (), ());', 'CUPYNN_PTX_MEM("cp.async.wait_group 0;\\n", (), ());',
        [CAP, "-k", "cp_async", FUSED, "-k", "tile_boundaries and float64"],
