@@ -322,3 +322,30 @@ def test_sparse_mode_forward_layer_past_2_31():
     rows = M - (nb - 2) * 128  # the rows of the last two blocks
     np.testing.assert_allclose(y[-rows:], x[-rows:] @ w.T + b, rtol=1e-15, atol=0)
     assert np.isnan(y[-rows - 1]).all()  # the block before the range did not run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_gpu_build_emits_the_interpreted_instruction_texts(arch):
+    """NVRTC turns the same CUPYNN_PTX texts into the PTX the GPU runs (sm_90: the m16n8k*
+    f64 instructions too), and the shuffle-only reference uses none of them."""
+    import re
+
+    from cupynn.compile_check import compile_chunk  # noqa: PLC0415
+
+    src = (TESTDATA / "mma_test.cu").read_text()
+    names = ("mma_f64_tile", "mma_tf32_tile", "to_tf32", "mma_f64_m16n8k16_tile")
+    opts = ("-std=c++17", "-default-device", f"-I{kernels_dir()}", f"-arch={arch}")
+    try:
+        res = compile_chunk("mma_test.cu", src, names, arch, opts, sass=False)
+        ref = compile_chunk("mma_test.cu", src, names, arch, opts + ("-DCUPYNN_MMA_REFERENCE",), sass=False)
+    except Exception as exc:
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    assert res["ok"] and ref["ok"], res["log"] + ref["log"]
+    ptx = res["ptx"].decode()
+    want = {"mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64", "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+            "cvt.rna.tf32.f32"}
+    if arch == "sm_90":
+        want.add("mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64")
+    assert want <= set(re.findall(r"(?:mma\.sync\.aligned|cvt\.rna\.tf32)\.\S+?(?=\s)", ptx)), ptx[-2000:]
+    assert "mma.sync" not in ref["ptx"].decode()
