@@ -349,3 +349,23 @@ def test_gpu_build_emits_the_interpreted_instruction_texts(arch):
         want.add("mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64")
     assert want <= set(re.findall(r"(?:mma\.sync\.aligned|cvt\.rna\.tf32)\.\S+?(?=\s)", ptx)), ptx[-2000:]
     assert "mma.sync" not in ref["ptx"].decode()
+
+
+@pytest.mark.slow
+def test_loss_reduce_race_free_under_tsan():
+    """The block tree's barriers checked by ThreadSanitizer, whatever the schedule: a missing
+    barrier that a fiber order happens to hide (reads after the writes) is still a race."""
+    from cupynn.emulator.testing import sanitizer_available
+
+    ok, why = sanitizer_available("thread")
+    if not ok:
+        pytest.skip(f"ThreadSanitizer unavailable: {why}")
+    name = "cupynn::loss_reduce<double>"
+    f = emulated_module(kernels_dir() / "dense.cu", (name,), sanitizer="thread").get_function(name)
+    p = np.random.default_rng(4).standard_normal(300)
+    value = np.full(1, np.nan)
+    f((1,), (256,), (p, np.int64(p.size), np.float64(1.0), value))
+    acc = np.zeros(256)
+    acc[:] = p[:256]
+    acc[:44] = acc[:44] + p[256:]
+    assert value[0] == tree_sum_256(acc)

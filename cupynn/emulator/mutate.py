@@ -65,7 +65,8 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- dense.cu -----------------------------------------------------------------------
     _m("D1", "dense.cu", "barrier removed",
        "    red[threadIdx.x] = v;\n    __syncthreads();\n", "    red[threadIdx.x] = v;\n",
-       [CAP, "-k", "loss_reduce"], "block_sum reads red[] before the other threads wrote it"),
+       [CAP, "--slow", "-k", "loss_reduce"],
+       "block_sum reads red[] before the other threads wrote it (reversed order hides it: TSan)"),
     _m("D2", "dense.cu", "reduction order",
        "for (i64 z = 0; z < S; ++z) acc += p[z * total + e];",
        "for (i64 z = S - 1; z >= 0; --z) acc += p[z * total + e];",
