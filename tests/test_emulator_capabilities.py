@@ -155,20 +155,35 @@ def test_ptx_operand_type_and_count_are_checked(mod, rng):
 
 def test_swapped_operand_still_compiles_under_nvrtc():
     """The blind spot the interpreter closes: NVRTC accepts the swapped list."""
-    try:
-        import cupy  # noqa: F401
-        from cupy.cuda import nvrtc  # noqa: F401
-    except Exception as exc:
-        pytest.skip(f"no NVRTC: {exc}")
-    from cupynn.compile_check import compile_chunk  # noqa: PLC0415
-
-    try:
-        res = compile_chunk("emulator_bugs.cu", BUGS.read_text(), ("mma_wrapper<1>",), "sm_80",
-                            ("-std=c++17", "-default-device", f"-I{kernels_dir()}", "-arch=sm_80"),
-                            sass=False)
-    except Exception as exc:  # NVRTC missing or unloadable here
-        pytest.skip(f"NVRTC unavailable: {exc}")
+    res = nvrtc_ptx(BUGS, ("mma_wrapper<1>",), "sm_80", ())
     assert res["ok"], res["log"]
+
+
+def nvrtc_ptx(path, names, arch, extra):
+    """NVRTC's PTX of `path`, compiled in a child process (loading NVRTC into this one would
+    change what later tests see), or a skip where NVRTC is unavailable."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from cupynn.compile_check import compile_chunk\n"
+        "path, names, arch, opts = json.loads(sys.argv[1])\n"
+        "try:\n"
+        "    r = compile_chunk('x.cu', open(path).read(), tuple(names), arch, tuple(opts), sass=False)\n"
+        "except Exception as exc:\n"
+        "    print(json.dumps({'skip': str(exc)})); raise SystemExit\n"
+        "print(json.dumps({'ok': r['ok'], 'log': r['log'], 'ptx': r.get('ptx', b'').decode()}))\n")
+    opts = ["-std=c++17", "-default-device", f"-I{kernels_dir()}", f"-arch={arch}", *extra]
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([str(path), list(names), arch, opts])],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.skip(f"NVRTC unavailable: {proc.stderr[-500:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(f"NVRTC unavailable: {res['skip']}")
+    return res
 
 
 # -- bit-exact fixed-order reductions --------------------------------------------------
@@ -331,24 +346,17 @@ def test_gpu_build_emits_the_interpreted_instruction_texts(arch):
     f64 instructions too), and the shuffle-only reference uses none of them."""
     import re
 
-    from cupynn.compile_check import compile_chunk  # noqa: PLC0415
-
-    src = (TESTDATA / "mma_test.cu").read_text()
     names = ("mma_f64_tile", "mma_tf32_tile", "to_tf32", "mma_f64_m16n8k16_tile")
-    opts = ("-std=c++17", "-default-device", f"-I{kernels_dir()}", f"-arch={arch}")
-    try:
-        res = compile_chunk("mma_test.cu", src, names, arch, opts, sass=False)
-        ref = compile_chunk("mma_test.cu", src, names, arch, opts + ("-DCUPYNN_MMA_REFERENCE",), sass=False)
-    except Exception as exc:
-        pytest.skip(f"NVRTC unavailable: {exc}")
+    res = nvrtc_ptx(TESTDATA / "mma_test.cu", names, arch, ())
+    ref = nvrtc_ptx(TESTDATA / "mma_test.cu", names, arch, ("-DCUPYNN_MMA_REFERENCE",))
     assert res["ok"] and ref["ok"], res["log"] + ref["log"]
-    ptx = res["ptx"].decode()
+    ptx = res["ptx"]
     want = {"mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64", "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
             "cvt.rna.tf32.f32"}
     if arch == "sm_90":
         want.add("mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64")
     assert want <= set(re.findall(r"(?:mma\.sync\.aligned|cvt\.rna\.tf32)\.\S+?(?=\s)", ptx)), ptx[-2000:]
-    assert "mma.sync" not in ref["ptx"].decode()
+    assert "mma.sync" not in ref["ptx"]
 
 
 @pytest.mark.slow
