@@ -1,14 +1,14 @@
 // mma.cuh -- warp-level tensor-core wrappers (mma.sync) and their fragment layouts.
 //
-// Two implementations of each wrapper, selected by CUPYNN_EMULATE:
-//   * GPU (NVRTC, sm_80+): one inline-PTX instruction each.
-//   * Emulator (g++ -DCUPYNN_EMULATE): plain C++ built only from __shfl_sync, using the SAME
-//     per-lane fragment layout.  Every lane gathers the operand elements it needs from the
-//     lanes that own them, so a kernel that puts a value in the wrong lane computes the wrong
-//     product on the CPU exactly as it does on the GPU.  The emulated branch is pure kernel
-//     dialect (kernels/README.md), so it also compiles under NVRTC: define
-//     CUPYNN_MMA_REFERENCE before including this header to run it on a GPU and compare it
-//     with the hardware instruction (tests/test_emulator_mma.py does this where a GPU exists).
+// Each wrapper is one inline-PTX instruction written once, through CUPYNN_PTX (ptx.cuh): NVRTC
+// gets it as `asm volatile`, and the emulator (g++ -DCUPYNN_EMULATE) executes the very same
+// instruction text and operand list with its PTX interpreter, which checks the operands
+// against the PTX ISA and computes with the per-lane fragment layouts below.  So a wrapper
+// with a swapped or miscounted operand, and a kernel that puts a value in the wrong lane,
+// compute the wrong product on the CPU exactly as on the GPU.
+// CUPYNN_MMA_REFERENCE selects a second implementation built only from __shfl_sync (pure
+// kernel dialect, same layouts), to run on a GPU and compare with the hardware instruction
+// (tests/test_emulator_mma.py does this where a GPU exists).
 //
 // All wrappers must be called by the 32 lanes of a warp together (converged, full mask).
 // "lane" below is the lane id 0..31 of the calling thread (linear thread id % 32).
@@ -50,6 +50,8 @@
 // mode; split_tf32 gives hi + lo for "3xtf32" (a*b ~ a_hi*b_hi + a_hi*b_lo + a_lo*b_hi).
 #pragma once
 
+#include "ptx.cuh"
+
 namespace cupynn {
 
 // ---- lane -> (row, col) of every fragment element -------------------------------------
@@ -74,7 +76,7 @@ __device__ __forceinline__ int mma_m16n8_b_col(int lane, int v) { (void)v; retur
 __device__ __forceinline__ int mma_m16n8_c_row(int lane, int v) { return (lane >> 2) + 8 * (v >> 1); }
 __device__ __forceinline__ int mma_m16n8_c_col(int lane, int v) { return 2 * (lane & 3) + (v & 1); }
 
-#if defined(CUPYNN_EMULATE) || defined(CUPYNN_MMA_REFERENCE)
+#if defined(CUPYNN_MMA_REFERENCE)
 // ---- reference implementation: shuffles only -------------------------------------------
 
 __device__ __forceinline__ int mma_ref_lane_id() {
@@ -174,30 +176,29 @@ __device__ __forceinline__ void mma_m16n8_f64(double (&d)[4], const double (&a)[
 #endif
 
 #else
-// ---- GPU: the tensor-core instructions ---------------------------------------------------
+// ---- the tensor-core instructions (GPU: asm; emulator: the PTX interpreter) ----------------
 
 __device__ __forceinline__ unsigned f32_to_tf32(float x) {
     unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    CUPYNN_PTX("cvt.rna.tf32.f32 %0, %1;", (CUPYNN_OUT(r, r)), (CUPYNN_IN(f, x)));
     return r;
 }
 
 __device__ __forceinline__ void mma_m8n8k4_f64(double (&d)[2], double a, double b,
                                                const double (&c)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%4, %5};\n"
-        : "=d"(d[0]), "=d"(d[1])
-        : "d"(a), "d"(b), "d"(c[0]), "d"(c[1]));
+    CUPYNN_PTX("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%4, %5};\n",
+               (CUPYNN_OUT(d, d[0]), CUPYNN_OUT(d, d[1])),
+               (CUPYNN_IN(d, a), CUPYNN_IN(d, b), CUPYNN_IN(d, c[0]), CUPYNN_IN(d, c[1])));
 }
 
 __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const unsigned (&a)[4],
                                                  const unsigned (&b)[2], const float (&c)[4]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
-          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+    CUPYNN_PTX("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n",
+               (CUPYNN_OUT(f, d[0]), CUPYNN_OUT(f, d[1]), CUPYNN_OUT(f, d[2]), CUPYNN_OUT(f, d[3])),
+               (CUPYNN_IN(r, a[0]), CUPYNN_IN(r, a[1]), CUPYNN_IN(r, a[2]), CUPYNN_IN(r, a[3]),
+                CUPYNN_IN(r, b[0]), CUPYNN_IN(r, b[1]),
+                CUPYNN_IN(f, c[0]), CUPYNN_IN(f, c[1]), CUPYNN_IN(f, c[2]), CUPYNN_IN(f, c[3])));
 }
 
 #if __CUDA_ARCH__ >= 900
@@ -206,26 +207,26 @@ __device__ __forceinline__ void mma_m16n8_f64(double (&d)[4], const double (&a)[
                                               const double (&b)[K / 4], const double (&c)[4]) {
     static_assert(K == 4 || K == 8 || K == 16, "m16n8k4, k8 or k16");
     if constexpr (K == 16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7, %8, %9, %10, %11}, {%12, %13, %14, %15}, {%16, %17, %18, %19};\n"
-            : "=d"(d[0]), "=d"(d[1]), "=d"(d[2]), "=d"(d[3])
-            : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(a[4]), "d"(a[5]), "d"(a[6]),
-              "d"(a[7]), "d"(b[0]), "d"(b[1]), "d"(b[2]), "d"(b[3]),
-              "d"(c[0]), "d"(c[1]), "d"(c[2]), "d"(c[3]));
+        CUPYNN_PTX("mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
+                   "{%4, %5, %6, %7, %8, %9, %10, %11}, {%12, %13, %14, %15}, {%16, %17, %18, %19};\n",
+                   (CUPYNN_OUT(d, d[0]), CUPYNN_OUT(d, d[1]), CUPYNN_OUT(d, d[2]), CUPYNN_OUT(d, d[3])),
+                   (CUPYNN_IN(d, a[0]), CUPYNN_IN(d, a[1]), CUPYNN_IN(d, a[2]), CUPYNN_IN(d, a[3]),
+                    CUPYNN_IN(d, a[4]), CUPYNN_IN(d, a[5]), CUPYNN_IN(d, a[6]), CUPYNN_IN(d, a[7]),
+                    CUPYNN_IN(d, b[0]), CUPYNN_IN(d, b[1]), CUPYNN_IN(d, b[2]), CUPYNN_IN(d, b[3]),
+                    CUPYNN_IN(d, c[0]), CUPYNN_IN(d, c[1]), CUPYNN_IN(d, c[2]), CUPYNN_IN(d, c[3])));
     } else if constexpr (K == 8) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
-            : "=d"(d[0]), "=d"(d[1]), "=d"(d[2]), "=d"(d[3])
-            : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b[0]), "d"(b[1]),
-              "d"(c[0]), "d"(c[1]), "d"(c[2]), "d"(c[3]));
+        CUPYNN_PTX("mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
+                   "{%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n",
+                   (CUPYNN_OUT(d, d[0]), CUPYNN_OUT(d, d[1]), CUPYNN_OUT(d, d[2]), CUPYNN_OUT(d, d[3])),
+                   (CUPYNN_IN(d, a[0]), CUPYNN_IN(d, a[1]), CUPYNN_IN(d, a[2]), CUPYNN_IN(d, a[3]),
+                    CUPYNN_IN(d, b[0]), CUPYNN_IN(d, b[1]),
+                    CUPYNN_IN(d, c[0]), CUPYNN_IN(d, c[1]), CUPYNN_IN(d, c[2]), CUPYNN_IN(d, c[3])));
     } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
-            "{%4, %5}, {%6}, {%7, %8, %9, %10};\n"
-            : "=d"(d[0]), "=d"(d[1]), "=d"(d[2]), "=d"(d[3])
-            : "d"(a[0]), "d"(a[1]), "d"(b[0]), "d"(c[0]), "d"(c[1]), "d"(c[2]), "d"(c[3]));
+        CUPYNN_PTX("mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, "
+                   "{%4, %5}, {%6}, {%7, %8, %9, %10};\n",
+                   (CUPYNN_OUT(d, d[0]), CUPYNN_OUT(d, d[1]), CUPYNN_OUT(d, d[2]), CUPYNN_OUT(d, d[3])),
+                   (CUPYNN_IN(d, a[0]), CUPYNN_IN(d, a[1]), CUPYNN_IN(d, b[0]),
+                    CUPYNN_IN(d, c[0]), CUPYNN_IN(d, c[1]), CUPYNN_IN(d, c[2]), CUPYNN_IN(d, c[3])));
     }
 }
 #define CUPYNN_MMA_M16N8_F64_DONE 1

@@ -9,6 +9,7 @@ them out so that it finishes in a few minutes.
 from __future__ import annotations
 
 import os
+import re
 import zlib
 
 import numpy as np
@@ -23,6 +24,45 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False,
                      help="also run the tests marked slow (sanitizers, wheel install, NVRTC, the "
                           "full benchmark smoke run); CI does")
+    parser.addoption("--emu-schedules", choices=("one", "all"), default=None,
+                     help="emulator tests: under one non-default schedule each (the default), or "
+                          "under every schedule of cupynn.emulator.SCHEDULES (the default with --slow)")
+
+
+def _all_schedules(config) -> bool:
+    choice = config.getoption("--emu-schedules")
+    if choice is not None:
+        return choice == "all"
+    return bool(config.getoption("--slow") or os.environ.get("CUPYNN_SLOW_TESTS") == "1")
+
+
+def pytest_generate_tests(metafunc):
+    # Every emulator test runs under the adversarial fiber/block schedules of the emulator:
+    # all of them with --slow (a parameter), one per test otherwise (the emu_schedule fixture).
+    if "emu_schedule" in metafunc.fixturenames and _all_schedules(metafunc.config) \
+            and metafunc.definition.get_closest_marker("emulator") is not None:
+        from cupynn.emulator import SCHEDULES
+
+        metafunc.parametrize("emu_schedule", SCHEDULES, indirect=True, ids=lambda s: f"sched={s}")
+
+
+@pytest.fixture(autouse=True)
+def emu_schedule(request):
+    """The emulator schedule this test runs under (emulator tests only; see --emu-schedules)."""
+    if request.node.get_closest_marker("emulator") is None:
+        yield None
+        return
+    try:
+        from cupynn.emulator import SCHEDULES, schedule
+    except Exception:  # no emulator: nothing to set
+        yield None
+        return
+    spec = getattr(request, "param", None) or os.environ.get("CUPYNN_EMU_SCHEDULE") or None
+    if spec is None:  # the quick set: one non-default schedule, chosen by the test's id
+        others = [s for s in SCHEDULES if s != "default"]
+        spec = others[zlib.crc32(request.node.nodeid.encode()) % len(others)]
+    with schedule(spec):
+        yield spec
 
 
 def pytest_collection_modifyitems(config, items):
@@ -136,5 +176,7 @@ def cp():
 
 @pytest.fixture
 def rng(request):
-    # a fresh, reproducible stream per test (seeded from the test's name)
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+    # a fresh, reproducible stream per test (seeded from the test's name; the same under every
+    # emulator schedule, so that the schedules see the same inputs)
+    nodeid = re.sub(r"sched=[^-\]]*-?", "", request.node.nodeid).replace("[]", "")
+    return np.random.default_rng(zlib.crc32(nodeid.encode()))

@@ -151,3 +151,29 @@ def test_whole_computation_matches_numpy(be, monkeypatch):
         else:
             for a, b in zip(g, w):
                 _close(a, b, "float64", f"call {i}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sanitizer", ["address", "thread"])
+def test_taylor_step_clean_under_sanitizer(sanitizer, rng):
+    """The Taylor kernels under the emulator's address / thread modes (memcheck / racecheck)."""
+    import functools
+
+    emu = pytest.importorskip("cupynn.emulator")
+    from cupynn.emulator.testing import sanitizer_available
+
+    ok, why = sanitizer_available(sanitizer)
+    if not ok:
+        pytest.skip(f"sanitizer {sanitizer!r} unavailable: {why}")
+    sbe = cb.CudaBackend(xp=np, module_cls=functools.partial(emu.EmulatedModule, sanitizer=sanitizer))
+    sbe.kernels.poison = True
+    for B, N, second in ((257, 3, "laplacian"), (3, 86, "diagonal")):
+        z = rng.standard_normal((taylor_blocks(2, second), B, N))
+        b = rng.standard_normal(N)
+        out = sbe.taylor_activation_forward(z, b, "tanh", d=2, second=second)
+        want = REF.taylor_activation_forward(z, b, "tanh", d=2, second=second)
+        _close(out, want, "float64", f"forward {B}x{N}")
+        g = rng.standard_normal(z.shape)
+        _close(sbe.taylor_activation_backward(g, z, want[0], b, "tanh", d=2, second=second),
+               REF.taylor_activation_backward(g, z, want[0], b, "tanh", d=2, second=second),
+               "float64", f"backward {B}x{N}")

@@ -293,7 +293,11 @@ def test_deterministic(be, rng, small_wide, few_blocks):
 
 @pytest.mark.emulator
 def test_launches_allocations_and_aliasing(be, rng):
-    case_fused_launches(be, np, rng, [3, 21, 6, 2])
+    from .conftest import emulated_cuda_backend
+
+    fresh = emulated_cuda_backend()  # no plan cached by an earlier run of this test (schedules)
+    fresh.kernels.poison = True
+    case_fused_launches(fresh, np, rng, [3, 21, 6, 2])
 
 
 @pytest.mark.emulator

@@ -400,7 +400,10 @@ def case_sanitizer_subset(be, xp, rng, monkeypatch):
     """Small cases that reach every kernel kind (forward + loss, dx, [dW | db] on every tile,
     the chain, the reductions) and every math path (DMMA, 3xTF32, FMA with and without
     vector fragment reads, float32 and float64): what compute-sanitizer checks on the GPU
-    and the emulator's address / thread modes check on the CPU."""
+    and the emulator's address / thread modes check on the CPU.  The first case is the chain
+    kernel walking three 64-row chunks in one block, the last with 57 rows (> 48)."""
+    monkeypatch.setattr(cs, "MIN_ROWS_PER_SPLIT", 4096)
+    case_network(be, xp, rng, [1, 70, 20, 1], "tanh", "float64", 185, target=True)
     monkeypatch.setattr(cs, "MIN_ROWS_PER_SPLIT", 16)
     case_network(be, xp, rng, [1, 70, 20, 1], "tanh", "float64", 300, target=True)
     case_network(be, xp, rng, [5, 33, 3], ["elu", "sigmoid"], "float32", 130, need_dx=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EMU_HEADER = HERE / "cuda_emu.h"
 EMU_RUNTIME = HERE / "cuda_emu_runtime.cpp"
-FORMAT_VERSION = "2"  # bump when the generated code changes meaning
+FORMAT_VERSION = "3"  # bump when the generated code changes meaning
 
 SANITIZERS = (None, "address", "thread")
 
@@ -159,6 +159,10 @@ def _opt_flags(sanitizer: str | None) -> list[str]:
 
 
 _COMMON = ["-std=c++17", "-fPIC", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+# Kernel code: an implicit narrowing conversion (i64 -> int index arithmetic, double -> float)
+# is a compile error, so a 32-bit offset that truncates a 64-bit one cannot slip in.
+# $CUPYNN_EMU_WARN replaces these flags.
+_WARN = shlex.split(os.environ.get("CUPYNN_EMU_WARN", "-Wconversion -Werror=conversion"))
 
 
 def _sanitize_flags(sanitizer: str | None, runtime: bool) -> list[str]:
@@ -242,7 +246,8 @@ def build_module(code: str, options, name_expressions, sanitizer: str | None):
 
     h = hashlib.sha256()
     for part in (FORMAT_VERSION, compiler_id(), str(sanitizer), " ".join(_opt_flags(sanitizer)),
-                 str(parsed.arch), f"ftz={parsed.ftz}", *parsed.defines, *parsed.include_dirs, "\0names", *names):
+                 " ".join(_WARN), str(parsed.arch), f"ftz={parsed.ftz}", *parsed.defines, *parsed.include_dirs,
+                 "\0names", *names):
         h.update(part.encode() + b"\0")
     h.update(code.encode())
     h.update(EMU_HEADER.read_bytes())
@@ -279,7 +284,7 @@ def build_module(code: str, options, name_expressions, sanitizer: str | None):
 
     def build(tmp: str) -> None:
         cmd = [cxx(), *_COMMON, *_opt_flags(sanitizer), *_sanitize_flags(sanitizer, runtime=False),
-               "-shared", "-DCUPYNN_EMULATE=1", f"-D__CUDA_ARCH__={parsed.arch}",
+               *_WARN, "-shared", "-DCUPYNN_EMULATE=1", f"-D__CUDA_ARCH__={parsed.arch}",
                "-include", str(EMU_HEADER)]
         cmd += [f"-D{d}" for d in parsed.defines]
         cmd += [f"-I{d}" for d in parsed.include_dirs]

@@ -17,6 +17,7 @@ from ._protocol import (
     KIND_SINT,
     KIND_UINT,
     ParamInfo,
+    launch_config,
     launch_in_process,
     read_kernel_table,
 )
@@ -139,8 +140,18 @@ class EmulatedFunction:
         self.params = params
         self.max_dynamic_shared_size_bytes = DEFAULT_MAX_DYNAMIC_SHARED
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, enable_cooperative_groups=False):
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, enable_cooperative_groups=False, *,
+                 blocks=None):
+        """Launch; ``blocks=(first, count)`` runs only those linear blocks (count -1: to the end),
+        e.g. the last blocks of a launch over sparse arrays (cupynn.emulator.sparse_array)."""
         grid3 = _dims(grid, "grid", MAX_GRID)
+        if blocks is not None:
+            first, count = (int(v) for v in blocks)
+            total = grid3[0] * grid3[1] * grid3[2]
+            if not 0 <= first < total or count < -1:
+                raise ValueError(f"{self.name}: blocks=({first}, {count}) is outside the grid's "
+                                 f"{total} blocks (first in 0..{total - 1}, count >= -1)")
+            blocks = (first, count)
         block3 = _dims(block, "block", MAX_BLOCK)
         shared_mem = int(shared_mem)
         if shared_mem < 0 or shared_mem > self.max_dynamic_shared_size_bytes:
@@ -148,7 +159,7 @@ class EmulatedFunction:
                 f"{self.name}: shared_mem={shared_mem} exceeds max_dynamic_shared_size_bytes="
                 f"{self.max_dynamic_shared_size_bytes} (raise that attribute first, as on CUDA)")
         packed = pack_args(self.name, self.params, args)
-        self.module._launch(self.name, grid3, block3, shared_mem, packed, args)
+        self.module._launch(self.name, grid3, block3, shared_mem, packed, args, launch_config(blocks))
 
     def __repr__(self) -> str:
         return f"<EmulatedFunction {self.name}>"
@@ -219,7 +230,7 @@ class EmulatedModule:
         first template argument ``float`` -- of a module built with -ftz=true, in process)."""
         return bool(self.ftz and self._fpmode is not None and _FLOAT_KERNEL.search(name_expression))
 
-    def _launch(self, name, grid, block, shared_mem, packed, args) -> None:
+    def _launch(self, name, grid, block, shared_mem, packed, args, config) -> None:
         if self.sanitizer is None:
             if self.flushes(name):
                 old = self._fpmode(0, 0)
@@ -227,16 +238,16 @@ class EmulatedModule:
                     self._fpmode(1, (old | _MXCSR_FTZ_DAZ) & 0xFFFFFFFF)
                     try:
                         launch_in_process(self._lib, self._table[name][0], grid, block, shared_mem,
-                                          packed)
+                                          packed, config)
                     finally:
                         self._fpmode(1, old)
                     return
-            launch_in_process(self._lib, self._table[name][0], grid, block, shared_mem, packed)
+            launch_in_process(self._lib, self._table[name][0], grid, block, shared_mem, packed, config)
             return
         from ._remote import get_worker
 
         get_worker(self.sanitizer).launch(str(self.so_path), name, grid, block, shared_mem, packed,
-                                          args)
+                                          args, config)
 
     def __repr__(self) -> str:
         return f"<EmulatedModule {self.so_path.name} sanitizer={self.sanitizer} kernels={self._names}>"

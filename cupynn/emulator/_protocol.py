@@ -6,6 +6,7 @@ Only the standard library here: the helper process imports this file directly.
 from __future__ import annotations
 
 import ctypes
+import os
 import pickle
 import struct
 from typing import NamedTuple
@@ -61,8 +62,43 @@ def read_kernel_table(lib) -> dict:
     return out
 
 
-def launch_in_process(lib, desc_addr: int, grid, block, shared_mem: int, packed) -> None:
-    """packed: list of ("ptr", address, nbytes) or ("val", bytes)."""
+SCHEDULE_KINDS = {"default": 0, "reversed": 1, "rotated": 2, "random": 3}
+
+
+def parse_schedule(spec) -> tuple[int, int]:
+    """"default" | "reversed" | "rotated[:seed]" | "random[:seed]" -> (kind, seed)."""
+    if spec is None:
+        return 0, 0
+    if isinstance(spec, tuple):
+        return spec
+    name, _, seed = str(spec).strip().partition(":")
+    name = name or "default"
+    if name not in SCHEDULE_KINDS:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULE_KINDS)} (optionally ':<seed>'), "
+                         f"not {spec!r}")
+    try:
+        seed_v = int(seed) if seed else 0
+    except ValueError:
+        raise ValueError(f"schedule {spec!r}: the seed after ':' must be an integer") from None
+    return SCHEDULE_KINDS[name], seed_v & 0x7FFFFFFFFFFFFFFF
+
+
+# The process-wide launch configuration (cupynn.emulator.schedule / set_schedule change it):
+# fiber/block order and whether array arguments get guarded copies.
+_STATE = {"schedule": parse_schedule(os.environ.get("CUPYNN_EMU_SCHEDULE") or None),
+          "guard": os.environ.get("CUPYNN_EMU_GUARD", "1") != "0"}
+
+
+def launch_config(blocks=None, schedule=None, guard=None) -> tuple:
+    """(schedule kind, seed, first block, number of blocks or -1, guard) for one launch."""
+    kind, seed = parse_schedule(schedule) if schedule is not None else _STATE["schedule"]
+    first, count = (0, -1) if blocks is None else blocks
+    g = _STATE["guard"] if guard is None else guard
+    return (kind, seed, int(first), int(count), 1 if g else 0)
+
+
+def launch_in_process(lib, desc_addr: int, grid, block, shared_mem: int, packed, config=None) -> None:
+    """packed: list of ("ptr", address, nbytes) or ("val", bytes); config: launch_config()."""
     n = len(packed)
     keep = []
     argv = (ctypes.c_void_p * max(n, 1))()
@@ -81,14 +117,13 @@ def launch_in_process(lib, desc_addr: int, grid, block, shared_mem: int, packed)
     launch.restype = ctypes.c_int
     launch.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
                        ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                       ctypes.c_char_p, ctypes.c_ulonglong]
+                       ctypes.c_char_p, ctypes.c_ulonglong, ctypes.c_void_p]
     g = (ctypes.c_uint * 3)(*grid)
     b = (ctypes.c_uint * 3)(*block)
-    rc = launch(desc_addr, g, b, shared_mem, argv, nbytes, n, err, len(err))
+    cfg = (ctypes.c_longlong * 5)(*(config if config is not None else launch_config()))
+    rc = launch(desc_addr, g, b, shared_mem, argv, nbytes, n, err, len(err), cfg)
     if rc != 0:
         raise EmulatorError(err.value.decode(errors="replace"))
-
-
 
 
 def send_msg(stream, obj) -> None:

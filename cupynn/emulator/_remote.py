@@ -94,11 +94,11 @@ class SanitizerWorker:
             table = self._request(None, so_path)
         return {k: (0, [ParamInfo(*p) for p in v[1]]) for k, v in table.items()}
 
-    def launch(self, so_path, name, grid, block, shared_mem, packed, args) -> None:
+    def launch(self, so_path, name, grid, block, shared_mem, packed, args, config) -> None:
         items = [("arr", a if p[1] else None) if p[0] == "ptr" else ("val", p[1])
                  for p, a in zip(packed, args)]
         with self.lock:
-            result = self._request(("launch", so_path, name, grid, block, shared_mem, items),
+            result = self._request(("launch", so_path, name, grid, block, shared_mem, items, config),
                                    so_path)
         for a, r in zip(args, result):
             if r is not None and isinstance(a, np.ndarray) and a.flags.writeable:

@@ -37,7 +37,7 @@ def main() -> None:
                 table = libs[path][1]
                 reply = ("ok", {k: (0, [tuple(p) for p in v[1]]) for k, v in table.items()})
             elif op == "launch":
-                _, path, name, grid, block, shared_mem, items = req
+                _, path, name, grid, block, shared_mem, items, config = req
                 lib, table = libs[path]
                 packed = []
                 for i, item in enumerate(items):
@@ -50,7 +50,7 @@ def main() -> None:
                                        arr.nbytes if arr is not None else 0))
                     else:
                         packed.append(("val", item[1]))
-                proto.launch_in_process(lib, table[name][0], grid, block, shared_mem, packed)
+                proto.launch_in_process(lib, table[name][0], grid, block, shared_mem, packed, config)
                 sys.stderr.flush()
                 reply = ("ok", [item[1] if item[0] == "arr" else None for item in items])
             elif op == "ping":

@@ -2,9 +2,14 @@
 //
 // Force-included (g++ -include cuda_emu.h -DCUPYNN_EMULATE) in front of kernels/*.cu.
 // Every CUDA thread of a block is a fiber; the fibers of a block run on one OS thread and
-// switch only inside __syncthreads / warp collectives, so the execution is deterministic.
+// switch only inside __syncthreads / warp collectives / mma.sync, in the order of the launch's
+// schedule (default, reversed, rotated, seeded random: cupynn.emulator.schedule), so the
+// execution is deterministic for a given schedule.
 //   * __shared__ variables are `static thread_local`: one copy per OS thread, and an OS
-//     thread runs one block at a time (blocks run in parallel on several OS threads).
+//     thread runs one block at a time (blocks run in parallel on several OS threads); the
+//     runtime fills them with 0xff bytes (NaN) before every block.
+//   * Inline PTX written with CUPYNN_PTX (kernels/ptx.cuh) reaches the runtime's PTX
+//     interpreter (cupynn_emu_ptx) as the instruction text plus its operands (ptx_in/ptx_out).
 //   * CUPYNN_DYNAMIC_SHARED(T, name) points at a fresh exact-size heap buffer per block,
 //     filled with 0xff bytes (NaN / -1) so that reading it before writing shows.
 //   * __syncthreads is a barrier of the block's fibers (threads that returned count as
@@ -24,6 +29,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <initializer_list>
 #include <type_traits>
 #include <utility>
 
@@ -63,6 +69,18 @@ struct ParamInfo {
 
 typedef void (*LaunchShim)(void** argv);
 
+// One operand of an inline-PTX statement run by the emulator's interpreter (CUPYNN_PTX in
+// kernels/ptx.cuh): the asm constraint letter, and the C++ expression's type and value (for
+// an output: where the result goes).
+struct PtxOperand {
+    char constraint;          // 'd' (.f64), 'f' (.f32), 'r' (32-bit), 'l' (64-bit), 'h', 'n' (immediate)
+    char is_output;
+    signed char cxx_kind;     // ParamKind of the C++ expression
+    signed char cxx_size;     // its sizeof
+    void* out;                // outputs: the lvalue
+    unsigned long long bits;  // inputs: the value's bytes
+};
+
 struct KernelDesc {
     const char* name;          // the name expression
     LaunchShim run;            // calls the kernel with argv unpacked into typed parameters
@@ -81,9 +99,12 @@ unsigned long long cupynn_emu_shfl(unsigned mask, unsigned long long value, int 
 unsigned cupynn_emu_vote(unsigned mask, int pred, int mode);
 void* cupynn_emu_dynamic_smem(void);
 void cupynn_emu_fail(const char* message);
+unsigned long long cupynn_emu_cvta_shared(const void* p);
+void cupynn_emu_ptx(const char* text, int arch, const cupynn_emu::PtxOperand* ops, int nout, int nin);
 int cupynn_emu_launch(const cupynn_emu::KernelDesc* kernel, const unsigned* grid,
                       const unsigned* block, unsigned long long shared_mem, void** argv,
-                      const long long* arg_nbytes, int nargs, char* err, unsigned long long errlen);
+                      const long long* arg_nbytes, int nargs, char* err, unsigned long long errlen,
+                      const long long* config);
 }
 
 namespace cupynn_emu {
@@ -179,6 +200,46 @@ inline int __all_sync(unsigned mask, int pred) {
 
 template <class T>
 inline T __ldg(const T* p) { return *p; }
+
+// A 32-bit shared-window address, as on the GPU; under the emulator a handle that the PTX
+// interpreter maps back to the pointer (and a pointer outside shared memory is an error).
+inline unsigned long long __cvta_generic_to_shared(const void* p) { return cupynn_emu_cvta_shared(p); }
+
+// ---- inline PTX: the operands of CUPYNN_PTX (kernels/ptx.cuh) ---------------------------
+namespace cupynn_emu {
+template <class T>
+constexpr int expr_kind() {
+    using U = typename std::remove_cv<typename std::remove_reference<T>::type>::type;
+    if constexpr (std::is_pointer<U>::value) return KIND_PTR;
+    else if constexpr (std::is_floating_point<U>::value) return KIND_FLOAT;
+    else if constexpr (std::is_same<U, bool>::value) return KIND_OTHER;
+    else if constexpr (std::is_integral<U>::value) return std::is_signed<U>::value ? KIND_SINT : KIND_UINT;
+    else return KIND_OTHER;
+}
+template <class T>
+inline PtxOperand ptx_in(char c, const T& x) {
+    static_assert(sizeof(T) <= 8, "an inline-PTX operand is at most 64 bits");
+    PtxOperand o{c, 0, (signed char)expr_kind<T>(), (signed char)sizeof(T), nullptr, 0};
+    memcpy(&o.bits, &x, sizeof(T));
+    return o;
+}
+template <class T>
+inline PtxOperand ptx_out(char c, T& x) {
+    static_assert(sizeof(T) <= 8, "an inline-PTX operand is at most 64 bits");
+    static_assert(!std::is_const<T>::value, "an inline-PTX output must be a modifiable lvalue");
+    return PtxOperand{c, 1, (signed char)expr_kind<T>(), (signed char)sizeof(T), (void*)&x, 0};
+}
+// Outputs are %0.., inputs follow (GCC extended-asm numbering).
+inline void ptx_exec(const char* text, std::initializer_list<PtxOperand> outs,
+                     std::initializer_list<PtxOperand> ins) {
+    PtxOperand ops[32];
+    int n = 0;
+    for (const PtxOperand& o : outs) if (n < 32) ops[n++] = o;
+    const int nout = n;
+    for (const PtxOperand& o : ins) if (n < 32) ops[n++] = o;
+    cupynn_emu_ptx(text, __CUDA_ARCH__, ops, nout, n - nout);
+}
+}  // namespace cupynn_emu
 
 inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
 inline int __float_as_int(float x) { int i; memcpy(&i, &x, 4); return i; }

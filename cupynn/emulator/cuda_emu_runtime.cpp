@@ -1,5 +1,8 @@
 // cuda_emu_runtime.cpp -- fibers, barriers, warp collectives and the launch loop of the
-// CUDA emulator (see cuda_emu.h).  Linked into every emulated module.
+// CUDA emulator (see cuda_emu.h).  Linked into every emulated module.  Also: the schedules
+// (fiber order per barrier interval, block order), the poisoned static shared memory, the
+// guarded array copies and the fault handler of the default mode, and the PTX interpreter
+// (mma.sync, cvt.rna.tf32, cp.async with its commit groups) -- see kernels/README.md.
 //
 // Sanitizer modes:
 //   CUPYNN_EMU_ASAN  (built with -fsanitize=address): fiber switches are announced to ASan,
@@ -12,7 +15,10 @@
 #define CUPYNN_EMU_RUNTIME 1
 #include "cuda_emu.h"
 
+#include <link.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,6 +30,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #if defined(CUPYNN_EMU_ASAN)
@@ -31,7 +38,6 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 #if defined(CUPYNN_EMU_TSAN)
-#include <link.h>
 #include <sanitizer/tsan_interface.h>
 // Dynamic-annotation entry point of the TSan runtime: forget all accesses to a range.
 extern "C" void AnnotateNewMemory(const char* file, int line, const volatile void* mem,
@@ -39,7 +45,6 @@ extern "C" void AnnotateNewMemory(const char* file, int line, const volatile voi
 #endif
 
 #if !defined(__x86_64__)
-#include <ucontext.h>
 #define CUPYNN_EMU_UCONTEXT 1
 #endif
 
@@ -127,19 +132,58 @@ size_t default_stack_size() {
 enum FiberState : int { READY = 0, WAITING = 1, DONE = 2 };
 enum WaitKind : int { WAIT_NONE = 0, WAIT_BARRIER = 1, WAIT_WARP = 2 };
 enum WarpPhase : int { WARP_IDLE = 0, WARP_GATHER = 1, WARP_READ = 2 };
-enum CollOp : int { OP_SHFL = 0, OP_VOTE = 1, OP_SYNCWARP = 2 };
-const char* const kOpNames[] = {"__shfl*_sync", "a vote (__ballot/__any/__all_sync)", "__syncwarp"};
+enum CollOp : int { OP_SHFL = 0, OP_VOTE = 1, OP_SYNCWARP = 2, OP_GATHER = 3 };
+const char* const kOpNames[] = {"__shfl*_sync", "a vote (__ballot/__any/__all_sync)", "__syncwarp",
+                                "mma.sync"};
+
+// Fiber order per barrier interval (cupynn.emulator.schedule): the default runs fibers in
+// thread order and lets the last arrival at a barrier / collective go on first; the others
+// reorder every pass of the scheduler and make that last arrival yield too.
+enum Schedule : int { SCHED_DEFAULT = 0, SCHED_REVERSED = 1, SCHED_ROTATED = 2, SCHED_RANDOM = 3 };
+
+// One guarded copy of an array argument (default mode): data sits between PROT_NONE pages,
+// ends flush (to within 64 bytes) against the upper one, and the slack around it holds 0xff
+// canary bytes that are checked after the launch.
+struct Guarded {
+    char* begin;   // the caller's bytes
+    char* end;
+    char* map;     // the mapping: [guard page][canary .. data .. canary][guard page]
+    size_t map_len;
+    char* data;    // the copy the kernel sees
+    std::vector<int> args;
+};
 
 struct Worker;
 struct Block;
+
+// Word copies of the runtime's own bookkeeping.  Not memcpy: ThreadSanitizer intercepts
+// memcpy even in this uninstrumented file, and the mma operand exchange must not look like a
+// data race (nor order anything: it is a collective, not a barrier).
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void copy_words(
+    unsigned long long* dst, const unsigned long long* src, int n) {
+    for (int i = 0; i < n; ++i) dst[i] = src[i];
+}
 
 // A TSan synchronisation object: TSan keys them by 8-byte cell, so each needs its own.
 struct alignas(8) TsanSync {
     unsigned long long cell;
 };
 
+// One cp.async in flight: the destination is poisoned at issue, the copy lands at the
+// cp.async.wait_group / wait_all that covers its commit group (PTX ISA semantics).
+struct CpAsync {
+    char* dst;
+    const char* src;
+    int size, src_size;
+    unsigned long long group;  // 0: not committed yet; else the group's number (1, 2, ...)
+};
+
 struct Fiber {
     Context ctx;
+    std::vector<CpAsync> cp_pending;
+    unsigned long long cp_groups = 0;  // commit groups this thread has made
+    void* cvta_ring[64];               // __cvta_generic_to_shared handles (see cupynn_emu_cvta_shared)
+    unsigned cvta_next = 0;
     char* stack = nullptr;  // lowest usable address (a PROT_NONE guard page lies below)
     size_t stack_size = 0;
     cupynn_emu::ThreadRegs regs;
@@ -159,6 +203,9 @@ struct Warp {
     unsigned exists = 0, exited = 0;
     unsigned long long seq = 0;
     unsigned long long vals[32];
+    const void* tag = nullptr;               // OP_GATHER: the instruction text all lanes must run
+    int gwords = 0;                          // OP_GATHER: 64-bit words per lane (<= kGatherWords)
+    unsigned long long gbuf[32 * 16];        // OP_GATHER: 32 lanes x gwords
 #if defined(CUPYNN_EMU_TSAN)
     TsanSync tsan_sync[2];
 #endif
@@ -173,6 +220,11 @@ struct Launch {
     std::atomic<bool> failed{false};
     std::mutex err_mutex;
     std::string error;
+    int schedule = SCHED_DEFAULT;
+    unsigned long long seed = 0;
+    long long first_block = 0, nblocks = 0;  // the linear blocks [first_block, first_block + nblocks) run
+    std::vector<long long> order;            // SCHED_RANDOM: the block permutation (when small)
+    std::vector<Guarded> guards;
 #if defined(CUPYNN_EMU_TSAN)
     TsanSync tsan_start;
 #endif
@@ -293,6 +345,42 @@ void switch_to_scheduler(Fiber* f, bool final) {
     (void)final;
 }
 
+unsigned long long splitmix64(unsigned long long x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+// The order in which pass `pass` of block `blk` visits its n fibers.
+void pass_order(const Launch* L, long long blk, unsigned long long pass, int n, std::vector<int>& order) {
+    order.resize((size_t)n);
+    switch (L->schedule) {
+        case SCHED_REVERSED:
+            for (int i = 0; i < n; ++i) order[(size_t)i] = n - 1 - i;
+            break;
+        case SCHED_ROTATED: {
+            // a different first fiber every pass (a stride that is not a multiple of 32, so
+            // warps and lanes both move)
+            const int r = (int)((L->seed + pass * 37ull + (unsigned long long)blk) % (unsigned long long)n);
+            for (int i = 0; i < n; ++i) order[(size_t)i] = (i + r) % n;
+            break;
+        }
+        case SCHED_RANDOM: {
+            for (int i = 0; i < n; ++i) order[(size_t)i] = i;
+            unsigned long long st = splitmix64(L->seed ^ splitmix64((unsigned long long)blk) ^ (pass << 32));
+            for (int i = n - 1; i > 0; --i) {
+                st = splitmix64(st);
+                const int j = (int)(st % (unsigned long long)(i + 1));
+                std::swap(order[(size_t)i], order[(size_t)j]);
+            }
+            break;
+        }
+        default:
+            for (int i = 0; i < n; ++i) order[(size_t)i] = i;
+    }
+}
+
 const unsigned long long kStackCanary = 0x6375707973746b21ull;
 
 // Give stacks to every fiber of w that has none, from one new mapping.
@@ -400,6 +488,15 @@ void wait_here(Fiber* f, int kind) {
     f->wait = WAIT_NONE;
 }
 
+// Non-default schedules: the fiber that completed a barrier / collective does not run on
+// first; it goes back to the scheduler, which picks the next fiber in the pass order.
+void yield_if_adversarial(Fiber* f) {
+    if (f->worker->block->launch->schedule == SCHED_DEFAULT) return;
+    f->state = READY;
+    f->wait = WAIT_NONE;
+    switch_to_scheduler(f, false);
+}
+
 void wake_warp(Block* b, int warp) {
     Worker* w = t_worker;
     int first = warp * 32, last = std::min(b->nthreads, first + 32);
@@ -477,10 +574,11 @@ std::string deadlock_report(Worker* w, Block* b) {
            warps;
 }
 
-#if defined(CUPYNN_EMU_TSAN)
-// Static __shared__ variables live in this module's TLS block of the running OS thread.
-// TSan keeps only 4 accesses per 8 bytes, so the previous block's accesses could push out
-// the ones that race in this block: announce the block as new memory before every block.
+// Static __shared__ variables live in this module's TLS block of the running OS thread
+// (`static thread_local`).  Before every block it is filled with 0xff bytes (NaN / -1), as
+// dynamic shared memory is, so that a block reading shared memory it did not write sees
+// poison instead of the previous block's values.  The runtime's own TLS variables live in
+// the same block: they are saved around the fill.
 struct TlsFinder {
     const void* self;
     void* data;
@@ -504,21 +602,43 @@ int find_tls(struct dl_phdr_info* info, size_t, void* arg) {
     }
     return 1;
 }
-void reset_shared_shadow() {
-    // Taking the address of a TLS variable makes sure this thread's block exists.
-    volatile void* anchor = &cupynn_emu_regs;
-    TlsFinder f{reinterpret_cast<const void*>(&find_tls), nullptr, 0};
-    dl_iterate_phdr(find_tls, &f);
-    if (getenv("CUPYNN_EMU_DEBUG_TLS"))
-        fprintf(stderr, "tls block %p size %zu (anchor %p)\n", f.data, f.size, (void*)anchor);
-    if (f.data && f.size) AnnotateNewMemory(__FILE__, __LINE__, f.data, f.size);
-}
+__thread void* t_tls_data = nullptr;
+__thread size_t t_tls_size = 0;
+
+void poison_static_shared() {
+    void* data = t_tls_data;
+    size_t size = t_tls_size;
+    if (!data) {
+        // Taking the address of a TLS variable makes sure this thread's block exists.
+        volatile void* anchor = &cupynn_emu_regs;
+        (void)anchor;
+        TlsFinder f{reinterpret_cast<const void*>(&find_tls), nullptr, 0};
+        dl_iterate_phdr(find_tls, &f);
+        if (getenv("CUPYNN_EMU_DEBUG_TLS"))
+            fprintf(stderr, "tls block %p size %zu\n", f.data, f.size);
+        data = f.data;
+        size = f.size;
+        if (!data) return;
+    }
+    Worker* w = t_worker;
+    cupynn_emu::ThreadRegs* regs = cupynn_emu_regs;
+    memset(data, 0xff, size);
+    // volatile: the compiler must not drop these stores as "unchanged" (it cannot see that the
+    // memset covered the variables)
+    *static_cast<Worker* volatile*>(&t_worker) = w;
+    *static_cast<cupynn_emu::ThreadRegs* volatile*>(&cupynn_emu_regs) = regs;
+    *static_cast<void* volatile*>(&t_tls_data) = data;
+    *static_cast<volatile size_t*>(&t_tls_size) = size;
+    asm volatile("" ::: "memory");
+#if defined(CUPYNN_EMU_TSAN)
+    // TSan keeps only 4 accesses per 8 bytes, so the previous block's accesses could push out
+    // the ones that race in this block: announce the block as new memory before every block.
+    AnnotateNewMemory(__FILE__, __LINE__, data, size);
 #endif
+}
 
 bool run_block(Worker* w, Launch* L, long long linear_block) {
-#if defined(CUPYNN_EMU_TSAN)
-    reset_shared_shadow();
-#endif
+    poison_static_shared();
     const dim3& G = L->grid;
     const dim3& B = L->block;
     Block blk;
@@ -566,17 +686,23 @@ bool run_block(Worker* w, Launch* L, long long linear_block) {
         f->regs.grid_dim = G;
         f->state = READY;
         f->wait = WAIT_NONE;
+        f->cp_pending.clear();
+        f->cp_groups = 0;
+        f->cvta_next = 0;
         prepare_fiber(f);
     }
 
 #if defined(CUPYNN_EMU_TSAN)
     __tsan_release(&w->tsan_sched_sync);  // the setup above happens before every fiber
 #endif
-    // Round-robin over the runnable fibers until all have returned.
+    // Passes over the runnable fibers (in the schedule's order) until all have returned.
+    std::vector<int> order;
+    unsigned long long pass = 0;
     while (blk.done < blk.nthreads && !blk.failed) {
         bool progressed = false;
-        for (int i = 0; i < blk.nthreads && !blk.failed; ++i) {
-            Fiber* f = w->fibers[i].get();
+        pass_order(L, linear_block, pass++, blk.nthreads, order);
+        for (int oi = 0; oi < blk.nthreads && !blk.failed; ++oi) {
+            Fiber* f = w->fibers[(size_t)order[(size_t)oi]].get();
             if (f->state == READY) {
                 switch_to_fiber(w, f);
                 progressed = true;
@@ -630,6 +756,19 @@ bool run_block(Worker* w, Launch* L, long long linear_block) {
     return true;
 }
 
+// The linear block that the b-th block run is (the schedule permutes the block order too).
+long long map_block(const Launch* L, long long b) {
+    const long long n = L->nblocks;
+    long long i = b;
+    switch (L->schedule) {
+        case SCHED_REVERSED: i = n - 1 - b; break;
+        case SCHED_ROTATED: i = (b + (long long)(L->seed % (unsigned long long)n) + 1) % n; break;
+        case SCHED_RANDOM: i = L->order.empty() ? n - 1 - b : L->order[(size_t)b]; break;
+        default: break;
+    }
+    return L->first_block + i;
+}
+
 void worker_loop(Launch* L, long long nblocks) {
     Worker* w = acquire_worker();
     t_worker = w;
@@ -641,7 +780,7 @@ void worker_loop(Launch* L, long long nblocks) {
         if (L->failed) break;
         long long b = L->next_block.fetch_add(1);
         if (b >= nblocks) break;
-        if (!run_block(w, L, b)) break;
+        if (!run_block(w, L, map_block(L, b))) break;
     }
 #if defined(CUPYNN_EMU_TSAN)
     __tsan_acquire(&w->tsan_block_done[0]);
@@ -689,6 +828,7 @@ extern "C" void cupynn_emu_syncthreads(void) {
     ++b->bar_arrived;
     if (b->bar_arrived >= b->live) {
         release_barrier(b);
+        yield_if_adversarial(f);
     } else {
         unsigned long long gen = b->bar_gen;
         while (b->bar_gen == gen) wait_here(f, WAIT_BARRIER);
@@ -702,7 +842,9 @@ namespace {
 
 // Enter a warp collective: deposit this lane's value, wait until every lane of `mask` has
 // deposited its own, and return the warp (the caller reads, then calls leave_collective).
-Warp& enter_collective(Fiber* f, int op, unsigned mask, unsigned long long value) {
+Warp& enter_collective(Fiber* f, int op, unsigned mask, unsigned long long value,
+                       const unsigned long long* words = nullptr, int nwords = 0,
+                       const void* tag = nullptr) {
     Block* b = f->worker->block;
     Warp& wp = b->warps[f->warp];
     const unsigned bit = 1u << f->lane;
@@ -725,12 +867,19 @@ Warp& enter_collective(Fiber* f, int op, unsigned mask, unsigned long long value
         wp.op = op;
         wp.mask = mask;
         wp.arrived = 0;
+        wp.tag = tag;
+        wp.gwords = nwords;
     } else if (wp.mask != mask || wp.op != op) {
         fail_here(f, fmt("divergent warp collectives: this lane calls %s with mask 0x%08x while "
                          "lanes 0x%08x wait in %s with mask 0x%08x",
                          kOpNames[op], mask, wp.arrived, kOpNames[wp.op], wp.mask));
+    } else if (op == OP_GATHER && (wp.tag != tag || wp.gwords != nwords)) {
+        fail_here(f, fmt("divergent warp: this lane runs `%s` while lanes 0x%08x wait in `%s` "
+                         "(.aligned instructions need every lane at the same one)",
+                         static_cast<const char*>(tag), wp.arrived, static_cast<const char*>(wp.tag)));
     }
     wp.vals[f->lane] = value;
+    if (op == OP_GATHER) copy_words(&wp.gbuf[f->lane * nwords], words, nwords);
     wp.arrived |= bit;
 #if defined(CUPYNN_EMU_TSAN)
     if (op == OP_SYNCWARP) __tsan_release(&wp.tsan_sync[wp.seq & 1]);
@@ -740,6 +889,7 @@ Warp& enter_collective(Fiber* f, int op, unsigned mask, unsigned long long value
         wp.to_read = mask;
         ++wp.seq;
         wake_warp(b, f->warp);
+        yield_if_adversarial(f);
     } else {
         unsigned long long seq = wp.seq;
         while (wp.seq == seq) wait_here(f, WAIT_WARP);
@@ -812,12 +962,193 @@ extern "C" unsigned cupynn_emu_vote(unsigned mask, int pred, int mode) {
     return ballot;
 }
 
+// ---------------------------------------------------------------------------------------
+// Guarded arrays (default mode) and the fault handler
+// ---------------------------------------------------------------------------------------
+namespace {
+
+const size_t kGuardMaxDefault = 256u << 20;  // larger arrays (e.g. sparse ones) are not copied
+
+std::string arg_list(const std::vector<int>& args) {
+    std::string s;
+    for (size_t i = 0; i < args.size(); ++i) s += (i ? "/" : "") + std::to_string(args[i]);
+    return s;
+}
+
+// "byte offset +N past the end of argument i" for an address near a guarded copy.
+std::string locate(const Launch* L, uintptr_t addr) {
+    const Guarded* best = nullptr;
+    long long best_dist = 0;
+    for (const Guarded& g : L->guards) {
+        const uintptr_t lo = (uintptr_t)g.map, hi = lo + g.map_len;
+        if (addr >= lo && addr < hi) { best = &g; break; }
+        long long d = addr < lo ? (long long)(lo - addr) : (long long)(addr - hi);
+        if (!best || d < best_dist) { best = &g; best_dist = d; }
+    }
+    if (!best) return fmt("address %p (no array argument is near it)", (void*)addr);
+    const bool inside = addr >= (uintptr_t)best->map && addr < (uintptr_t)best->map + best->map_len;
+    const long long n = (long long)(best->end - best->begin);
+    const long long off = (long long)addr - (long long)(uintptr_t)best->data;
+    std::string where_;
+    if (off < 0) where_ = fmt("%lld bytes before the start", -off);
+    else if (off >= n) where_ = fmt("byte offset %lld, %lld bytes past the end", off, off - n + 1);
+    else where_ = fmt("byte offset %lld", off);
+    const int itemsize = best->args.empty() ? 0
+        : L->kernel->params[best->args[0]].pointee_size;
+    std::string elem = itemsize > 0 ? fmt(" (element %lld of %lld)", off >= 0 ? off / itemsize
+                                                                       : -((-off + itemsize - 1) / itemsize),
+                                          n / itemsize)
+                                    : std::string();
+    return fmt("%s of argument %s (%lld bytes)%s%s", where_.c_str(), arg_list(best->args).c_str(), n,
+               elem.c_str(), inside ? "" : " (the nearest array)");
+}
+
+#if !defined(CUPYNN_EMU_ASAN) && !defined(CUPYNN_EMU_TSAN)
+struct sigaction g_prev_segv, g_prev_bus;
+std::once_flag g_handler_once;
+
+void chain(int sig, siginfo_t* si, void* uc) {
+    struct sigaction& prev = sig == SIGSEGV ? g_prev_segv : g_prev_bus;
+    if (prev.sa_flags & SA_SIGINFO) {
+        if (prev.sa_sigaction) prev.sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (prev.sa_handler == SIG_IGN) return;
+    if (prev.sa_handler == SIG_DFL || prev.sa_handler == nullptr) {
+        signal(sig, SIG_DFL);  // the fault repeats on return and ends the process as before
+        return;
+    }
+    prev.sa_handler(sig);
+}
+
+// A fault while a fiber of this module runs kernel code is the kernel's: it fails that
+// launch (naming the kernel, the array and the offset) instead of killing the process.
+void fault_handler(int sig, siginfo_t* si, void* uc) {
+    Worker* w = t_worker;
+    if (!w || !w->current || !w->block) {
+        chain(sig, si, uc);
+        return;
+    }
+    Fiber* f = w->current;
+    const Launch* L = w->block->launch;
+    bool write = false;
+#if defined(__x86_64__)
+    write = (static_cast<ucontext_t*>(uc)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#endif
+    if (si->si_code == SI_KERNEL)  // a general-protection fault: no address is reported
+        fail_here(f, fmt("kernel %s: invalid memory access at a non-canonical address (an offset far out "
+                         "of range, e.g. a wrapped 32-bit index) (%s)",
+                         L->kernel->name, sig == SIGSEGV ? "SIGSEGV" : "SIGBUS"));
+    fail_here(f, fmt("kernel %s: invalid %s at %s (%s)", L->kernel->name, write ? "write" : "read",
+                     locate(L, (uintptr_t)si->si_addr).c_str(), sig == SIGSEGV ? "SIGSEGV" : "SIGBUS"));
+}
+
+void install_fault_handler() {
+    std::call_once(g_handler_once, [] {
+        if (getenv("CUPYNN_EMU_NO_FAULT_HANDLER")) return;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = fault_handler;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &g_prev_segv);
+        sigaction(SIGBUS, &sa, &g_prev_bus);
+    });
+}
+#endif
+
+// Copy the array arguments into guarded mappings (overlapping arrays share one).
+void guard_arrays(Launch& L, void** argv, std::vector<void*>& args, std::vector<void*>& ptr_storage,
+                  const long long* arg_nbytes, int nargs) {
+    const size_t page = Worker::page_size();
+    const size_t limit = env_size("CUPYNN_EMU_GUARD_MAX", kGuardMaxDefault);
+    std::vector<Guarded> ranges;
+    for (int i = 0; i < nargs; ++i) {
+        if (arg_nbytes[i] < 0) continue;
+        char* p = *static_cast<char**>(argv[i]);
+        if (!p || (size_t)arg_nbytes[i] > limit) continue;
+        ranges.push_back(Guarded{p, p + arg_nbytes[i], nullptr, 0, nullptr, {i}});
+    }
+    std::sort(ranges.begin(), ranges.end(),
+              [](const Guarded& a, const Guarded& b) { return a.begin < b.begin; });
+    for (Guarded& r : ranges) {
+        if (!L.guards.empty() && r.begin < L.guards.back().end) {
+            Guarded& m = L.guards.back();
+            m.end = std::max(m.end, r.end);
+            m.args.insert(m.args.end(), r.args.begin(), r.args.end());
+        } else {
+            L.guards.push_back(r);
+        }
+    }
+    for (Guarded& g : L.guards) {
+        const size_t n = (size_t)(g.end - g.begin);
+        const size_t body = (n + 128 + page - 1) / page * page;  // >= 64 canary bytes each side
+        g.map_len = body + 2 * page;
+        void* mem = mmap(nullptr, g.map_len, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem == MAP_FAILED) {
+            g.map = nullptr;
+            continue;
+        }
+        g.map = static_cast<char*>(mem);
+        mprotect(g.map, page, PROT_NONE);
+        mprotect(g.map + page + body, page, PROT_NONE);
+        memset(g.map + page, 0xff, body);
+        // the data ends within 64 bytes of the upper guard page, at the caller's alignment mod 64
+        const uintptr_t top = (uintptr_t)(g.map + page + body);
+        uintptr_t start = top - n - 64;
+        start = start - (start & 63) + ((uintptr_t)g.begin & 63);
+        g.data = reinterpret_cast<char*>(start);
+        if (n) memcpy(g.data, g.begin, n);
+    }
+    for (int i = 0; i < nargs; ++i) {
+        if (arg_nbytes[i] < 0) continue;
+        char* p = *static_cast<char**>(argv[i]);
+        if (!p) continue;
+        for (const Guarded& g : L.guards) {
+            if (g.map && p >= g.begin && p <= g.end &&
+                (p < g.end || (size_t)arg_nbytes[i] == 0)) {
+                ptr_storage[(size_t)i] = g.data + (p - g.begin);
+                args[(size_t)i] = &ptr_storage[(size_t)i];
+                break;
+            }
+        }
+    }
+}
+
+// Copy back, check the canaries, unmap.  Returns an error message ("" if clean).
+std::string unguard_arrays(Launch& L) {
+    std::string err;
+    const size_t page = Worker::page_size();
+    for (Guarded& g : L.guards) {
+        if (!g.map) continue;
+        const size_t n = (size_t)(g.end - g.begin);
+        if (n) memcpy(g.begin, g.data, n);
+        const char* lo = g.map + page;
+        const char* hi = g.map + g.map_len - page;
+        const char* bad = nullptr;
+        for (const char* q = lo; q < g.data && !bad; ++q)
+            if ((unsigned char)*q != 0xff) bad = q;
+        for (const char* q = g.data + n; q < hi && !bad; ++q)
+            if ((unsigned char)*q != 0xff) bad = q;
+        if (bad && err.empty())
+            err = fmt("kernel %s: wrote outside an array: %s (caught by the canary bytes around it)",
+                      L.kernel->name, locate(&L, (uintptr_t)bad).c_str());
+        munmap(g.map, g.map_len);
+        g.map = nullptr;
+    }
+    return err;
+}
+
+}  // namespace
+
 // Launch a kernel: argv[i] points at the i-th argument's bytes (for arrays: at a pointer).
 // arg_nbytes[i] >= 0 marks the argument as an array of that many bytes, -1 as a scalar.
+// config: {schedule, seed, first block, number of blocks (-1: to the end), guard arrays (0/1)}.
 extern "C" int cupynn_emu_launch(const cupynn_emu::KernelDesc* kernel, const unsigned* grid,
                                  const unsigned* block, unsigned long long shared_mem, void** argv,
                                  const long long* arg_nbytes, int nargs, char* err,
-                                 unsigned long long errlen) {
+                                 unsigned long long errlen, const long long* config) {
     Launch L;
     L.kernel = kernel;
     L.grid = dim3(grid[0], grid[1], grid[2]);
@@ -825,11 +1156,28 @@ extern "C" int cupynn_emu_launch(const cupynn_emu::KernelDesc* kernel, const uns
     L.shared_mem = (size_t)shared_mem;
     std::vector<void*> args(argv, argv + nargs);
     L.argv = args.data();
+    const long long total = (long long)L.grid.x * L.grid.y * L.grid.z;
+    L.schedule = config ? (int)config[0] : SCHED_DEFAULT;
+    L.seed = config ? (unsigned long long)config[1] : 0;
+    L.first_block = config ? std::min(std::max(0LL, config[2]), total) : 0;
+    L.nblocks = total - L.first_block;
+    if (config && config[3] >= 0) L.nblocks = std::min(L.nblocks, config[3]);
+    const bool guard = config ? config[4] != 0 : true;
+    if (L.schedule == SCHED_RANDOM && L.nblocks > 1 && L.nblocks <= (1LL << 22)) {
+        L.order.resize((size_t)L.nblocks);
+        for (long long i = 0; i < L.nblocks; ++i) L.order[(size_t)i] = i;
+        unsigned long long st = splitmix64(L.seed ^ 0x5bd1e995ull);
+        for (long long i = L.nblocks - 1; i > 0; --i) {
+            st = splitmix64(st);
+            std::swap(L.order[(size_t)i], L.order[(size_t)(st % (unsigned long long)(i + 1))]);
+        }
+    }
 
     // ASan: arrays into exact-size heap copies (overlapping arrays share one copy).
     std::vector<Range> ranges;
-    std::vector<void*> ptr_storage(nargs, nullptr);
+    std::vector<void*> ptr_storage((size_t)nargs, nullptr);
 #if defined(CUPYNN_EMU_ASAN)
+    (void)guard;
     for (int i = 0; i < nargs; ++i) {
         if (arg_nbytes[i] < 0) continue;
         char* p = *static_cast<char**>(argv[i]);
@@ -858,25 +1206,32 @@ extern "C" int cupynn_emu_launch(const cupynn_emu::KernelDesc* kernel, const uns
         if (!p) continue;
         for (const Range& r : merged) {
             if (p >= r.begin && p < r.end + (r.end == r.begin ? 1 : 0)) {
-                ptr_storage[i] = r.copy + (p - r.begin);
-                args[i] = &ptr_storage[i];
+                ptr_storage[(size_t)i] = r.copy + (p - r.begin);
+                args[(size_t)i] = &ptr_storage[(size_t)i];
                 break;
             }
         }
     }
     ranges.swap(merged);
-#else
+#elif defined(CUPYNN_EMU_TSAN)
+    (void)guard;
     (void)arg_nbytes;
+#else
+    install_fault_handler();
+    if (guard) guard_arrays(L, argv, args, ptr_storage, arg_nbytes, nargs);
 #endif
 
-    long long nblocks = (long long)L.grid.x * L.grid.y * L.grid.z;
+    long long nblocks = L.nblocks;
 #if defined(CUPYNN_EMU_TSAN)
     const unsigned max_default = 2;  // TSan: fewer live fibers (each is a TSan thread)
 #else
     const unsigned max_default = 4;
 #endif
-    size_t nthreads = env_size("CUPYNN_EMU_THREADS",
-                               std::min(max_default, std::max(1u, std::thread::hardware_concurrency())));
+    // Adversarial schedules run the blocks on one OS thread, in the schedule's block order,
+    // so that a race between blocks fails (or passes) the same way every time.
+    const unsigned dflt = L.schedule == SCHED_DEFAULT
+        ? std::min(max_default, std::max(1u, std::thread::hardware_concurrency())) : 1u;
+    size_t nthreads = env_size("CUPYNN_EMU_THREADS", dflt);
     nthreads = std::min<size_t>(nthreads, (size_t)std::max(1LL, nblocks));
 #if defined(CUPYNN_EMU_TSAN)
     __tsan_release(&L.tsan_start);
@@ -897,10 +1252,384 @@ extern "C" int cupynn_emu_launch(const cupynn_emu::KernelDesc* kernel, const uns
         else __asan_unpoison_memory_region(r.copy, 1);
         free(r.copy);
     }
+#elif !defined(CUPYNN_EMU_TSAN)
+    {
+        std::string gerr = unguard_arrays(L);
+        if (!gerr.empty()) L.fail(gerr);
+    }
 #endif
     if (L.failed) {
         if (err && errlen) snprintf(err, (size_t)errlen, "%s", L.error.c_str());
         return 1;
     }
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// The PTX interpreter: the wrappers' inline PTX (kernels/ptx.cuh: CUPYNN_PTX), run from the
+// very instruction text and operand list the GPU receives.  The text is parsed and checked
+// against the PTX ISA (operand groups, counts, the register type each position takes, every
+// asm operand used exactly once) and executed with the fragment layouts of kernels/mma.cuh.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+struct PtxGroup {
+    char kind;              // 'v' {a, b}, 'a' [a], 's' scalar
+    std::vector<int> refs;  // asm operand numbers; -1: a literal immediate
+    std::vector<long long> imm;
+};
+struct PtxParsed {
+    std::string op;
+    std::vector<PtxGroup> groups;
+    std::string error;
+};
+
+std::mutex g_ptx_mutex;
+std::unordered_map<const char*, PtxParsed> g_ptx_cache;
+
+std::string trim(const std::string& x) {
+    size_t a = x.find_first_not_of(" \t\n\r"), b = x.find_last_not_of(" \t\n\r");
+    return a == std::string::npos ? std::string() : x.substr(a, b - a + 1);
+}
+
+bool parse_ref(const std::string& tok, PtxGroup& g) {
+    std::string t = trim(tok);
+    if (t.size() >= 2 && t[0] == '%' && isdigit((unsigned char)t[1])) {
+        size_t i = 1;
+        int v = 0;
+        while (i < t.size() && isdigit((unsigned char)t[i])) v = v * 10 + (t[i++] - '0');
+        if (i != t.size()) return false;
+        g.refs.push_back(v);
+        g.imm.push_back(0);
+        return true;
+    }
+    char* end = nullptr;
+    long long v = strtoll(t.c_str(), &end, 0);
+    if (t.empty() || *end) return false;
+    g.refs.push_back(-1);
+    g.imm.push_back(v);
+    return true;
+}
+
+PtxParsed parse_ptx(const char* text) {
+    PtxParsed p;
+    std::string t = trim(text);
+    if (t.empty() || t.back() != ';') {
+        p.error = "the statement does not end with ';'";
+        return p;
+    }
+    t = trim(t.substr(0, t.size() - 1));
+    if (t.find(';') != std::string::npos) {
+        p.error = "more than one statement";
+        return p;
+    }
+    size_t sp = t.find_first_of(" \t");
+    p.op = t.substr(0, sp);
+    std::string rest = sp == std::string::npos ? std::string() : trim(t.substr(sp));
+    size_t i = 0;
+    while (i < rest.size()) {
+        while (i < rest.size() && isspace((unsigned char)rest[i])) ++i;
+        if (i >= rest.size()) break;
+        PtxGroup g;
+        char open = rest[i];
+        if (open == '{' || open == '[') {
+            char close = open == '{' ? '}' : ']';
+            size_t j = rest.find(close, i);
+            if (j == std::string::npos) {
+                p.error = fmt("unbalanced '%c'", open);
+                return p;
+            }
+            g.kind = open == '{' ? 'v' : 'a';
+            std::string inner = rest.substr(i + 1, j - i - 1);
+            size_t k = 0;
+            while (true) {
+                size_t c = inner.find(',', k);
+                if (!parse_ref(inner.substr(k, c == std::string::npos ? std::string::npos : c - k), g)) {
+                    p.error = fmt("cannot read operand `%s`", inner.c_str());
+                    return p;
+                }
+                if (c == std::string::npos) break;
+                k = c + 1;
+            }
+            i = j + 1;
+        } else {
+            size_t j = rest.find(',', i);
+            g.kind = 's';
+            if (!parse_ref(rest.substr(i, j == std::string::npos ? std::string::npos : j - i), g)) {
+                p.error = fmt("cannot read operand `%s`", rest.substr(i, j - i).c_str());
+                return p;
+            }
+            i = j == std::string::npos ? rest.size() : j;
+        }
+        p.groups.push_back(g);
+        while (i < rest.size() && isspace((unsigned char)rest[i])) ++i;
+        if (i < rest.size()) {
+            if (rest[i] != ',') {
+                p.error = fmt("expected ',' between operands at `%s`", rest.substr(i).c_str());
+                return p;
+            }
+            ++i;
+        }
+    }
+    return p;
+}
+
+// What one operand group of an instruction must be.
+struct GroupSpec {
+    char kind;        // 'v', 'a', 's'
+    int count;
+    char constraint;  // the asm constraint the PTX register type needs ('n': an immediate)
+    bool dest;
+    const char* what;
+};
+
+bool cxx_type_ok(const cupynn_emu::PtxOperand& o) {
+    switch (o.constraint) {
+        case 'd': return o.cxx_kind == cupynn_emu::KIND_FLOAT && o.cxx_size == 8;
+        case 'f': return o.cxx_kind == cupynn_emu::KIND_FLOAT && o.cxx_size == 4;
+        case 'r': return (o.cxx_kind == cupynn_emu::KIND_SINT || o.cxx_kind == cupynn_emu::KIND_UINT) && o.cxx_size == 4;
+        case 'h': return (o.cxx_kind == cupynn_emu::KIND_SINT || o.cxx_kind == cupynn_emu::KIND_UINT) && o.cxx_size == 2;
+        case 'l': return (o.cxx_kind == cupynn_emu::KIND_SINT || o.cxx_kind == cupynn_emu::KIND_UINT ||
+                          o.cxx_kind == cupynn_emu::KIND_PTR) && o.cxx_size == 8;
+        case 'n': return o.cxx_kind == cupynn_emu::KIND_SINT || o.cxx_kind == cupynn_emu::KIND_UINT;
+        default: return false;
+    }
+}
+
+// Check the parsed statement against the specs; on success `vals[g][i]` holds the operand's
+// input bits (or immediate) and `outs[g][i]` the output pointer.
+std::string check_ptx(const PtxParsed& p, const std::vector<GroupSpec>& spec,
+                      const cupynn_emu::PtxOperand* ops, int nout, int nin,
+                      std::vector<std::vector<unsigned long long>>& vals,
+                      std::vector<std::vector<void*>>& outs) {
+    const int nops = nout + nin;
+    if (p.groups.size() != spec.size())
+        return fmt("takes %zu operands, the text has %zu", spec.size(), p.groups.size());
+    std::vector<int> used((size_t)nops, 0);
+    vals.assign(spec.size(), {});
+    outs.assign(spec.size(), {});
+    for (size_t gi = 0; gi < spec.size(); ++gi) {
+        const PtxGroup& g = p.groups[gi];
+        const GroupSpec& s = spec[gi];
+        if (g.kind != s.kind || (int)g.refs.size() != s.count) {
+            const char* shape = s.kind == 'v' ? "a vector {..}" : s.kind == 'a' ? "an address [..]" : "a scalar";
+            return fmt("operand %zu (%s) must be %s of %d, the text has %s of %zu", gi + 1, s.what, shape,
+                       s.count, g.kind == 'v' ? "a vector" : g.kind == 'a' ? "an address" : "a scalar",
+                       g.refs.size());
+        }
+        for (size_t i = 0; i < g.refs.size(); ++i) {
+            const int r = g.refs[i];
+            if (r < 0) {
+                if (s.constraint != 'n')
+                    return fmt("operand %zu (%s) is a literal, PTX wants a register", gi + 1, s.what);
+                vals[gi].push_back((unsigned long long)g.imm[i]);
+                outs[gi].push_back(nullptr);
+                continue;
+            }
+            if (r >= nops)
+                return fmt("%%%d is past the %d asm operands (%d outputs, %d inputs)", r, nops, nout, nin);
+            ++used[(size_t)r];
+            const cupynn_emu::PtxOperand& o = ops[r];
+            if (s.dest != (o.is_output != 0))
+                return fmt("%%%d is an asm %s but operand %zu (%s) is %s", r, o.is_output ? "output" : "input",
+                           gi + 1, s.what, s.dest ? "a destination" : "a source");
+            if (o.constraint != s.constraint)
+                return fmt("%%%d has constraint \"%c\" but operand %zu (%s) takes \"%c\"", r, o.constraint,
+                           gi + 1, s.what, s.constraint);
+            if (!cxx_type_ok(o))
+                return fmt("%%%d: constraint \"%c\" on a %d-byte %s expression", r, o.constraint, (int)o.cxx_size,
+                           o.cxx_kind == cupynn_emu::KIND_FLOAT ? "floating-point" : "integer/pointer");
+            vals[gi].push_back(o.bits);
+            outs[gi].push_back(o.out);
+        }
+    }
+    for (int r = 0; r < nops; ++r)
+        if (used[(size_t)r] != 1)
+            return fmt("asm operand %%%d is used %d times in the text (each exactly once)", r, used[(size_t)r]);
+    return std::string();
+}
+
+inline double as_f64(unsigned long long b) { double d; memcpy(&d, &b, 8); return d; }
+inline float as_f32(unsigned long long b) { unsigned u = (unsigned)b; float f; memcpy(&f, &u, 4); return f; }
+inline float tf32_value(unsigned long long b) { return as_f32(b & 0xffffe000ull); }
+template <class T>
+inline void put(void* out, T v) { memcpy(out, &v, sizeof v); }
+
+// The 32 lanes' A and B registers (one collective); all[lane * nw + i].
+std::vector<unsigned long long> warp_gather(Fiber* f, const char* text, const std::vector<unsigned long long>& mine) {
+    Block* b = f->worker->block;
+    if (b->warps[(size_t)f->warp].exists != 0xffffffffu)
+        fail_here(f, fmt("`%s` needs all 32 lanes of the warp (the block has %d threads)", text, b->nthreads));
+    if (mine.size() > 16) fail_here(f, fmt("`%s`: more than 16 operand registers per lane", text));
+    Warp& wp = enter_collective(f, OP_GATHER, 0xffffffffu, 0, mine.data(), (int)mine.size(), text);
+    std::vector<unsigned long long> all((size_t)(32 * wp.gwords));
+    copy_words(all.data(), wp.gbuf, 32 * wp.gwords);
+    leave_collective(f, wp);
+    return all;
+}
+
+void run_mma(Fiber* f, const char* text, int M, int K, bool tf32,
+             const std::vector<std::vector<unsigned long long>>& v, const std::vector<std::vector<void*>>& o) {
+    // groups: 0 D, 1 A, 2 B, 3 C
+    const int na = (int)v[1].size(), nb = (int)v[2].size();
+    std::vector<unsigned long long> mine(v[1]);
+    mine.insert(mine.end(), v[2].begin(), v[2].end());
+    const std::vector<unsigned long long> all = warp_gather(f, text, mine);
+    const int nw = na + nb;
+    const int lane = f->lane, g = lane >> 2, t = lane & 3;
+    auto A = [&](int row, int k) -> unsigned long long {  // A[row][k]
+        if (M == 8) return all[(size_t)((row * 4 + k) * nw)];
+        return all[(size_t)(((row & 7) * 4 + (k & 3)) * nw + (row >> 3) + 2 * (k >> 2))];
+    };
+    auto B = [&](int k, int n) -> unsigned long long {  // B[k][n]
+        return all[(size_t)((n * 4 + (k & 3)) * nw + na + (k >> 2))];
+    };
+    const int nc = (int)v[3].size();
+    for (int i = 0; i < nc; ++i) {
+        const int row = M == 8 ? g : g + 8 * (i >> 1);
+        const int col = 2 * t + (i & 1);
+        if (tf32) {
+            double acc = (double)as_f32(v[3][(size_t)i]);
+            for (int j = 0; j < 4; ++j)
+                acc += (double)tf32_value(A(row, j)) * tf32_value(B(j, col)) +
+                       (double)tf32_value(A(row, j + 4)) * tf32_value(B(j + 4, col));
+            put<float>(o[0][(size_t)i], (float)acc);
+        } else {
+            double acc = as_f64(v[3][(size_t)i]);
+            for (int k = 0; k < K; ++k) acc = fma(as_f64(A(row, k)), as_f64(B(k, col)), acc);
+            put<double>(o[0][(size_t)i], acc);
+        }
+    }
+}
+
+char* shared_from_handle(Fiber* f, unsigned long long h) {
+    const unsigned long long slot = (h >> 20) - 1;
+    if (h < (1ull << 20) || slot >= 64 || slot >= f->cvta_next)
+        return nullptr;
+    return static_cast<char*>(f->cvta_ring[slot]) + (h & 0xfffffull);
+}
+
+void cp_async_complete(Fiber* f, unsigned long long upto) {
+    auto& q = f->cp_pending;
+    size_t keep = 0;
+    for (size_t i = 0; i < q.size(); ++i) {
+        CpAsync& c = q[i];
+        if (c.group != 0 && c.group <= upto) {
+            memcpy(c.dst, c.src, (size_t)c.src_size);
+            memset(c.dst + c.src_size, 0, (size_t)(c.size - c.src_size));
+        } else {
+            q[keep++] = c;
+        }
+    }
+    q.resize(keep);
+}
+
+}  // namespace
+
+extern "C" unsigned long long cupynn_emu_cvta_shared(const void* p) {
+    Fiber* f = current_fiber("__cvta_generic_to_shared");
+    Block* b = f->worker->block;
+    const char* c = static_cast<const char*>(p);
+    const char* dyn = static_cast<const char*>(b->dyn_smem);
+    const char* tls = static_cast<const char*>(t_tls_data);
+    const bool shared = (c >= dyn && c < dyn + b->launch->shared_mem) ||
+                        (tls && c >= tls && c < tls + t_tls_size);
+    if (!shared)
+        fail_here(f, fmt("__cvta_generic_to_shared(%p): not a shared-memory address", p));
+    if (f->cvta_next >= 64) f->cvta_next = 0;  // handles are valid for the next 63 conversions
+    const unsigned slot = f->cvta_next++;
+    f->cvta_ring[slot] = const_cast<void*>(p);
+    return ((unsigned long long)slot + 1) << 20;
+}
+
+extern "C" void cupynn_emu_ptx(const char* text, int arch, const cupynn_emu::PtxOperand* ops, int nout,
+                               int nin) {
+    Fiber* f = current_fiber("inline PTX");
+    const PtxParsed* pp;
+    {
+        std::lock_guard<std::mutex> lock(g_ptx_mutex);
+        auto it = g_ptx_cache.find(text);
+        if (it == g_ptx_cache.end()) it = g_ptx_cache.emplace(text, parse_ptx(text)).first;
+        pp = &it->second;
+    }
+    const PtxParsed& p = *pp;
+    auto bad = [&](const std::string& why) {
+        fail_here(f, fmt("inline PTX `%s`: %s", trim(text).c_str(), why.c_str()));
+    };
+    if (!p.error.empty()) bad(p.error);
+    std::vector<std::vector<unsigned long long>> v;
+    std::vector<std::vector<void*>> o;
+    const std::string& op = p.op;
+    std::string err;
+    if (op == "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64") {
+        err = check_ptx(p, {{'v', 2, 'd', true, "D"}, {'v', 1, 'd', false, "A"}, {'v', 1, 'd', false, "B"},
+                            {'v', 2, 'd', false, "C"}}, ops, nout, nin, v, o);
+        if (err.empty()) run_mma(f, text, 8, 4, false, v, o);
+    } else if (op == "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") {
+        err = check_ptx(p, {{'v', 4, 'f', true, "D"}, {'v', 4, 'r', false, "A"}, {'v', 2, 'r', false, "B"},
+                            {'v', 4, 'f', false, "C"}}, ops, nout, nin, v, o);
+        if (err.empty()) run_mma(f, text, 16, 8, true, v, o);
+    } else if (op == "mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64" ||
+               op == "mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64" ||
+               op == "mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64") {
+        const int K = atoi(op.c_str() + strlen("mma.sync.aligned.m16n8k"));
+        if (arch < 900) bad(fmt("needs sm_90 (this module is compiled for sm_%d)", arch / 10));
+        err = check_ptx(p, {{'v', 4, 'd', true, "D"}, {'v', K / 2, 'd', false, "A"}, {'v', K / 4, 'd', false, "B"},
+                            {'v', 4, 'd', false, "C"}}, ops, nout, nin, v, o);
+        if (err.empty()) run_mma(f, text, 16, K, false, v, o);
+    } else if (op == "cvt.rna.tf32.f32") {
+        err = check_ptx(p, {{'s', 1, 'r', true, "d"}, {'s', 1, 'f', false, "a"}}, ops, nout, nin, v, o);
+        if (err.empty()) {
+            unsigned u = (unsigned)v[1][0];
+            unsigned r;
+            if ((u & 0x7f800000u) == 0x7f800000u) r = (u & 0x007fffffu) ? 0x7fffffffu : u;
+            else r = (u + 0x1000u) & 0xffffe000u;  // round half away from zero to 10 mantissa bits
+            put<unsigned>(o[0][0], r);
+        }
+    } else if (op == "cp.async.ca.shared.global" || op == "cp.async.cg.shared.global") {
+        if (arch < 800) bad(fmt("needs sm_80 (this module is compiled for sm_%d)", arch / 10));
+        std::vector<GroupSpec> spec = {{'a', 1, 'r', false, "dst (a shared address)"},
+                                       {'a', 1, 'l', false, "src (a global address)"},
+                                       {'s', 1, 'n', false, "cp-size"}};
+        if (p.groups.size() == 4) spec.push_back({'s', 1, 'r', false, "src-size"});
+        err = check_ptx(p, spec, ops, nout, nin, v, o);
+        if (err.empty()) {
+            const long long size = (long long)v[2][0];
+            const bool cg = op[9] == 'c' && op[10] == 'g';
+            const long long src_size = p.groups.size() == 4 ? (long long)(int)(unsigned)v[3][0] : size;
+            if (cg ? size != 16 : (size != 4 && size != 8 && size != 16))
+                bad(fmt("cp-size %lld (.%s takes %s)", size, cg ? "cg" : "ca", cg ? "16" : "4, 8 or 16"));
+            if (src_size < 0 || src_size > size) bad(fmt("src-size %lld is not in 0..cp-size %lld", src_size, size));
+            char* dst = shared_from_handle(f, v[0][0] & 0xffffffffull);
+            if (!dst) bad(fmt("dst 0x%llx is not an address from __cvta_generic_to_shared", v[0][0]));
+            const char* src = reinterpret_cast<const char*>((uintptr_t)v[1][0]);
+            if (((uintptr_t)dst | (uintptr_t)src) % (uintptr_t)size)
+                bad(fmt("dst %p / src %p not aligned to cp-size %lld", (void*)dst, (const void*)src, size));
+            memset(dst, 0xff, (size_t)size);  // undefined until the wait that covers it
+            f->cp_pending.push_back(CpAsync{dst, src, (int)size, (int)src_size, 0});
+        }
+    } else if (op == "cp.async.commit_group") {
+        err = check_ptx(p, {}, ops, nout, nin, v, o);
+        if (err.empty()) {
+            ++f->cp_groups;
+            for (CpAsync& c : f->cp_pending) if (c.group == 0) c.group = f->cp_groups;
+        }
+    } else if (op == "cp.async.wait_group") {
+        err = check_ptx(p, {{'s', 1, 'n', false, "N"}}, ops, nout, nin, v, o);
+        if (err.empty()) {
+            const unsigned long long n = v[0][0];
+            // wait until at most N of the most recent committed groups are pending
+            if (n < f->cp_groups) cp_async_complete(f, f->cp_groups - n);
+        }
+    } else if (op == "cp.async.wait_all") {
+        err = check_ptx(p, {}, ops, nout, nin, v, o);
+        if (err.empty()) {  // = cp.async.commit_group; cp.async.wait_group 0;
+            ++f->cp_groups;
+            for (CpAsync& c : f->cp_pending) if (c.group == 0) c.group = f->cp_groups;
+            cp_async_complete(f, f->cp_groups);
+        }
+    } else {
+        bad(fmt("`%s` is not an instruction the emulator's PTX interpreter knows", op.c_str()));
+    }
+    if (!err.empty()) bad(err);
 }
