@@ -55,6 +55,8 @@ __all__ = [
     "optimizer_sync",
     "optimizer_get_step",
     "optimizer_set_step",
+    "jacobian_rows",
+    "gram_update",
 ]
 
 
@@ -635,3 +637,74 @@ def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
     if int(n) != n or n < 0:
         raise ValueError(f"the step count must be a non-negative integer, got {n!r}")
     get_backend(array_device(params[0])).optimizer_set_step(state, int(n))
+
+
+# -- Jacobians and Gauss-Newton matrices (cupynn/jacobian.py) --------------------------------
+
+def _same_kind(what, a, device, dtype, ndim):
+    check_array(a, what=what, device=device, dtype=dtype, ndim=(ndim,))
+
+
+def jacobian_rows(dz, h, out) -> None:
+    """Write one layer's per-sample Jacobian columns ``[dz ⊗ h | dz]`` into ``out`` (in place).
+
+    ``dz`` ``(nb, B, m, n)``: per sample ``b`` and output ``o``, the derivative of the row's
+    value w.r.t. the layer's pre-activation (one block, ``nb = 1``, for the model's outputs;
+    the forward-Laplacian blocks for a PDE residual); ``h`` ``(nb, B, k)``: the layer's input
+    blocks; ``out`` a ``(B * m, n * k)`` or ``(B * m, n * k + n)`` array or view (the layer's
+    columns of a Jacobian chunk, rows ``b * m + o``):
+    ``out[b*m+o, i*k+j] = sum_s dz[s,b,o,i] h[s,b,j]`` and ``out[b*m+o, n*k+i] = dz[0,b,o,i]``
+    (the bias columns, when present). The last axis of ``out`` must be contiguous.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> dz, h = np.ones((1, 2, 1, 3)), np.arange(8.0).reshape(1, 2, 4)
+    >>> out = np.empty((2, 15))
+    >>> F.jacobian_rows(dz, h, out)
+    >>> out[1, :4], out[1, 12:]
+    (array([4., 5., 6., 7.]), array([1., 1., 1.]))
+    """
+    device = array_device(dz)
+    if device is None:
+        raise TypeError(f"dz must be a NumPy or CuPy array, got {type(dz).__name__}")
+    dtype = as_float_dtype(dz.dtype)
+    _same_kind("dz", dz, device, dtype, 4)
+    _same_kind("h", h, device, dtype, 3)
+    _same_kind("out", out, device, dtype, 2)
+    nb, B, m, n = dz.shape
+    k = h.shape[2]
+    if tuple(h.shape[:2]) != (nb, B):
+        raise ValueError(f"h must have shape ({nb}, {B}, k) to match dz {tuple(dz.shape)}, "
+                         f"got {tuple(h.shape)}")
+    if out.shape[0] != B * m or out.shape[1] not in (n * k, n * k + n):
+        raise ValueError(f"out must have shape ({B * m}, {n * k}) or ({B * m}, {n * k + n}) "
+                         f"for dz {tuple(dz.shape)} and h {tuple(h.shape)}, got {tuple(out.shape)}")
+    if out.shape[1] and out.strides[1] != out.itemsize:
+        raise ValueError("out's columns must be contiguous (a column range of a C-contiguous "
+                         "Jacobian chunk)")
+    get_backend(device).jacobian_rows(dz, h, out)
+
+
+def gram_update(G, J) -> None:
+    """``G += J^T J`` (in place) for a chunk ``J`` ``(R, P)`` of Jacobian rows; ``G`` ``(P, P)``.
+
+    Summing the chunks in order gives the Gramian ``J^T J`` of all the rows without storing them.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> G = np.zeros((2, 2))
+    >>> F.gram_update(G, np.array([[1.0, 2.0], [3.0, 4.0]]))
+    >>> G
+    array([[10., 14.],
+           [14., 20.]])
+    """
+    device = array_device(G)
+    if device is None:
+        raise TypeError(f"G must be a NumPy or CuPy array, got {type(G).__name__}")
+    dtype = as_float_dtype(G.dtype)
+    _same_kind("G", G, device, dtype, 2)
+    _same_kind("J", J, device, dtype, 2)
+    P = J.shape[1]
+    if tuple(G.shape) != (P, P):
+        raise ValueError(f"G must have shape ({P}, {P}) (J has {P} columns), got {tuple(G.shape)}")
+    get_backend(device).gram_update(G, J)
