@@ -645,23 +645,24 @@ def _same_kind(what, a, device, dtype, ndim):
     check_array(a, what=what, device=device, dtype=dtype, ndim=(ndim,))
 
 
-def jacobian_rows(dz, h, out) -> None:
+def jacobian_rows(dz, h, out, *, col=0, has_bias=True) -> None:
     """Write one layer's per-sample Jacobian columns ``[dz ⊗ h | dz]`` into ``out`` (in place).
 
     ``dz`` ``(nb, B, m, n)``: per sample ``b`` and output ``o``, the derivative of the row's
     value w.r.t. the layer's pre-activation (one block, ``nb = 1``, for the model's outputs;
     the forward-Laplacian blocks for a PDE residual); ``h`` ``(nb, B, k)``: the layer's input
-    blocks; ``out`` a ``(B * m, n * k)`` or ``(B * m, n * k + n)`` array or view (the layer's
-    columns of a Jacobian chunk, rows ``b * m + o``):
-    ``out[b*m+o, i*k+j] = sum_s dz[s,b,o,i] h[s,b,j]`` and ``out[b*m+o, n*k+i] = dz[0,b,o,i]``
-    (the bias columns, when present). The last axis of ``out`` must be contiguous.
+    blocks; ``out`` a C-contiguous ``(B * m, P)`` chunk of Jacobian rows (row ``b * m + o``)
+    whose columns ``col .. col + n k (+ n)`` are the layer's:
+    ``out[b*m+o, col + i*k + j] = sum_s dz[s,b,o,i] h[s,b,j]`` (``s`` summed in order) and,
+    with ``has_bias``, ``out[b*m+o, col + n*k + i] = dz[0,b,o,i]``.
+    On CUDA: ``kernels/jacobian.cu`` (one thread per element written).
 
     >>> import numpy as np
     >>> from cupynn import functional as F
     >>> dz, h = np.ones((1, 2, 1, 3)), np.arange(8.0).reshape(1, 2, 4)
-    >>> out = np.empty((2, 15))
-    >>> F.jacobian_rows(dz, h, out)
-    >>> out[1, :4], out[1, 12:]
+    >>> out = np.zeros((2, 16))
+    >>> F.jacobian_rows(dz, h, out, col=1)
+    >>> out[1, 1:5], out[1, 13:]
     (array([4., 5., 6., 7.]), array([1., 1., 1.]))
     """
     device = array_device(dz)
@@ -676,13 +677,16 @@ def jacobian_rows(dz, h, out) -> None:
     if tuple(h.shape[:2]) != (nb, B):
         raise ValueError(f"h must have shape ({nb}, {B}, k) to match dz {tuple(dz.shape)}, "
                          f"got {tuple(h.shape)}")
-    if out.shape[0] != B * m or out.shape[1] not in (n * k, n * k + n):
-        raise ValueError(f"out must have shape ({B * m}, {n * k}) or ({B * m}, {n * k + n}) "
-                         f"for dz {tuple(dz.shape)} and h {tuple(h.shape)}, got {tuple(out.shape)}")
-    if out.shape[1] and out.strides[1] != out.itemsize:
-        raise ValueError("out's columns must be contiguous (a column range of a C-contiguous "
-                         "Jacobian chunk)")
-    get_backend(device).jacobian_rows(dz, h, out)
+    width = n * k + (n if has_bias else 0)
+    if isinstance(col, bool) or not isinstance(col, (int, np.integer)) or col < 0:
+        raise ValueError(f"col must be a non-negative integer, got {col!r}")
+    if out.shape[0] != B * m or out.shape[1] < col + width:
+        raise ValueError(f"out must have {B * m} rows (B * m) and at least {col + width} columns "
+                         f"(col + {width}) for dz {tuple(dz.shape)} and h {tuple(h.shape)}, "
+                         f"got {tuple(out.shape)}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous (a chunk of Jacobian rows)")
+    get_backend(device).jacobian_rows(dz, h, out, int(col), bool(has_bias))
 
 
 def gram_update(G, J) -> None:

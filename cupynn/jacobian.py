@@ -143,8 +143,8 @@ def _deltas(model, xc):
 def _jacobian_chunk(model, xc, out) -> None:
     """Write the Jacobian rows of the samples ``xc`` into ``out`` ``(len(xc) * m, P)``."""
     layers = _layers(model)
-    for (h, delta), (a, b) in zip(_deltas(model, xc), _column_offsets(layers)):
-        F.jacobian_rows(delta[None], h[None], out[:, a:b])
+    for layer, (h, delta), (a, _) in zip(layers, _deltas(model, xc), _column_offsets(layers)):
+        F.jacobian_rows(delta[None], h[None], out, col=a, has_bias=layer.bias is not None)
 
 
 def _ranges(B, rows):
@@ -466,7 +466,16 @@ def _cholesky_solve(A, rhs):
             from scipy.linalg import cho_factor, cho_solve
         except ImportError:  # pragma: no cover - scipy is in the test extra
             return np.linalg.solve(A, rhs)
-        return cho_solve(cho_factor(A, lower=True, check_finite=False), rhs, check_finite=False)
+        # G + λI can be numerically indefinite when λ is tiny next to G's scale: then add
+        # 10^j * 1e-15 * mean(diag) (j = 0, 1, ...) until the factorization succeeds
+        shift, base = 0.0, 1e-15 * max(float(np.trace(A)) / max(A.shape[0], 1), np.finfo(A.dtype).tiny)
+        for _ in range(16):
+            try:
+                M = A if shift == 0.0 else A + shift * np.eye(A.shape[0], dtype=A.dtype)
+                return cho_solve(cho_factor(M, lower=True, check_finite=False), rhs, check_finite=False)
+            except np.linalg.LinAlgError:
+                shift = base if shift == 0.0 else shift * 10.0
+        return np.linalg.lstsq(A, rhs, rcond=None)[0]
     return xp.linalg.solve(A, rhs)
 
 
@@ -486,7 +495,9 @@ def damped_solve(J, r, damping, *, method="auto", G=None, tol=1e-12, maxiter=Non
     * ``"auto"``: ``"cholesky"`` if ``R >= P`` (or ``G`` is given), ``"kernel"`` if
       ``R < P``, ``"lsmr"`` for a ``LinearOperator``.
 
-    ``λ`` must be ``> 0`` for ``"kernel"`` and ``"cholesky"`` when ``J`` is rank deficient.
+    ``λ`` should be ``> 0`` for ``"kernel"`` and ``"cholesky"`` when ``J`` is rank deficient; when
+    the Cholesky factorization fails all the same (``λ`` tiny next to ``G``'s scale), a shift
+    of ``1e-15 * mean(diag)``, then 10 times that, ... is added until it succeeds.
     The iterative methods need SciPy and run on the host in float64.
 
     >>> import numpy as np, cupynn

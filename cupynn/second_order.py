@@ -301,8 +301,7 @@ class PDEResiduals:
             S_in, Z, y = saved[li]
             gz = F.taylor_activation_backward(G, Z, y, layer.bias, layer.activation.name, d=d,
                                               second="laplacian")
-            a, b = cols[li]
-            F.jacobian_rows(gz[:, :, None, :], S_in, out[:, a:b])
+            F.jacobian_rows(gz[:, :, None, :], S_in, out, col=cols[li][0], has_bias=layer.bias is not None)
             if li:
                 G = (gz.reshape(nb * n, -1) @ layer.weight).reshape(nb, n, layer.in_features)
         return r * model.dtype.type(scale)
