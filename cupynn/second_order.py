@@ -36,11 +36,13 @@ evaluations.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _threads
 from . import functional as F
 from ._arrays import intake
 from ._validate import check_array
@@ -405,6 +407,14 @@ def _problem(problem, target):
     return DataResiduals(problem, target)
 
 
+def _cpu_blas(model):
+    """BLAS at one thread while an optimizer runs on the CPU (cupynn/_threads.py): a threaded
+    BLAS spins its threads against each other as soon as another process holds a core."""
+    if model.device != "cpu":
+        return contextlib.nullcontext()
+    return _threads.blas_single_thread()
+
+
 def _check_float64(model, what):
     layers = _layers(model)
     if layers[0].dtype != np.float64:
@@ -453,62 +463,73 @@ def levenberg_marquardt(model, problem, target=None, *, iterations=100, damping=
     if not np.isfinite(damping) or damping <= 0:
         raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
     problem = _problem(problem, target)
-    xp = _xp(model)
-    t0 = time.perf_counter()
-    theta = get_flat(model)
-    r, J = problem.jacobian(model)
-    L = _sq(xp, r)
-    lam = damping * float(xp.max((J * J).sum(axis=0))) if J.size else damping
-    lam = lam if lam > 0 else damping
-    nu = 2.0
-    result = FitResult(loss=[L], times=[0.0], damping=lam, message="max iterations")
-    for it in range(iterations):
-        if L <= tol:
-            result.message = "tol reached"
-            break
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
-            result.message = "time limit"
-            break
-        delta = damped_solve(J, r, lam, method=method)
-        pred = L - _sq(xp, r - J @ delta)
-        trial = theta - np.asarray(get_backend(model.device).to_host(delta), dtype=np.float64)
-        set_flat(model, trial)
-        r_new = problem.residuals(model)
-        L_new = _sq(xp, r_new)
-        rho = (L - L_new) / pred if pred > 0 else -1.0
-        if rho > 0 and np.isfinite(L_new):
-            theta, L = trial, L_new
-            r, J = problem.jacobian(model)
-            lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
-            nu = 2.0
-        else:
-            set_flat(model, theta)
-            lam *= nu
-            nu *= 2.0
-        result.loss.append(L)
-        result.times.append(time.perf_counter() - t0)
-        result.iterations = it + 1
-        result.damping = lam
-        if callback is not None and callback(it, L):
-            result.message = "callback"
-            break
-        if not np.isfinite(lam) or lam > 1e300:
-            result.message = "damping overflow: no decrease found"
-            break
-    return result
+    with _cpu_blas(model):
+        xp = _xp(model)
+        t0 = time.perf_counter()
+        theta = get_flat(model)
+        r, J = problem.jacobian(model)
+        L = _sq(xp, r)
+        lam = damping * float(xp.max((J * J).sum(axis=0))) if J.size else damping
+        lam = lam if lam > 0 else damping
+        nu = 2.0
+        result = FitResult(loss=[L], times=[0.0], damping=lam, message="max iterations")
+        for it in range(iterations):
+            if L <= tol:
+                result.message = "tol reached"
+                break
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                result.message = "time limit"
+                break
+            delta = damped_solve(J, r, lam, method=method)
+            pred = L - _sq(xp, r - J @ delta)
+            trial = theta - np.asarray(get_backend(model.device).to_host(delta), dtype=np.float64)
+            set_flat(model, trial)
+            r_new = problem.residuals(model)
+            L_new = _sq(xp, r_new)
+            rho = (L - L_new) / pred if pred > 0 else -1.0
+            if rho > 0 and np.isfinite(L_new):
+                theta, L = trial, L_new
+                r, J = problem.jacobian(model)
+                lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+                nu = 2.0
+            else:
+                set_flat(model, theta)
+                lam *= nu
+                nu *= 2.0
+            result.loss.append(L)
+            result.times.append(time.perf_counter() - t0)
+            result.iterations = it + 1
+            result.damping = lam
+            if callback is not None and callback(it, L):
+                result.message = "callback"
+                break
+            if not np.isfinite(lam) or lam > 1e300:
+                result.message = "damping overflow: no decrease found"
+                break
+        return result
 
 
 def energy_natural_gradient(model, problem, *, iterations=100, damping=1e-10, line_search=30,
-                            method="auto", tol=0.0, time_limit=None, callback=None) -> FitResult:
+                            adaptive=True, method="auto", tol=0.0, time_limit=None,
+                            callback=None) -> FitResult:
     """Energy natural gradient descent (Müller & Zeinhofer 2023) on ``L(θ) = ||r(θ)||²``.
 
     ``problem``: a :class:`PDEResiduals` (or any residual object). Each iteration forms the
     Gramian ``G = J^T J`` of the residual rows -- for a residual linear in ``u`` it is the
     energy inner product's Gramian of the tangent space -- solves
     ``(G + ε I) δ = J^T r`` (``ε = damping * trace(G) / P``; :func:`cupynn.damped_solve`) and
-    sets ``θ ← θ - η* δ`` with ``η*`` the ``η ∈ {1, 1/2, ..., 2^{1-line_search}}`` of least
-    ``L`` (no step if none decreases it). Stops after ``iterations``, at ``L <= tol``, after
-    ``time_limit`` seconds, or when ``callback(iteration, loss)`` returns True.
+    sets ``θ ← θ - η* δ`` with ``η*`` from the grid ``η ∈ {1, 1/2, ..., 2^{1-line_search}}``,
+    walked down from 1: the last ``η`` before ``L`` rises again after a decrease (the grid's
+    best when ``L`` is unimodal along the step; no step if no ``η`` decreases ``L``).
+
+    ``adaptive=True`` (default) adapts the relative damping between ``damping`` and
+    ``1e12``, deterministically, for starts far from a minimum where the plain Gauss-Newton
+    step is poor: ×100 after a step with no decrease (the step is recomputed at the same
+    point), ×10 after one with ``η* < 1/8``, ÷10 (not below ``damping``) after a full step
+    ``η* = 1``. ``adaptive=False`` is the fixed-damping method and stops at the first step
+    with no decrease. Stops
+    after ``iterations``, at ``L <= tol``, after ``time_limit`` seconds, or when
+    ``callback(iteration, loss)`` returns True. On the CPU, BLAS runs one thread meanwhile.
     float64 models only; parameters are untouched when an argument is bad.
 
     >>> import numpy as np, cupynn
@@ -527,55 +548,72 @@ def energy_natural_gradient(model, problem, *, iterations=100, damping=1e-10, li
     if not np.isfinite(damping) or damping < 0:
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     problem = _problem(problem, None)
-    xp = _xp(model)
-    backend = get_backend(model.device)
-    t0 = time.perf_counter()
-    theta = get_flat(model)
-    r = problem.residuals(model)
-    L = _sq(xp, r)
-    result = FitResult(loss=[L], times=[0.0], damping=damping, message="max iterations")
-    etas = [0.5 ** i for i in range(line_search)]
-    for it in range(iterations):
-        if L <= tol:
-            result.message = "tol reached"
-            break
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
-            result.message = "time limit"
-            break
-        r, J = problem.jacobian(model)
-        P = J.shape[1]
-        R = J.shape[0]
-        if R >= P:
-            G = xp.zeros((P, P), dtype=J.dtype)
-            F.gram_update(G, J)
-            eps = damping * float(xp.trace(G)) / P
-            delta = damped_solve(J, r, eps, G=G, method="cholesky" if method == "auto" else method)
-        else:
-            eps = damping * float((J * J).sum()) / P
-            delta = damped_solve(J, r, eps, method=method)
-        step = np.asarray(backend.to_host(delta), dtype=np.float64)
-        best_L, best_theta = L, None
-        for eta in etas:
-            trial = theta - eta * step
-            set_flat(model, trial)
-            Lt = _sq(xp, problem.residuals(model))
-            if np.isfinite(Lt) and Lt < best_L:
-                best_L, best_theta = Lt, trial
-        if best_theta is None:
-            set_flat(model, theta)
-        else:
-            theta, L = best_theta, best_L
-            set_flat(model, theta)
-        result.loss.append(L)
-        result.times.append(time.perf_counter() - t0)
-        result.iterations = it + 1
-        if callback is not None and callback(it, L):
-            result.message = "callback"
-            break
-        if best_theta is None:
-            result.message = "no decrease along the step"
-            break
-    return result
+    with _cpu_blas(model):
+        xp = _xp(model)
+        backend = get_backend(model.device)
+        t0 = time.perf_counter()
+        theta = get_flat(model)
+        r = problem.residuals(model)
+        L = _sq(xp, r)
+        result = FitResult(loss=[L], times=[0.0], damping=damping, message="max iterations")
+        etas = [0.5 ** i for i in range(line_search)]
+        rel, fresh, G, scale = damping, False, None, 0.0
+        for it in range(iterations):
+            if L <= tol:
+                result.message = "tol reached"
+                break
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                result.message = "time limit"
+                break
+            if not fresh:  # a new point: its residuals, Jacobian and (R >= P) Gramian
+                r, J = problem.jacobian(model)
+                R, P = J.shape
+                G = None
+                if R >= P:
+                    G = xp.zeros((P, P), dtype=J.dtype)
+                    F.gram_update(G, J)
+                    scale = float(xp.trace(G)) / max(P, 1)
+                else:
+                    scale = float((J * J).sum()) / max(P, 1)
+                fresh = True
+            eps = rel * scale
+            if G is not None:
+                delta = damped_solve(J, r, eps, G=G, method="cholesky" if method == "auto" else method)
+            else:
+                delta = damped_solve(J, r, eps, method=method)
+            step = np.asarray(backend.to_host(delta), dtype=np.float64)
+            best_L, best_theta, best_eta = L, None, 0.0
+            for eta in etas:
+                trial = theta - eta * step
+                set_flat(model, trial)
+                Lt = _sq(xp, problem.residuals(model))
+                if np.isfinite(Lt) and Lt < best_L:
+                    best_L, best_theta, best_eta = Lt, trial, eta
+                elif best_theta is not None:
+                    break  # L rose again after a decrease: the previous eta is the grid's best
+            if best_theta is None:
+                set_flat(model, theta)
+            else:
+                theta, L, fresh = best_theta, best_L, False
+                set_flat(model, theta)
+            if adaptive:
+                if best_theta is None:
+                    rel = max(rel, 1e-12) * 100.0
+                elif best_eta == 1.0:
+                    rel = max(rel / 10.0, damping)
+                elif best_eta < 0.125:
+                    rel = max(rel, 1e-12) * 10.0
+            result.loss.append(L)
+            result.times.append(time.perf_counter() - t0)
+            result.iterations = it + 1
+            result.damping = rel
+            if callback is not None and callback(it, L):
+                result.message = "callback"
+                break
+            if best_theta is None and (not adaptive or rel > 1e12):
+                result.message = "no decrease along the step"
+                break
+        return result
 
 
 # -- scipy.optimize.least_squares ------------------------------------------------------------
