@@ -433,7 +433,8 @@ def _sq(xp, r) -> float:
 
 
 def levenberg_marquardt(model, problem, target=None, *, iterations=100, damping=1e-3,
-                        method="auto", tol=0.0, time_limit=None, callback=None) -> FitResult:
+                        method="auto", matrix_free=False, tol=0.0, time_limit=None,
+                        callback=None) -> FitResult:
     """Minimise ``||r(θ)||²`` by Levenberg-Marquardt, updating the model's parameters in place.
 
     ``problem``: a residual object (:class:`DataResiduals`, :class:`PDEResiduals`, or anything
@@ -444,7 +445,13 @@ def levenberg_marquardt(model, problem, target=None, *, iterations=100, damping=
     ``method``) and tries ``θ - δ``; the gain ratio
     ``ρ = (L(θ) - L(θ - δ)) / (L(θ) - ||r - J δ||²)`` accepts it when ``ρ > 0``
     (``λ ← λ max(1/3, 1 - (2ρ - 1)³)``, ``ν ← 2``) and rejects it otherwise (``λ ← ν λ``,
-    ``ν ← 2 ν``). ``λ`` starts at ``damping * max(diag(J^T J))``. Stops after ``iterations``,
+    ``ν ← 2 ν``). ``λ`` starts at ``damping * max(diag(J^T J))``.
+
+    ``matrix_free=True`` never forms ``J``: it uses ``problem.operator(model)`` (for
+    :class:`DataResiduals` the products :func:`cupynn.jacobian_vector` and
+    :func:`cupynn.jacobian_transpose_vector`, one forward or backward pass each) and LSMR
+    (``method="auto"``) or CG, on the host in float64; memory ``O(B m + P)``. ``λ`` then starts
+    at ``damping * ||J^T r||² / ||r||²``. Stops after ``iterations``,
     when ``L <= tol``, or after ``time_limit`` seconds; ``callback(iteration, loss)`` is called
     after every iteration (return True to stop).
 
@@ -467,9 +474,28 @@ def levenberg_marquardt(model, problem, target=None, *, iterations=100, damping=
         xp = _xp(model)
         t0 = time.perf_counter()
         theta = get_flat(model)
-        r, J = problem.jacobian(model)
+        backend = get_backend(model.device)
+        if matrix_free:
+            if not hasattr(problem, "operator"):
+                raise TypeError("matrix_free=True needs a residual object with operator(model)")
+            method = "lsmr" if method == "auto" else method
+            xp = np
+
+            def jac_at(model):
+                return np.asarray(backend.to_host(problem.residuals(model)), dtype=np.float64), \
+                    problem.operator(model)
+
+            def res_at(model):
+                return np.asarray(backend.to_host(problem.residuals(model)), dtype=np.float64)
+        else:
+            jac_at, res_at = problem.jacobian, problem.residuals
+        r, J = jac_at(model)
         L = _sq(xp, r)
-        lam = damping * float(xp.max((J * J).sum(axis=0))) if J.size else damping
+        if matrix_free:
+            g = J.rmatvec(r)
+            lam = damping * float(g @ g) / L if L > 0 else damping
+        else:
+            lam = damping * float(xp.max((J * J).sum(axis=0))) if J.size else damping
         lam = lam if lam > 0 else damping
         nu = 2.0
         result = FitResult(loss=[L], times=[0.0], damping=lam, message="max iterations")
@@ -482,14 +508,14 @@ def levenberg_marquardt(model, problem, target=None, *, iterations=100, damping=
                 break
             delta = damped_solve(J, r, lam, method=method)
             pred = L - _sq(xp, r - J @ delta)
-            trial = theta - np.asarray(get_backend(model.device).to_host(delta), dtype=np.float64)
+            trial = theta - np.asarray(backend.to_host(delta), dtype=np.float64)
             set_flat(model, trial)
-            r_new = problem.residuals(model)
+            r_new = res_at(model)
             L_new = _sq(xp, r_new)
             rho = (L - L_new) / pred if pred > 0 else -1.0
             if rho > 0 and np.isfinite(L_new):
                 theta, L = trial, L_new
-                r, J = problem.jacobian(model)
+                r, J = jac_at(model)
                 lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
                 nu = 2.0
             else:

@@ -250,3 +250,23 @@ def test_scipy_least_squares_bridge(rng, jac):
                               rhs=1.0, boundary=np.array([[0.0], [1.0]]), boundary_values=0.0)
     fun, jacobian_fn = cupynn.residual_functions(model, pde, jac=jac)
     assert rel_err(jacobian_fn(cupynn.get_flat(model)) @ v, pde.jacobian(model)[1] @ v) < 1e-14
+
+
+def test_levenberg_marquardt_matrix_free(rng):
+    model = _pinn(rng, (1, 10, 1))
+    twin = _pinn(np.random.default_rng(0), (1, 10, 1))
+    cupynn.set_flat(twin, cupynn.get_flat(model))
+    x = np.linspace(-1, 1, 30).reshape(-1, 1)
+    t = np.cos(2 * x)
+    free = cupynn.levenberg_marquardt(model, x, t, iterations=40, matrix_free=True)
+    dense = cupynn.levenberg_marquardt(twin, x, t, iterations=40)
+    assert free.loss[-1] < 1e-6 * free.loss[0]
+    assert abs(np.log10(free.loss[-1] / dense.loss[-1])) < 3
+    with pytest.raises(TypeError, match="operator"):
+        class Bare:
+            def residuals(self, m):
+                return m(x).ravel()
+
+            def jacobian(self, m):
+                return self.residuals(m), cupynn.jacobian(m, x)
+        cupynn.levenberg_marquardt(model, Bare(), matrix_free=True)
