@@ -32,8 +32,11 @@ is allocated. :func:`jacobian` refuses to allocate more than ``max_bytes`` when 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
+from . import _threads
 from . import functional as F
 from ._arrays import intake
 from ._validate import check_array
@@ -95,6 +98,15 @@ def _check_bytes(max_bytes) -> int:
     return int(max_bytes)
 
 
+def _cpu_blas(model):
+    """BLAS at one thread on the CPU (cupynn/_threads.py): the products here are small or
+    tall-skinny, where a threaded BLAS spins its threads against each other (3-30x slower
+    as soon as another process holds a core)."""
+    if model.device != "cpu":
+        return contextlib.nullcontext()
+    return _threads.blas_single_thread()
+
+
 def _forward_saved(model, xc):
     """The output and, per layer, (input h, f' or None for identity), on one chunk."""
     saved = []
@@ -143,8 +155,9 @@ def _deltas(model, xc):
 def _jacobian_chunk(model, xc, out) -> None:
     """Write the Jacobian rows of the samples ``xc`` into ``out`` ``(len(xc) * m, P)``."""
     layers = _layers(model)
-    for layer, (h, delta), (a, _) in zip(layers, _deltas(model, xc), _column_offsets(layers)):
-        F.jacobian_rows(delta[None], h[None], out, col=a, has_bias=layer.bias is not None)
+    with _cpu_blas(model):
+        for layer, (h, delta), (a, _) in zip(layers, _deltas(model, xc), _column_offsets(layers)):
+            F.jacobian_rows(delta[None], h[None], out, col=a, has_bias=layer.bias is not None)
 
 
 def _ranges(B, rows):
@@ -377,7 +390,8 @@ def gramian(model, x, *, chunk_rows=None, max_bytes=None):
     xp = get_backend(model.device).xp
     G = xp.zeros((P, P), dtype=model.dtype)
     for _, _, J in iter_jacobian(model, x2, chunk_rows=chunk_rows, max_bytes=max_bytes):
-        F.gram_update(G, J)
+        with _cpu_blas(model):
+            F.gram_update(G, J)
     return G
 
 
@@ -405,7 +419,13 @@ def kernel_matrix(model, x):
     if B == 0:
         return K
     K4 = K.reshape(B, m, B, m)
-    for layer, (h, delta) in zip(layers, _deltas(model, x2)):
+    with _cpu_blas(model):
+        _kernel_sum(layers, _deltas(model, x2), K4, B, m, xp)
+    return K
+
+
+def _kernel_sum(layers, deltas, K4, B, m, xp):
+    for layer, (h, delta) in zip(layers, deltas):
         D = xp.ascontiguousarray(delta).reshape(B * m, -1)
         HH = h @ h.T
         if layer.bias is not None:
@@ -413,7 +433,6 @@ def kernel_matrix(model, x):
         DD = (D @ D.T).reshape(B, m, B, m)
         DD *= HH[:, None, :, None]
         K4 += DD
-    return K
 
 
 def jacobian_operator(model, x):

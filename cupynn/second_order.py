@@ -36,20 +36,18 @@ evaluations.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _threads
 from . import functional as F
 from ._arrays import intake
 from ._validate import check_array
 from .backends import get_backend
 from .backends.base import taylor_blocks
 from .flat import get_flat, num_parameters, set_flat
-from .jacobian import _chunk_samples, _ranges, _x2, damped_solve, jacobian, jacobian_operator
+from .jacobian import _chunk_samples, _cpu_blas, _ranges, _x2, damped_solve, jacobian, jacobian_operator
 
 __all__ = [
     "DataResiduals",
@@ -316,6 +314,10 @@ class PDEResiduals:
 
     def residuals(self, model):
         """The stacked residual vector ``r`` (length ``N_Ω + N_∂``) at the current parameters."""
+        with _cpu_blas(model):
+            return self._residuals(model)
+
+    def _residuals(self, model):
         xp = _xp(model)
         x, coefs, xb, g = self._setup(model)
         N, d = x.shape
@@ -340,6 +342,10 @@ class PDEResiduals:
     def jacobian(self, model):
         """``(r, J)``: the stacked residuals and their Jacobian ``(N_Ω + N_∂, P)`` (columns in
         :func:`cupynn.get_flat` order)."""
+        with _cpu_blas(model):
+            return self._jacobian(model)
+
+    def _jacobian(self, model):
         xp = _xp(model)
         x, coefs, xb, g = self._setup(model)
         N, d = x.shape
@@ -405,14 +411,6 @@ def _problem(problem, target):
             raise ValueError("target= is for an array x; a residual object carries its own target")
         return problem
     return DataResiduals(problem, target)
-
-
-def _cpu_blas(model):
-    """BLAS at one thread while an optimizer runs on the CPU (cupynn/_threads.py): a threaded
-    BLAS spins its threads against each other as soon as another process holds a core."""
-    if model.device != "cpu":
-        return contextlib.nullcontext()
-    return _threads.blas_single_thread()
 
 
 def _check_float64(model, what):
