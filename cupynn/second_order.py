@@ -413,10 +413,16 @@ def _problem(problem, target):
     return DataResiduals(problem, target)
 
 
+class _NeedsFloat64(TypeError, ValueError):
+    """A float32 model given to a second-order optimizer (a wrong dtype: TypeError, as
+    cupynn's other dtype errors; also a ValueError, an argument of the right type whose
+    value is refused)."""
+
+
 def _check_float64(model, what):
     layers = _layers(model)
     if layers[0].dtype != np.float64:
-        raise TypeError(f"{what} needs a float64 model (second-order steps in float32 lose the accuracy "
+        raise _NeedsFloat64(f"{what} needs a float64 model (second-order steps in float32 lose the accuracy "
                         f"they are for); this model is {layers[0].dtype}: build it with dtype='float64'")
 
 

@@ -209,6 +209,8 @@ def test_optimizers_refuse_bad_input_and_leave_parameters_untouched(rng):
     theta32 = cupynn.get_flat(m32)
     with pytest.raises(TypeError, match="float64 model"):
         cupynn.levenberg_marquardt(m32, x32)
+    with pytest.raises(ValueError, match="float64 model"):
+        cupynn.levenberg_marquardt(m32, x32, np.ones((5, 1), np.float32))
     with pytest.raises(TypeError, match="float64 model"):
         cupynn.energy_natural_gradient(m32, cupynn.DataResiduals(x32))
     assert np.array_equal(cupynn.get_flat(m32), theta32)
