@@ -61,6 +61,10 @@ __all__ = [
 ]
 
 PDE_RESIDUALS = ("poisson", "helmholtz")
+# energy_natural_gradient(adaptive=True): the relative damping goes down 10x after a step of
+# at least _ENG_DOWN_AT and up 10x after one below _ENG_UP_BELOW
+_ENG_DOWN_AT = 0.5
+_ENG_UP_BELOW = 0.125
 
 
 def _layers(model):
@@ -555,8 +559,8 @@ def energy_natural_gradient(model, problem, *, iterations=100, damping=1e-10, li
     ``adaptive=True`` (default) adapts the relative damping between ``damping`` and
     ``1e12``, deterministically, for starts far from a minimum where the plain Gauss-Newton
     step is poor: ×100 after a step with no decrease (the step is recomputed at the same
-    point), ×10 after one with ``η* < 1/8``, ÷10 (not below ``damping``) after a full step
-    ``η* = 1``. ``adaptive=False`` is the fixed-damping method and stops at the first step
+    point), ×10 after one with ``η* < 1/8``, ÷10 (not below ``damping``) after one with
+    ``η* >= 1/2``. ``adaptive=False`` is the fixed-damping method and stops at the first step
     with no decrease. Stops
     after ``iterations``, at ``L <= tol``, after ``time_limit`` seconds, or when
     ``callback(iteration, loss)`` returns True. On the CPU, BLAS runs one thread meanwhile.
@@ -629,9 +633,9 @@ def energy_natural_gradient(model, problem, *, iterations=100, damping=1e-10, li
             if adaptive:
                 if best_theta is None:
                     rel = max(rel, 1e-12) * 100.0
-                elif best_eta == 1.0:
+                elif best_eta >= _ENG_DOWN_AT:
                     rel = max(rel / 10.0, damping)
-                elif best_eta < 0.125:
+                elif best_eta < _ENG_UP_BELOW:
                     rel = max(rel, 1e-12) * 10.0
             result.loss.append(L)
             result.times.append(time.perf_counter() - t0)
