@@ -161,6 +161,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", default=None, help="hidden widths, comma-separated (32,32)")
     ap.add_argument("--plot", default="", help="save the error-vs-time curves here (PNG, matplotlib)")
     ap.add_argument("--json", default="", help="save the curves and results here")
+    ap.add_argument("--merge", default="", help="a --json file of an earlier run (same problem): its "
+                    "methods not run now are added to the summary, the JSON and the plot")
     args = ap.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 600.0)
     n = args.points or (10 if args.quick else 30)
@@ -190,6 +192,16 @@ def main(argv=None) -> dict:
         print(f"{method:>10s}: relative L2 error {errs[-1]:.3e} (best {min(errs):.3e}) after "
               f"{rec.curve[-1][0]:.0f} s; loss {loss:.3e}; iterations {iters}; 1e-6 reached: {hit}",
               flush=True)
+    if args.merge:
+        with open(args.merge) as fh:
+            earlier = json.load(fh)
+        if earlier["sizes"] != sizes or earlier["points"] != n or earlier["seconds"] != seconds:
+            raise SystemExit(f"--merge: {args.merge} is another problem or budget")
+        for method, r in earlier["results"].items():
+            if method not in results:
+                results[method] = r
+                print(f"{method:>10s}: (from {args.merge}) relative L2 error {r['final_error']:.3e}, "
+                      f"1e-6 reached: {r['seconds_to_1e-6']}")
     print(f"relative L2 error on the 101×101 grid, {n}×{n} interior points, network {sizes}, "
           f"{cupynn.num_parameters(cupynn.MLP(sizes, 'tanh', device='cpu', rng=1)):,} parameters, "
           f"{seconds:.0f} s per method")
