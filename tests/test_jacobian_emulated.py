@@ -24,8 +24,9 @@ from .reference import rel_err
 pytestmark = pytest.mark.emulator
 
 
-def _pipeline(rng):
-    """Every call the comparison makes, on whatever backend serves NumPy arrays."""
+def _pipeline(rng, optimizers=True):
+    """Every call the comparison makes, on whatever backend serves NumPy arrays (the
+    optimizers launch no kernel the other calls do not: the dry run leaves them out)."""
     model = random_model([2, 9, 7, 2], ["tanh", "silu", "identity"], "float64", rng)
     pinn = random_model([2, 6, 5, 1], ["tanh", "tanh", "identity"], "float64", rng)
     nobias = random_model([3, 4, 1], ["gelu", "identity"], "float64", rng, bias=False)
@@ -37,7 +38,7 @@ def _pipeline(rng):
     dz, h = rng.standard_normal((3, 4, 2, 5)), rng.standard_normal((3, 4, 6))
     rows = np.full((8, 40), 7.0)
     F.jacobian_rows(dz, h, rows, col=3)
-    return [
+    rest = [
         cupynn.jacobian(model, x),
         cupynn.jacobian(model, x[:1]),
         cupynn.jacobian(model, x[:0]),
@@ -47,6 +48,15 @@ def _pipeline(rng):
         *pde.jacobian(pinn),
         rows,
     ]
+    fit = random_model([1, 6, 1], ["tanh", "identity"], "float64", rng)
+    xs = np.linspace(-1, 1, 9).reshape(-1, 1)
+    if optimizers:
+        lm = cupynn.levenberg_marquardt(fit, xs, np.sin(2 * xs), iterations=3)
+        eng = cupynn.energy_natural_gradient(pinn, pde, iterations=2)
+        fits = [np.array(lm.loss), cupynn.get_flat(fit), np.array(eng.loss), cupynn.get_flat(pinn)]
+    else:  # the kernels the optimizers launch: the same shapes' forward, Jacobian, PDE rows
+        fits = [fit(xs), cupynn.jacobian(fit, xs), pinn(xi), pinn(xb), *pde.jacobian(pinn)]
+    return rest + fits
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +72,7 @@ def be():
     backends._BACKENDS["cpu"] = dry
     try:
         with np.errstate(all="ignore"):
-            _pipeline(np.random.default_rng(0))
+            _pipeline(np.random.default_rng(0), optimizers=False)
     finally:
         backends._BACKENDS["cpu"] = saved
     dense = sorted({n for _, n in dry.kernels.launch_log
@@ -105,4 +115,6 @@ def test_whole_computation_matches_numpy(be, monkeypatch):
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape, i
         assert not np.isnan(g).any(), i
-        assert rel_err(g, w) < 1e-12, i
+        # the optimizers' results (the last 4) go through ill-conditioned solves, which
+        # amplify the kernels' last-bit differences from NumPy's BLAS
+        assert rel_err(g, w) < (1e-8 if i >= len(want) - 4 else 1e-12), i
