@@ -304,7 +304,6 @@ def jvp(model, x, v, *, x_dot=None):
         t = x_dot.reshape(x2.shape)
     if parts is None and t is None:
         raise ValueError("jvp needs a direction: v (parameters) and/or x_dot (inputs)")
-    xp = get_backend(model.device).xp
     h = x2
     for li, layer in enumerate(_layers(model)):
         y, ctx = F.dense_forward(h, layer.weight, layer.bias, layer.activation.name,
@@ -319,7 +318,6 @@ def jvp(model, x, v, *, x_dot=None):
         if layer.activation.name != "identity":
             zdot = zdot * layer.activation.derivative(ctx.saved)
         t, h = zdot, y
-    del xp
     if single:
         return h.reshape(-1), t.reshape(-1)
     return h, t
