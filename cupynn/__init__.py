@@ -31,7 +31,28 @@ from .flat import flat_value_and_grad, get_flat, num_parameters, set_flat
 from .functional import execution_path, value_and_grad
 from .graph import compile
 from .io import load, save
+from .jacobian import (
+    damped_solve,
+    gramian,
+    iter_jacobian,
+    jacobian,
+    jacobian_operator,
+    jacobian_transpose_vector,
+    jacobian_vector,
+    jvp,
+    kernel_matrix,
+)
 from .layers import MLP, Chain, Dense
+from .second_order import (
+    DataResiduals,
+    FitResult,
+    PDEResiduals,
+    energy_natural_gradient,
+    levenberg_marquardt,
+    pde_jacobian,
+    residual_functions,
+    scipy_least_squares,
+)
 
 __version__ = "0.1.0"
 
@@ -73,5 +94,22 @@ __all__ = [
     "set_flat",
     "show_config",
     "value_and_grad",
+    "damped_solve",
+    "gramian",
+    "iter_jacobian",
+    "jacobian",
+    "jacobian_operator",
+    "jacobian_transpose_vector",
+    "jacobian_vector",
+    "jvp",
+    "kernel_matrix",
+    "DataResiduals",
+    "FitResult",
+    "PDEResiduals",
+    "energy_natural_gradient",
+    "levenberg_marquardt",
+    "pde_jacobian",
+    "residual_functions",
+    "scipy_least_squares",
     "__version__",
 ]

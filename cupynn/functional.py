@@ -69,6 +69,8 @@ __all__ = [
     "optimizer_sync",
     "optimizer_get_step",
     "optimizer_set_step",
+    "jacobian_rows",
+    "gram_update",
 ]
 
 
@@ -876,3 +878,77 @@ def optimizer_set_step(state: OptimizerState, params, n: int) -> None:
     """
     n = check_count(n, "the step count")
     get_backend(array_device(params[0])).optimizer_set_step(state, n)
+
+# -- Jacobians and Gauss-Newton matrices (cupynn/jacobian.py) --------------------------------
+
+def _same_kind(what, a, device, dtype, ndim):
+    check_array(a, what=what, device=device, dtype=dtype, ndim=(ndim,))
+
+
+def jacobian_rows(dz, h, out, *, col=0, has_bias=True) -> None:
+    """Write one layer's per-sample Jacobian columns ``[dz ⊗ h | dz]`` into ``out`` (in place).
+
+    ``dz`` ``(nb, B, m, n)``: per sample ``b`` and output ``o``, the derivative of the row's
+    value w.r.t. the layer's pre-activation (one block, ``nb = 1``, for the model's outputs;
+    the forward-Laplacian blocks for a PDE residual); ``h`` ``(nb, B, k)``: the layer's input
+    blocks; ``out`` a C-contiguous ``(B * m, P)`` chunk of Jacobian rows (row ``b * m + o``)
+    whose columns ``col .. col + n k (+ n)`` are the layer's:
+    ``out[b*m+o, col + i*k + j] = sum_s dz[s,b,o,i] h[s,b,j]`` (``s`` summed in order) and,
+    with ``has_bias``, ``out[b*m+o, col + n*k + i] = dz[0,b,o,i]``.
+    On CUDA: ``kernels/jacobian.cu`` (one thread per element written).
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> dz, h = np.ones((1, 2, 1, 3)), np.arange(8.0).reshape(1, 2, 4)
+    >>> out = np.zeros((2, 16))
+    >>> F.jacobian_rows(dz, h, out, col=1)
+    >>> out[1, 1:5], out[1, 13:]
+    (array([4., 5., 6., 7.]), array([1., 1., 1.]))
+    """
+    device = array_device(dz)
+    if device is None:
+        raise TypeError(f"dz must be a NumPy or CuPy array, got {type(dz).__name__}")
+    dtype = as_float_dtype(dz.dtype)
+    _same_kind("dz", dz, device, dtype, 4)
+    _same_kind("h", h, device, dtype, 3)
+    _same_kind("out", out, device, dtype, 2)
+    nb, B, m, n = dz.shape
+    k = h.shape[2]
+    if tuple(h.shape[:2]) != (nb, B):
+        raise ValueError(f"h must have shape ({nb}, {B}, k) to match dz {tuple(dz.shape)}, "
+                         f"got {tuple(h.shape)}")
+    width = n * k + (n if has_bias else 0)
+    if isinstance(col, bool) or not isinstance(col, (int, np.integer)) or col < 0:
+        raise ValueError(f"col must be a non-negative integer, got {col!r}")
+    if out.shape[0] != B * m or out.shape[1] < col + width:
+        raise ValueError(f"out must have {B * m} rows (B * m) and at least {col + width} columns "
+                         f"(col + {width}) for dz {tuple(dz.shape)} and h {tuple(h.shape)}, "
+                         f"got {tuple(out.shape)}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous (a chunk of Jacobian rows)")
+    get_backend(device).jacobian_rows(dz, h, out, int(col), bool(has_bias))
+
+
+def gram_update(G, J) -> None:
+    """``G += J^T J`` (in place) for a chunk ``J`` ``(R, P)`` of Jacobian rows; ``G`` ``(P, P)``.
+
+    Summing the chunks in order gives the Gramian ``J^T J`` of all the rows without storing them.
+
+    >>> import numpy as np
+    >>> from cupynn import functional as F
+    >>> G = np.zeros((2, 2))
+    >>> F.gram_update(G, np.array([[1.0, 2.0], [3.0, 4.0]]))
+    >>> G
+    array([[10., 14.],
+           [14., 20.]])
+    """
+    device = array_device(G)
+    if device is None:
+        raise TypeError(f"G must be a NumPy or CuPy array, got {type(G).__name__}")
+    dtype = as_float_dtype(G.dtype)
+    _same_kind("G", G, device, dtype, 2)
+    _same_kind("J", J, device, dtype, 2)
+    P = J.shape[1]
+    if tuple(G.shape) != (P, P):
+        raise ValueError(f"G must have shape ({P}, {P}) (J has {P} columns), got {tuple(G.shape)}")
+    get_backend(device).gram_update(G, J)

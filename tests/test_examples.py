@@ -19,6 +19,8 @@ EXPECT = {  # a line each example must print
     "checkpoint_resume.py": "identical to the uninterrupted run: True",
     "pinn_poisson.py": "relative L2 error against the exact solution",
     "dask_train.py": "Adam steps on 2 dask workers",
+    "seed_levenberg_marquardt.py": "LM reached",
+    "pinn_second_order.py": "relative L2 error on the 101×101 grid",
 }
 
 
@@ -33,7 +35,7 @@ SLOW = {"dask_train.py"}
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW
                                   else p for p in EXAMPLES], ids=[p.name for p in EXAMPLES])
 def test_example_runs_quick(path, tmp_path):
-    if path.name in ("lbfgs_scipy.py", "pinn_poisson.py"):
+    if path.name in ("lbfgs_scipy.py", "pinn_poisson.py", "pinn_second_order.py"):
         pytest.importorskip("scipy.optimize")
     if path.name == "pinn_poisson.py":
         pytest.importorskip("jax")  # its residual is written in jax.numpy

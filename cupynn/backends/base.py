@@ -180,6 +180,38 @@ class Backend(ABC):
     def optimizer_set_step(self, state: OptimizerState, n: int) -> None:
         raise NotImplementedError(f"the {self.name} backend has no optimizers")
 
+    # -- Jacobians and Gauss-Newton matrices (cupynn/jacobian.py) ---------------
+    # Written with the array module's operations, so every backend has them; a backend may
+    # override them with kernels of its own.
+    def jacobian_rows(self, dz, h, out, col: int, has_bias: bool) -> None:
+        """Write one layer's per-sample Jacobian columns ``[dz ⊗ h | dz]`` into ``out``.
+
+        ``dz`` ``(nb, B, m, n)``: for each sample ``b`` and output ``o`` the derivative of
+        that row's value w.r.t. the layer's pre-activation blocks; ``h`` ``(nb, B, k)``: the
+        layer's input blocks (``nb = 1`` for a plain Jacobian; the forward-Laplacian
+        stack's blocks for a PDE residual); ``out`` ``(B * m, P)`` C-contiguous, whose
+        columns ``col .. col + n k (+ n)`` are written:
+        ``out[b*m + o, col + i*k + j] = sum_s dz[s, b, o, i] h[s, b, j]`` (``s`` in order) and,
+        with ``has_bias``, ``out[b*m + o, col + n*k + i] = dz[0, b, o, i]``.
+        """
+        xp = self.xp
+        nb, B, m, n = dz.shape
+        k = h.shape[2]
+        if B == 0:
+            return
+        view = out[:, col:col + n * k].reshape(B, m, n, k)
+        if nb == 1:
+            xp.multiply(dz[0, :, :, :, None], h[0, :, None, None, :], out=view)
+        else:  # a sum of nb outer products per row: a batched product (B, m, n, nb) @ (B, 1, nb, k)
+            xp.matmul(xp.moveaxis(dz, 0, -1), h.transpose(1, 0, 2)[:, None, :, :], out=view)
+        if has_bias:
+            out[:, col + n * k:col + n * k + n] = dz[0].reshape(B * m, n)
+
+    def gram_update(self, G, J) -> None:
+        """``G += J^T J`` for a chunk of Jacobian rows ``J`` ``(R, P)``; ``G`` ``(P, P)``."""
+        if J.shape[0]:
+            G += J.T @ J
+
     # -- arrays -------------------------------------------------------------
     @abstractmethod
     def owns(self, array) -> bool:

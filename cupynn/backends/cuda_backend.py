@@ -40,7 +40,7 @@ import numpy as np
 
 from ..activations import get_activation
 from ..losses import call_loss, loss_scale
-from . import cuda_optim, cuda_plans, cuda_select, cuda_taylor
+from . import cuda_jacobian, cuda_optim, cuda_plans, cuda_select, cuda_taylor
 from .base import Backend, LayerSpec, LossSpec, NetSpec, OptimizerState, Params, write_into
 from .cuda_fused import FusedRunner
 from .cuda_fused_layout import MODE_FORWARD, MODE_GRAD, MODE_VALUE, FusedLayout, fused_kernel_names
@@ -138,7 +138,8 @@ class CudaBackend(Backend):
         lists it under (``kernels/dense.cu``, ``fused.cu``, ``optim.cu``, ``derivatives.cu``);
         names it does not know, to ``kernels/dense.cu``."""
         catalog = (cuda_select.kernel_names_all() + fused_kernel_names()
-                   + cuda_optim.kernel_names_all() + cuda_taylor.kernel_names_all())
+                   + cuda_optim.kernel_names_all() + cuda_taylor.kernel_names_all()
+                   + cuda_jacobian.kernel_names_all())
         owner = {n: src for src, ns in catalog for n in ns}
         if names is None:
             names = list(owner)
@@ -420,6 +421,13 @@ class CudaBackend(Backend):
     def taylor_activation_backward(self, g, z, y, b, activation: str, *, d: int, second: str):
         return cuda_taylor.backward(self.kernels, g, z, y, b, get_activation(activation).id, d,
                                     second)
+
+    # -- Jacobians (cupynn/jacobian.py: kernels/jacobian.cu and the dense GEMM) ---------
+    def jacobian_rows(self, dz, h, out, col: int, has_bias: bool) -> None:
+        cuda_jacobian.jacobian_rows(self.kernels, self.xp, dz, h, out, col, has_bias)
+
+    def gram_update(self, G, J) -> None:
+        cuda_jacobian.gram_update(self, G, J)
 
     # -- whole networks ------------------------------------------------------------
     @staticmethod

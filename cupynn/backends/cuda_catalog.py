@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_optim, cuda_taylor
+from . import cuda_jacobian, cuda_optim, cuda_taylor
 from .base import LayerSpec, LossSpec, NetSpec
 from .cuda_backend import CudaBackend
 from .cuda_fused_layout import fused_kernel_names
@@ -35,9 +35,9 @@ class NameCollector:
 def all_instantiations() -> list[tuple[str, tuple[str, ...]]]:
     """(source file, name expressions) for every kernel the CUDA backend can request: the
     per-layer kernels (kernels/dense.cu), the fused ones (kernels/fused.cu), the optimizer
-    updates and the forward Laplacian's steps."""
+    updates, the forward Laplacian's steps and the Jacobian rows."""
     return (kernel_names_all() + fused_kernel_names() + cuda_optim.kernel_names_all()
-            + cuda_taylor.kernel_names_all())
+            + cuda_taylor.kernel_names_all() + cuda_jacobian.kernel_names_all())
 
 
 def kernel_names_for(net: NetSpec, batch: int, *, need_dx: bool = False,
