@@ -650,3 +650,71 @@ def test_staging_loops_keep_several_loads_in_flight():
     assert "dst[(e / K) * ld + e % K] = w[e]" not in src  # the old one-load-at-a-time W loop
     epilogue = src[src.index("void layer_epilogue"):src.index("narrow_forward")]
     assert "tv[STAGE_U]" in epilogue and "bv[STAGE_U]" in epilogue
+
+
+# -- on a GPU (skipped here): what only the card can confirm -----------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gpu_fused_bits_do_not_depend_on_the_block_count(cp, monkeypatch, dtype):
+    """The card's own SM count against 114 and 37 persistent blocks (a smaller card's grid):
+    the same bits, on the hardware."""
+    import numpy as np
+
+    from cupynn.backends import cuda_backend as cb
+    from cupynn.backends.base import LayerSpec, LossSpec, NetSpec
+
+    be = cb.CudaBackend(xp=cp, module_cls=cp.RawModule)
+    be.kernels.poison = True
+    rng = np.random.default_rng(1)
+    net = NetSpec((LayerSpec(1, 1000, "tanh", True), LayerSpec(1000, 20, "tanh", True),
+                   LayerSpec(20, 1, "identity", True)), np.dtype(dtype), "strict")
+    params = [(cp.asarray(rng.standard_normal((o, i)).astype(dtype) / np.sqrt(i)),
+               cp.asarray(rng.standard_normal(o).astype(dtype))) for i, o in ((1, 1000), (1000, 20), (20, 1))]
+    x = cp.asarray(rng.standard_normal((100_003, 1)).astype(dtype))
+    real = be.fused.sm_count()
+    out = []
+    for sms in (real, 114, 37):
+        be = cb.CudaBackend(xp=cp, module_cls=cp.RawModule)  # fresh plans: the grid is in them
+        be.kernels.poison = True
+        monkeypatch.setattr(be.fused, "sm_count", lambda s=sms: s)
+        assert be.fused.blocks(be.fused.layout(net, x.shape[0], 2)) == min(132, sms)
+        v, g, _ = be.network_value_and_grad(net, params, x, LossSpec("sum_squares"))
+        out.append(b"".join(cp.asnumpy(a).tobytes() for a in [v] + [t for pair in g for t in pair]))
+    assert out[0] == out[1] == out[2]
+
+
+@pytest.mark.gpu
+def test_gpu_concurrent_calls_on_two_streams(cp):
+    """Two threads, each on its own non-blocking stream, one backend: their own gradients."""
+    import threading
+
+    import numpy as np
+
+    from cupynn.backends import cuda_backend as cb
+    from cupynn.backends.base import LayerSpec, LossSpec, NetSpec
+
+    be = cb.CudaBackend(xp=cp, module_cls=cp.RawModule)
+    rng = np.random.default_rng(2)
+    net = NetSpec((LayerSpec(3, 64, "tanh", True), LayerSpec(64, 2, "identity", True)),
+                  np.dtype("float64"), "strict")
+    host_params = [[(rng.standard_normal((64, 3)), rng.standard_normal(64)),
+                    (rng.standard_normal((2, 64)), rng.standard_normal(2))] for _ in range(2)]
+    xs = [rng.standard_normal((50_000, 3)) for _ in range(2)]
+    got = [None, None]
+
+    def work(i):
+        with cp.cuda.Stream(non_blocking=True) as s:
+            p = [(cp.asarray(W), cp.asarray(b)) for W, b in host_params[i]]
+            x = cp.asarray(xs[i])
+            for _ in range(20):
+                v, g, _ = be.network_value_and_grad(net, p, x, LossSpec("sum_squares"))
+            s.synchronize()
+            got[i] = (cp.asnumpy(v), [(cp.asnumpy(a), cp.asnumpy(b)) for a, b in g], None)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    for i in (0, 1):
+        _assert_same(got[i], _reference(net, host_params[i], xs[i]), f"stream {i}")
