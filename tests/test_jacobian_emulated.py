@@ -118,3 +118,82 @@ def test_whole_computation_matches_numpy(be, monkeypatch):
         # the optimizers' results (the last 4) go through ill-conditioned solves, which
         # amplify the kernels' last-bit differences from NumPy's BLAS
         assert rel_err(g, w) < (1e-8 if i >= len(want) - 4 else 1e-12), i
+
+
+# -- the kernel alone (no backend: cheap enough for the mutation harness's selections) --------
+
+def _rows_function(sanitizer=None):
+    from cupynn.emulator.testing import emulated_module, kernels_dir, sanitizer_available
+
+    if sanitizer:
+        ok, why = sanitizer_available(sanitizer)
+        if not ok:
+            pytest.skip(f"{sanitizer} sanitizer unavailable: {why}")
+    name = cuda_jacobian.rows_name("double")
+    return emulated_module(kernels_dir() / cuda_jacobian.SOURCE, (name,),
+                           sanitizer=sanitizer).get_function(name)
+
+
+def _rows_args(dz, h, has_b, ld, col, out):
+    nb, B, m, n = dz.shape
+    i32, i64 = np.int32, np.int64
+    return (dz, h, i32(nb), i64(B), i64(m), i64(n), i64(h.shape[2]), i32(has_b), i64(ld), i64(col), out)
+
+
+@pytest.mark.parametrize("sanitizer", [None, "address"])
+def test_jacobian_rows_kernel_exact_block_order_and_edges(rng, sanitizer):
+    """Every column of the written block (the last outer-product column, every bias column)
+    and nothing outside it; the stack-block sum runs s = 0, 1, ... (one element whose sum in
+    any other order differs: 1 + 1e17 - 1e17 is 0 in order, 1 reversed).  Under ASan too: a
+    thread past the last row reads NaN from the guard canaries of the default mode and writes
+    that NaN, bit for bit the canary, past `out` -- a write the canary check cannot see."""
+    f = _rows_function(sanitizer)
+    nb, B, m, n, k = 3, 3, 2, 3, 4
+    dz, h = rng.standard_normal((nb, B, m, n)), rng.standard_normal((nb, B, k))
+    dz[:, 1, 0, 2] = 1.0
+    h[:, 1, 3] = (1.0, 1e17, -1e17)  # row 2's last outer-product column: 1 + 1e17 - 1e17
+    for has_b in (1, 0):
+        width = n * k + n * has_b
+        col, ld = 2, n * k + n * has_b + 5
+        out = np.full((B * m, ld), np.nan)
+        f((-(-B * m * width // 256),), (256,), _rows_args(dz, h, has_b, ld, col, out))
+        assert np.isnan(out[:, :col]).all()  # nothing before the block
+        assert np.isnan(out[:, col + width:]).all()  # nothing past the block
+        ref = np.einsum("sboi,sbj->boij", dz, h).reshape(B * m, n * k)
+        got = out[:, col:col + n * k]
+        ok = np.ones_like(got, bool)
+        ok[2, 2 * k + 3] = False
+        np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-13, atol=1e-13)
+        assert got[2, 2 * k + 3] == 0.0  # in order s = 0, 1, 2
+        if has_b:
+            np.testing.assert_array_equal(out[:, col + n * k:col + width], dz[0].reshape(B * m, n))
+
+
+def test_jacobian_rows_sparse_mode_past_2_31():
+    """R x ld = 2^31 + 800 output elements: the last two blocks run on lazily mapped arrays
+    and must write the last rows (a 32-bit output offset wraps below `out`)."""
+    emu = pytest.importorskip("cupynn.emulator")
+    nb, m, n, k, has_b = 1, 1, 2, 3, 1
+    width = n * k + n
+    ld, col = width, 0
+    B = (1 << 28) + 100
+    assert B * m * ld > 2**31
+    dz = emu.sparse_array((nb, B, m, n), np.float64)
+    h = emu.sparse_array((nb, B, k), np.float64)
+    out = emu.sparse_array((B * m, ld), np.float64)
+    rng = np.random.default_rng(11)
+    last = 128  # rows of the last two 256-thread blocks (at most)
+    dz[:, -last:] = rng.standard_normal((nb, last, m, n))
+    h[:, -last:] = rng.standard_normal((nb, last, k))
+    out[-last - 64:] = np.nan
+    total = B * m * width
+    nblocks = -(-total // 256)
+    f = _rows_function()
+    f((nblocks,), (256,), _rows_args(dz, h, has_b, ld, col, out), blocks=(nblocks - 2, 2))
+    rows = total - (nblocks - 2) * 256  # elements the last two blocks own
+    assert rows % width == 0
+    rows //= width
+    want_w = (dz[0, -rows:, 0, :, None] * h[0, -rows:, None, :]).reshape(rows, n * k)
+    np.testing.assert_array_equal(out[-rows:, :n * k], want_w)
+    np.testing.assert_array_equal(out[-rows:, n * k:], dz[0, -rows:, 0, :])
+    assert np.isnan(out[-rows - 1]).all()  # the block before the range did not run

@@ -8,7 +8,7 @@ copy, see _mutant_plugin.py) once per schedule.  A mutant is *killed* when the t
 it is killed under every schedule.  The bug classes are those the emulator has to see:
 barriers and ``__syncwarp``, tile edges, overlapping shared buffers, uninitialised
 accumulators, shuffle lanes, activation-derivative branches, fragment layouts and PTX
-operands, cp.async, 32-bit offsets, reduction order.
+operands, cp.async, 32-bit offsets, reduction order, dropped bias columns.
 
     python -m cupynn.emulator.mutate                 # every mutant, two schedules
     python -m cupynn.emulator.mutate --only D2 M2    # a few
@@ -42,6 +42,7 @@ KE = "tests/test_kernels_emulated.py"
 FUSED = "tests/test_fused.py"
 OPT = "tests/test_optim_emulated.py"
 DER = "tests/test_derivatives_emulated.py"
+JAC = "tests/test_jacobian_emulated.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +119,10 @@ MUTANTS: tuple[Mutant, ...] = (
        "for (int i = 0; i < NACC; ++i) acc[i] = T(0);", "for (int i = 1; i < NACC; ++i) acc[i] = T(0);",
        [KE, "-k", "layer_tile_boundaries"], "the first accumulator keeps stack garbage"),
     _m("G5", "gemm.cuh", "fragment layout",
-       "for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + g];",
-       "for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + (g & 3)][wr + i * 8 + t];",
-       [KE, "-k", "layer_tile_boundaries and float64"], "DMMA A fragment with g and t swapped"),
+       "for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + t][wr + i * 8 + ga];",
+       "for (int i = 0; i < MI; ++i) a[i] = sm.a[stage][kk + (g & 3)][wr + i * 8 + t + skew_a(kk)];",
+       [KE, "-k", "layer_tile_boundaries and float64"],
+       "DMMA A fragment with g and t swapped (the row skew kept: rows kk..kk+3 share it)"),
     _m("G6", "gemm.cuh", "tile-edge off-by-one",
        "const i64 n = rem <= 0 ? 0 : (rem + d - 1) / d;", "const i64 n = rem <= 0 ? 0 : (rem + d) / d;",
        [KE, "-k", "layer_tile_boundaries"], "one element past a tile edge counts as in bounds"),
@@ -190,6 +192,23 @@ MUTANTS: tuple[Mutant, ...] = (
        "for (i64 b = 0; b < G; ++b) s += partials[b * P + e];",
        "for (i64 b = G - 1; b >= 0; --b) s += partials[b * P + e];",
        [CAP, "-k", "fused_reduce"], "block partials summed last to first"),
+    # ---- jacobian.cu ---------------------------------------------------------------------
+    _m("J1", "jacobian.cu", "32-bit offset",
+       "out[r * ld + col + c] = v;", "out[(int)(r * ld + col + c)] = v;",
+       [JAC, "-k", "sparse_mode"], "the output offset in 32 bits (R * ld passes 2^31)"),
+    _m("J2", "jacobian.cu", "tile-edge off-by-one",
+       "if (c < n * k) {", "if (c <= n * k) {",
+       [JAC, "-k", "exact_block"], "the first bias column taken as an outer-product column"),
+    _m("J3", "jacobian.cu", "tile-edge off-by-one",
+       "if (e >= R * W) return;", "if (e > R * W) return;",
+       [JAC, "-k", "exact_block"], "one thread past the last row writes (and reads dz, h) past the arrays"),
+    _m("J4", "jacobian.cu", "reduction order",
+       "for (int s = 0; s < nb; ++s) v = m_fma(dz[s * dz_block + dz0], h[s * h_block + h0], v);",
+       "for (int s = nb - 1; s >= 0; --s) v = m_fma(dz[s * dz_block + dz0], h[s * h_block + h0], v);",
+       [JAC, "-k", "exact_block"], "the stack blocks summed last to first"),
+    _m("J5", "jacobian.cu", "bias column dropped",
+       "const i64 W = n * k + (has_b ? n : 0);", "const i64 W = n * k;",
+       [JAC, "-k", "exact_block"], "the bias columns never written"),
     # ---- optim.cu / derivatives.cu / activations.cuh ---------------------------------------
     _m("O1", "optim.cu", "barrier removed",
        "    __syncthreads();  // corr is written", "    // corr is written",
