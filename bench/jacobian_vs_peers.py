@@ -6,7 +6,7 @@ order:
 * ``seed``: the seed network 1→1000→20→1 (identity) at batch 1,000: ``cupynn.jacobian``
   (1,000 × 22,041);
 * ``pinn``: a 2→32→32→32→1 tanh network at 4,096 points, the Jacobian of the Poisson
-  residual ``Δu - f`` (``cupynn.pde_jacobian``, 4,096 × 2,337).
+  residual ``Δu - f`` (``cupynn.pde_jacobian``, 4,096 × 2,241).
 
 Peers (when installed): JAX ``jit(vmap(jacrev))`` and ``jit(vmap(jacfwd))`` of a per-sample
 function of the flat parameters (the Laplacian of the PINN by ``jax.hessian``), and
