@@ -40,7 +40,6 @@ Shapes, for a batch of ``B`` points and a model with ``m`` outputs: one output g
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -50,6 +49,7 @@ import numpy as np
 from . import _threads
 from . import functional as F
 from ._arrays import intake
+from ._autodiff import wants_x
 from ._validate import check_array, check_loss_value, check_real
 from .backends import get_backend
 from .backends.base import taylor_blocks
@@ -449,18 +449,6 @@ def _split_gdu(xp, gdu, perm, nA: int, nB: int):
     return full[..., :nA], (full[..., nA:] if nB else None)
 
 
-def _wants_x(fn) -> bool:
-    """Whether a residual function takes x as a fourth positional argument."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 4
-
-
 def _check_partials(net: _Net, out, u, du, sec, second):
     names = ("dL/du", "dL/d(du)", "dL/d(lap)" if second == "laplacian" else "dL/d(d2)")
     if not isinstance(out, tuple) or len(out) != 4:
@@ -630,7 +618,7 @@ def _residual_chunks(plan, x, residual, second, rhs, k2):
             _backward(net, saved, G, grads, second)
         value = total * net.dtype.type(1.0 / B) if B else total
     else:
-        pass_x = _wants_x(residual)
+        pass_x = wants_x(residual)
         stacks = [(net, second)] + ([] if Bn is None else [(Bn, "none")])
         outs, saves = [], []
         for n_, sec_ in stacks:
