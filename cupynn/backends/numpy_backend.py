@@ -335,6 +335,18 @@ class _Partial:
         self.total += other.total
 
 
+
+def _merged_groups(group, n_groups: int, lanes: int):
+    """Run ``group(i)`` for every lane group (BLAS at one thread) and merge the groups'
+    partial states in group order: the fixed order that keeps the bits independent of
+    which lane finishes first."""
+    with _threads.blas_single_thread():
+        states = _threads.run_groups(group, n_groups, lanes)
+    st = states[0]
+    for other in states[1:]:
+        st.merge(other)
+    return st
+
 def _gradients(st, layers, params, dt, reassociate):
     """``[(dW, db), ...]`` from the merged per-layer accumulators of a backward pass."""
     grads = []
@@ -683,11 +695,7 @@ class NumpyBackend(Backend):
                 shape.checkin(ws, True)
             return st
 
-        with _threads.blas_single_thread():
-            states = _threads.run_groups(group, len(ranges), lanes)
-        st = states[0]
-        for other in states[1:]:
-            st.merge(other)
+        st = _merged_groups(group, len(ranges), lanes)
         return _gradients(st, layers, params, dt, reassociate), dx
 
     def _value_and_grad(self, net: NetSpec, params: Params, x, loss: LossSpec, need_dx):
@@ -764,12 +772,7 @@ class NumpyBackend(Backend):
                 shape.checkin(ws, True)
             return st
 
-        with _threads.blas_single_thread():
-            states = _threads.run_groups(group, len(ranges), lanes)
-        st = states[0]
-        for other in states[1:]:
-            st.merge(other)
-
+        st = _merged_groups(group, len(ranges), lanes)
         grads = _gradients(st, layers, params, dt, reassociate)
         if user_g is None:
             value = np.asarray(st.total * scale, dtype=dt)
